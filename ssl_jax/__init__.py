@@ -1,0 +1,1 @@
+"""ssl_jax: self-supervised visual representation learning in JAX/Flax."""

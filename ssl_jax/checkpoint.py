@@ -1,0 +1,128 @@
+"""Orbax checkpoints in ``WORKDIR/checkpoints``: save, auto-resume, and never lose the last good one.
+
+* Saves are asynchronous (``CheckpointManager`` with ``enable_async_checkpointing``); Orbax
+  writes each step to a temporary directory and renames it only when complete, so a write cut
+  by a crash or a preemption never looks like a checkpoint.
+* On restore we try the newest step first; a checkpoint whose files are damaged (truncated,
+  missing, undecodable) is skipped with a warning naming its directory, and the previous one is
+  tried, down to a fresh start. Damaged steps are never deleted by us.
+* What is saved: the whole ``TrainState`` (params, EMA target, optimizer, method state — queues,
+  banks, centroids — probe, RNG) and a JSON ``meta`` with the step, the epoch and the config
+  fingerprint. The input-pipeline position is the step: the pipeline is deterministic in
+  (seed, step).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+# Fields that may change between a run and its resume without changing its results.
+RESUMABLE_CHANGES = ('log_every_steps', 'checkpoint.every_steps', 'checkpoint.keep',
+                     'checkpoint.async_save', 'knn.every_epochs', 'knn.every_steps',
+                     'knn.at_start', 'knn.at_end', 'knn.batch_size', 'knn.train_examples',
+                     'knn.eval_examples', 'score_hist_every_steps', 'data.data_dir',
+                     'data.folder_root')
+
+
+class ConfigMismatchError(RuntimeError):
+  pass
+
+
+def _flatten(d: Any, prefix: str = '') -> dict[str, Any]:
+  out = {}
+  if isinstance(d, dict):
+    for k, v in d.items():
+      out.update(_flatten(v, f'{prefix}{k}.'))
+  else:
+    out[prefix[:-1]] = d
+  return out
+
+
+def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  return json.loads(config.to_json_best_effort(sort_keys=True))
+
+
+def check_workdir_config(workdir: str, config: ml_collections.ConfigDict, *,
+                         allow_config_change: bool = False) -> None:
+  """Refuse a workdir written by a different config (unless ``allow_config_change``).
+
+  The first run writes ``WORKDIR/config.json``; later runs compare against it. Keys in
+  ``RESUMABLE_CHANGES`` (logging, eval cadence, data location) may differ.
+  """
+  path = os.path.join(workdir, 'config.json')
+  new = _flatten(config_to_dict(config))
+  if os.path.exists(path):
+    with open(path) as f:
+      old = _flatten(json.load(f))
+    diff = sorted(k for k in set(old) | set(new)
+                  if old.get(k, '<missing>') != new.get(k, '<missing>')
+                  and k not in RESUMABLE_CHANGES)
+    if diff and not allow_config_change:
+      details = '; '.join(f'{k}: {old.get(k, "<missing>")!r} -> {new.get(k, "<missing>")!r}'
+                          for k in diff[:10])
+      raise ConfigMismatchError(
+          f'workdir {workdir} belongs to a different config ({len(diff)} keys differ: {details}). '
+          'Accepted: a new --workdir, the same config, or --allow_config_change to resume anyway.')
+    if diff:
+      logging.warning('Resuming %s with a changed config (--allow_config_change): %s', workdir, diff)
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+      json.dump(config_to_dict(config), f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+class Checkpointer:
+  """Thin wrapper around ``ocp.CheckpointManager`` with skip-damaged restore."""
+
+  def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
+    self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                           enable_async_checkpointing=async_save)
+    self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                         item_names=('state', 'meta'))
+
+  def save(self, step: int, state: Any, meta: dict[str, Any], *, force: bool = False) -> bool:
+    return self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def steps(self) -> list[int]:
+    self.manager.reload()
+    return sorted(self.manager.all_steps())
+
+  def restore_latest(self, abstract_state: Any) -> tuple[Any, dict[str, Any]] | None:
+    """Newest checkpoint that restores cleanly, or None. Damaged ones are skipped with a warning."""
+    for step in reversed(self.steps()):
+      try:
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        state, meta = restored['state'], restored['meta']
+        _check_finite_step(state, step)
+        return state, meta
+      except Exception as e:  # noqa: BLE001 — any failure means this checkpoint is unusable
+        logging.warning('Checkpoint %s is damaged or incomplete and is skipped (%s: %s); '
+                        'trying the previous one.', os.path.join(self.directory, str(step)),
+                        type(e).__name__, str(e).splitlines()[0][:300] if str(e) else '')
+        print(f'WARNING: skipping damaged checkpoint {os.path.join(self.directory, str(step))} '
+              f'({type(e).__name__})', flush=True)
+    return None
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def _check_finite_step(state: Any, step: int) -> None:
+  got = int(jax.device_get(state.step))
+  if got != step:
+    raise ValueError(f'state.step={got} does not match the checkpoint directory step {step}')

@@ -1,0 +1,210 @@
+"""Config-arg parsing (``"cifar10,resnet18,bs=512"``), shared defaults, and validation.
+
+Every ``configs/<method>.py`` has ``get_config(arg)``; ``arg`` is a comma-separated list of
+tokens:
+
+* a dataset preset: ``cifar10``, ``cifar100``, ``imagenet100``, ``imagenet``;
+* a backbone: ``resnet18``, ``resnet34``, ``resnet50``, ``resnet_tiny`` (or a ViT for APS);
+* ``runlocal``: a tiny model and a handful of steps, for a laptop or a smoke test;
+* ``quick``: the README quick start (a small ResNet-18, a few minutes on a CPU);
+* ``bs=N`` (global batch), ``epochs=N`` or ``steps=N`` (training length), ``seed=N``.
+
+``validate(config)`` runs before anything is built or compiled and raises ``ConfigError``
+naming the bad key, the bad value and what would be accepted.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Iterable
+
+import ml_collections
+
+DATASETS = ('cifar10', 'cifar100', 'imagenet100', 'imagenet')
+RESNETS = ('resnet18', 'resnet34', 'resnet50', 'resnet_tiny')
+VITS = ('vit_tiny', 'vit_small', 'vit_base', 'vit_test')
+OPTIMIZERS = ('sgd', 'lars', 'adamw')
+DTYPES = ('float32', 'bfloat16')
+EMA_SCHEDULES = ('cosine', 'constant')
+INT_KEYS = ('bs', 'epochs', 'steps', 'seed')
+FLAGS = ('runlocal', 'quick')
+
+
+class ConfigError(ValueError):
+  """A config value that cannot be used; the message names the key and the accepted values."""
+
+
+@dataclasses.dataclass
+class Args:
+  dataset: str = 'cifar10'
+  backbone: str | None = None
+  runlocal: bool = False
+  quick: bool = False
+  bs: int | None = None
+  epochs: int | None = None
+  steps: int | None = None
+  seed: int | None = None
+
+
+def parse_arg(arg: str | None, *, backbones: Iterable[str] = RESNETS,
+              default_dataset: str = 'cifar10') -> Args:
+  """Parse ``get_config``'s comma-separated argument into ``Args``."""
+  out = Args(dataset=default_dataset)
+  backbones = tuple(backbones)
+  for token in filter(None, (t.strip() for t in (arg or '').split(','))):
+    if '=' in token:
+      key, value = token.split('=', 1)
+      if key not in INT_KEYS:
+        raise ConfigError(f'config arg {token!r}: unknown key {key!r}; accepted keys: '
+                          f'{", ".join(k + "=N" for k in INT_KEYS)}')
+      try:
+        setattr(out, key, int(value))
+      except ValueError:
+        raise ConfigError(f'config arg {token!r}: {key} must be an integer, got {value!r}') from None
+    elif token in DATASETS:
+      out.dataset = token
+    elif token in backbones:
+      out.backbone = token
+    elif token in FLAGS:
+      setattr(out, token, True)
+    else:
+      raise ConfigError(
+          f'config arg token {token!r} is not recognised; accepted: a dataset '
+          f'({", ".join(DATASETS)}), a backbone ({", ".join(backbones)}), '
+          f'{", ".join(FLAGS)}, or {", ".join(k + "=N" for k in INT_KEYS)}')
+  return out
+
+
+def base_config(args: Args, *, method: str) -> ml_collections.ConfigDict:
+  """Fields every method shares; a method config then sets its own recipe on top."""
+  from ssl_jax import data  # local import: configs stay importable without TF at parse time
+
+  c = ml_collections.ConfigDict()
+  c.method = ml_collections.ConfigDict({'name': method})
+  c.seed = 0
+  c.data = data.default_data_config(args.dataset)
+  imagenet_like = args.dataset.startswith('imagenet')
+  c.model = ml_collections.ConfigDict({
+      'backbone': args.backbone or ('resnet50' if imagenet_like else 'resnet18'),
+      'stem': 'imagenet' if imagenet_like else 'cifar',
+      'width': 1.0,          # channel multiplier of the backbone
+      'dtype': 'float32',    # compute dtype; params, BN statistics and losses stay float32
+      'projector': ml_collections.ConfigDict(
+          {'hidden_dim': 4096, 'out_dim': 256, 'num_layers': 2, 'use_bn': True}),
+      'predictor': ml_collections.ConfigDict(
+          {'hidden_dim': 4096, 'out_dim': 256, 'num_layers': 2, 'use_bn': True}),
+  })
+  c.batch_size = 256                      # global batch, split over all devices of all hosts
+  c.total_epochs = 200
+  c.total_steps = -1                      # > 0 overrides total_epochs
+  c.optimizer = ml_collections.ConfigDict({
+      'name': 'lars', 'base_lr': 0.2,     # lr = base_lr * batch_size / 256
+      'weight_decay': 1.5e-6, 'momentum': 0.9, 'nesterov': False,
+      'b1': 0.9, 'b2': 0.999,              # AdamW
+      'warmup_epochs': 10.0, 'warmup_steps': -1,
+      'end_lr_factor': 0.0,                # cosine ends at base_lr * end_lr_factor
+      'trust_coefficient': 0.001,          # LARS eta
+      'grad_clip_norm': 0.0,               # 0 = off
+  })
+  c.ema = ml_collections.ConfigDict({'schedule': 'cosine', 'base': 0.996})
+  c.probe = ml_collections.ConfigDict({'lr': 0.1, 'momentum': 0.9})
+  c.knn = ml_collections.ConfigDict({
+      'every_epochs': 10.0, 'every_steps': -1, 'k': 200, 'temperature': 0.1,
+      'train_examples': -1, 'eval_examples': -1, 'at_start': False, 'at_end': True,
+      'batch_size': 512})
+  c.log_every_steps = 50
+  c.checkpoint = ml_collections.ConfigDict({'every_steps': 1000, 'keep': 3, 'async_save': True})
+  c.num_devices = -1                      # -1: every device of every host
+  c.score_hist_every_steps = 500          # pos/neg score histograms (contrastive methods)
+  if args.seed is not None:
+    c.seed = args.seed
+  return c
+
+
+def finish_config(c: ml_collections.ConfigDict, args: Args) -> ml_collections.ConfigDict:
+  """Apply the shared arg tokens (``bs=``, ``epochs=``, ``steps=``, ``runlocal``, ``quick``)."""
+  if args.quick:
+    c.model.width = 0.25
+    c.batch_size = 256
+    c.total_epochs = 1
+    c.optimizer.warmup_epochs = 0.1
+    c.knn.update({'every_epochs': -1.0, 'at_start': True, 'train_examples': 10000,
+                  'eval_examples': 2000})
+    c.log_every_steps = 20
+    c.checkpoint.every_steps = 100
+    c.data.shuffle_buffer = 10_000
+  if args.runlocal:
+    c.model.backbone = 'resnet_tiny' if c.model.backbone in RESNETS else 'vit_test'
+    c.model.projector.update({'hidden_dim': 64, 'out_dim': 32})
+    if 'predictor' in c.model and c.model.predictor is not None:
+      c.model.predictor.update({'hidden_dim': 64, 'out_dim': 32})
+    c.batch_size = 32
+    c.total_steps = 20
+    c.optimizer.warmup_epochs = 0.0
+    c.optimizer.warmup_steps = 2
+    c.knn.update({'every_epochs': -1.0, 'train_examples': 1024, 'eval_examples': 512,
+                  'at_start': True, 'k': 20})
+    c.log_every_steps = 5
+    c.checkpoint.every_steps = 10
+    c.data.shuffle_buffer = 1000
+  if args.bs is not None:
+    c.batch_size = args.bs
+  if args.epochs is not None:
+    c.total_epochs = args.epochs
+    c.total_steps = -1
+  if args.steps is not None:
+    c.total_steps = args.steps
+  return c
+
+
+def _require(cond: bool, key: str, value: Any, accepted: str) -> None:
+  if not cond:
+    raise ConfigError(f'config.{key}={value!r} is invalid; accepted: {accepted}')
+
+
+def _finite_number(x: Any) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def validate(c: ml_collections.ConfigDict, *, num_devices: int | None = None,
+             process_count: int = 1) -> None:
+  """Check every field the trainer reads; raise ``ConfigError`` naming key, value, accepted."""
+  from ssl_jax import methods  # registry
+  from ssl_jax import data
+
+  names = methods.names()
+  _require(c.method.name in names, 'method.name', c.method.name, ', '.join(names))
+  backbones = RESNETS + VITS
+  _require(c.model.backbone in backbones, 'model.backbone', c.model.backbone, ', '.join(backbones))
+  if c.model.backbone in RESNETS:
+    _require(c.model.stem in ('cifar', 'imagenet'), 'model.stem', c.model.stem, 'cifar, imagenet')
+  _require(_finite_number(c.model.width) and c.model.width > 0, 'model.width', c.model.width,
+           'a positive number')
+  _require(c.model.dtype in DTYPES, 'model.dtype', c.model.dtype, ', '.join(DTYPES))
+  _require(c.optimizer.name in OPTIMIZERS, 'optimizer.name', c.optimizer.name, ', '.join(OPTIMIZERS))
+  for key in ('base_lr', 'weight_decay', 'momentum', 'end_lr_factor', 'warmup_epochs'):
+    v = c.optimizer[key]
+    _require(_finite_number(v) and v >= 0, f'optimizer.{key}', v, 'a finite number >= 0')
+  _require(c.optimizer.base_lr > 0, 'optimizer.base_lr', c.optimizer.base_lr, 'a finite number > 0')
+  _require(c.ema.schedule in EMA_SCHEDULES, 'ema.schedule', c.ema.schedule, ', '.join(EMA_SCHEDULES))
+  _require(_finite_number(c.ema.base) and 0.0 <= c.ema.base <= 1.0, 'ema.base', c.ema.base,
+           'a number in [0, 1]')
+  _require(isinstance(c.batch_size, int) and c.batch_size > 0, 'batch_size', c.batch_size,
+           'a positive integer')
+  _require(c.total_steps > 0 or c.total_epochs > 0, 'total_steps/total_epochs',
+           (c.total_steps, c.total_epochs), 'total_steps > 0, or total_epochs > 0')
+  recipes = tuple(data.RECIPES)
+  _require(c.data.views in recipes, 'data.views', c.data.views, ', '.join(recipes))
+  _require(c.log_every_steps > 0, 'log_every_steps', c.log_every_steps, 'a positive integer')
+  _require(c.checkpoint.every_steps > 0, 'checkpoint.every_steps', c.checkpoint.every_steps,
+           'a positive integer')
+  _require(c.checkpoint.keep >= 1, 'checkpoint.keep', c.checkpoint.keep, 'an integer >= 1')
+  if num_devices is not None:
+    if c.batch_size % num_devices:
+      raise ConfigError(
+          f'config.batch_size={c.batch_size} does not divide across {num_devices} devices; '
+          f'accepted: a multiple of {num_devices} (e.g. {max(1, c.batch_size // num_devices) * num_devices})')
+  if c.batch_size % process_count:
+    raise ConfigError(f'config.batch_size={c.batch_size} does not divide across {process_count} '
+                      f'hosts; accepted: a multiple of {process_count}')
+  methods.get(c.method.name).validate_config(c)

@@ -1,0 +1,97 @@
+"""The method contract.
+
+A method declares its network, its method state (queues, banks, centroids: global arrays,
+sharded along ``'data'`` on their leading axis) and one pure loss function; the trainer does
+everything else (optimizer, EMA target, BatchNorm statistics, sharding, checkpoints, metrics,
+evals). Randomness enters only through ``rng``; ``loss`` never reads the config — everything it
+needs is captured as plain attributes when the method is constructed.
+
+    loss(params, target_params, method_state, batch_stats, batch, rng, step)
+        -> (scalar, LossAux(metrics, method_state, batch_stats, features, scores))
+"""
+from __future__ import annotations
+
+import abc
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from ssl_jax.models import ssl_model
+
+Array = jax.Array
+
+
+class LossAux(NamedTuple):
+  metrics: dict[str, Array]        # scalars, averaged over the global batch
+  method_state: dict[str, Any]     # new queues / banks / pointers
+  batch_stats: Any                 # new BatchNorm running statistics of the online network
+  features: Array                  # online backbone features of the first view (online probe)
+  scores: dict[str, Array]         # 'pos' [B] and 'neg' [B, m] cosine scores for histograms
+
+
+def score_summary(pos: Array, neg: Array, prefix: str = 'score') -> dict[str, Array]:
+  """Scalar statistics of positive and negative cosine scores (the FT visualisation)."""
+  pos = pos.astype(jnp.float32)
+  neg = neg.astype(jnp.float32)
+  return {f'{prefix}/pos_mean': jnp.mean(pos), f'{prefix}/pos_std': jnp.std(pos),
+          f'{prefix}/neg_mean': jnp.mean(neg), f'{prefix}/neg_std': jnp.std(neg)}
+
+
+def in_batch_scores(q: Array, k: Array, m: int = 16) -> tuple[Array, Array]:
+  """Cosine scores of each anchor with its own key (``pos`` [B]) and with the keys of the next
+  ``m`` images of the global batch (``neg`` [B, m]), for methods without explicit negatives."""
+  sim = q @ k.T
+  b = sim.shape[0]
+  cols = (jnp.arange(b)[:, None] + 1 + jnp.arange(min(m, b - 1))[None, :]) % b
+  return jnp.diagonal(sim), jnp.take_along_axis(sim, cols, axis=1)
+
+
+class Method(abc.ABC):
+  """Base class: builds ``SSLNet`` from ``config.model`` and gives forward helpers."""
+
+  name = 'base'
+  # View keys: ``first_view`` is the one whose online features feed the online probe.
+  first_view = 'view1'
+  uses_predictor = True
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.image_size = int(config.data.image_size)
+    self.model = ssl_model.build_ssl_net(config.model, image_size=self.image_size,
+                                         with_predictor=self.uses_predictor)
+
+  @staticmethod
+  def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Method-specific checks (raise ``config_lib.ConfigError``)."""
+
+  def sample_input(self, batch_size: int = 2) -> Array:
+    return jnp.zeros((batch_size, self.image_size, self.image_size, 3), jnp.uint8)
+
+  def init_variables(self, rng: Array) -> dict[str, Any]:
+    """``{'params': ..., 'batch_stats': ...}`` of the online network."""
+    return self.model.init(rng, self.sample_input(), train=True)
+
+  def init_state(self, rng: Array) -> dict[str, Any]:
+    """Method state (queues, banks, ...). Arrays with a leading axis are sharded along 'data'."""
+    del rng
+    return {}
+
+  # ---------------------------------------------------------------------------------------
+  def forward(self, params, batch_stats, images, *, train: bool = True,
+              with_predictor: bool = True, **kw) -> tuple[dict[str, Array], Any]:
+    """Online forward; returns (outputs, updated batch_stats)."""
+    out, mutated = self.model.apply({'params': params, 'batch_stats': batch_stats}, images,
+                                    train=train, with_predictor=with_predictor,
+                                    mutable=['batch_stats'], **kw)
+    return out, mutated['batch_stats']
+
+  def target_forward(self, target_params, batch_stats, images, **kw) -> dict[str, Array]:
+    """EMA target forward under stop-gradient (BatchNorm on the batch's own statistics)."""
+    out, _ = self.forward(target_params, batch_stats, images, train=True, with_predictor=False,
+                          **kw)
+    return jax.lax.stop_gradient(out)
+
+  @abc.abstractmethod
+  def loss(self, params, target_params, method_state, batch_stats, batch, rng, step):
+    """The method's objective; returns ``(loss, LossAux)``."""

@@ -1,0 +1,84 @@
+"""MoCo v2 (Chen et al. 2020): InfoNCE against a queue of EMA-encoded keys.
+
+    q = n(online(x_1)),  k = n(target(x_2))  (stop-gradient)
+    logits = [q.k, q.queue^T] / tau,   L = CE(logits, 0),   then enqueue k
+
+The queue holds ``queue_size`` keys *globally* (65,536 by default), stored sharded along
+'data' and enqueued with the global batch, so results do not change with the device count
+(solo-learn/lightly keep per-GPU queues). The key encoder is the trainer's EMA target
+(``ema.schedule='constant'``, ``ema.base=0.999``), updated after the optimizer step.
+Shuffle-BN is not needed: BatchNorm statistics are over the global batch, and the MoCo v2
+projector has no BatchNorm. ``symmetric=True`` adds the loss with the views swapped.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from ssl_jax import config_lib, sharding
+from ssl_jax.methods import base
+from ssl_jax.ops import losses, memory_bank
+
+
+def queue_logits(q, queue, temperature):
+  """``q @ queue^T / tau`` with the [B, K] logits kept sharded along K (the queue's axis)."""
+  logits = jnp.einsum('bd,kd->bk', q, queue.astype(q.dtype),
+                      preferred_element_type=jnp.float32) / temperature
+  if sharding.mesh_data_size() > 1:
+    logits = jax.lax.with_sharding_constraint(logits, P(None, sharding.DATA))
+  return logits
+
+
+class Method(base.Method):
+  name = 'moco'
+  uses_predictor = False
+
+  def __init__(self, config):
+    super().__init__(config)
+    self.queue_size = int(config.method.queue_size)
+    self.temperature = float(config.method.temperature)
+    self.symmetric = bool(config.method.get('symmetric', False))
+    self.embed_dim = int(config.model.projector.out_dim)
+
+  @staticmethod
+  def validate_config(config):
+    m = config.method
+    if not (isinstance(m.queue_size, int) and m.queue_size >= config.batch_size):
+      raise config_lib.ConfigError(
+          f'config.method.queue_size={m.queue_size!r} is invalid; accepted: an integer >= '
+          f'config.batch_size ({config.batch_size})')
+    if not m.temperature > 0:
+      raise config_lib.ConfigError(
+          f'config.method.temperature={m.temperature!r} is invalid; accepted: a number > 0')
+
+  def init_state(self, rng):
+    queue = losses.l2_normalize(jax.random.normal(rng, (self.queue_size, self.embed_dim)))
+    return {'queue': queue, 'queue_ptr': jnp.zeros((), jnp.int32)}
+
+  def contrast(self, q, k, queue):
+    """InfoNCE of normalised ``q`` against ``k`` and the queue; returns (loss, pos, neg)."""
+    pos = jnp.sum(q * k, axis=-1)
+    neg = queue_logits(q, queue, 1.0)
+    return losses.info_nce_from_logits(pos / self.temperature, neg / self.temperature), pos, neg
+
+  def loss(self, params, target_params, method_state, batch_stats, batch, rng, step):
+    del rng, step
+    x1, x2 = batch['view1'], batch['view2']
+    queue = method_state['queue']
+    o1, batch_stats = self.forward(params, batch_stats, x1)
+    k2 = losses.l2_normalize(self.target_forward(target_params, batch_stats, x2)['proj'])
+    q1 = losses.l2_normalize(o1['proj'])
+    loss, pos, neg = self.contrast(q1, k2, queue)
+    keys = k2
+    if self.symmetric:
+      o2, batch_stats = self.forward(params, batch_stats, x2)
+      k1 = losses.l2_normalize(self.target_forward(target_params, batch_stats, x1)['proj'])
+      loss2, _, _ = self.contrast(losses.l2_normalize(o2['proj']), k1, queue)
+      loss = loss + loss2
+      keys = jnp.concatenate([k2, k1], axis=0)
+    new_queue, new_ptr = memory_bank.enqueue(queue, method_state['queue_ptr'], keys)
+    metrics = {'loss': loss, **base.score_summary(pos, neg)}
+    new_state = {'queue': new_queue, 'queue_ptr': new_ptr}
+    return loss, base.LossAux(metrics, new_state, batch_stats, o1['features'],
+                              {'pos': pos, 'neg': neg[:, :64]})

@@ -1,0 +1,70 @@
+"""The network a method trains: backbone -> projector (-> predictor), on uint8 images.
+
+``SSLNet`` normalises uint8 images on device (``ssl_jax.data.normalize``), runs the backbone,
+and returns a dict with the backbone's outputs (per-stage maps for ResNets), ``features`` (the
+representation that probes and kNN read: ResNet global-average pool or ViT CLS), ``proj`` and,
+when asked, ``pred``. The EMA target reuses the same module with the target parameters and
+``with_predictor=False``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+import ml_collections
+
+from ssl_jax import data as data_lib
+from ssl_jax.models import heads, resnet
+
+
+def compute_dtype(name: str):
+  return {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[name]
+
+
+class SSLNet(nn.Module):
+  backbone: nn.Module
+  projector: nn.Module | None
+  predictor: nn.Module | None = None
+
+  @nn.compact
+  def __call__(self, images, train: bool = True, with_predictor: bool = True,
+               token_indices=None) -> dict[str, Any]:
+    x = data_lib.normalize(images)
+    if token_indices is None:
+      out = dict(self.backbone(x, train=train))
+    else:
+      out = dict(self.backbone(x, token_indices=token_indices, train=train))
+    out['features'] = out['pooled'] if 'pooled' in out else out['cls']
+    if self.projector is not None:
+      out['proj'] = self.projector(out['features'], train=train)
+      if self.predictor is not None and with_predictor:
+        out['pred'] = self.predictor(out['proj'], train=train)
+    return out
+
+
+def mlp_from_config(cfg: ml_collections.ConfigDict | None, dtype, **kw) -> nn.Module | None:
+  if cfg is None:
+    return None
+  return heads.MLP(hidden_dim=cfg.hidden_dim, out_dim=cfg.out_dim, num_layers=cfg.num_layers,
+                   use_bn=cfg.use_bn, dtype=dtype, **kw)
+
+
+def build_backbone(model_cfg: ml_collections.ConfigDict, image_size: int | None = None) -> nn.Module:
+  dtype = compute_dtype(model_cfg.dtype)
+  if model_cfg.backbone.startswith('vit'):
+    from ssl_jax.models import vit
+    return vit.get_vit(model_cfg.backbone, patch_size=model_cfg.get('patch_size', 16),
+                       image_size=image_size, dtype=dtype)
+  return resnet.get_backbone(model_cfg.backbone, stem=model_cfg.stem, dtype=dtype,
+                             width=model_cfg.width)
+
+
+def build_ssl_net(model_cfg: ml_collections.ConfigDict, *, image_size: int | None = None,
+                  with_predictor: bool = True) -> SSLNet:
+  """Backbone + projector (+ predictor) from ``config.model``."""
+  dtype = compute_dtype(model_cfg.dtype)
+  predictor = model_cfg.get('predictor') if with_predictor else None
+  return SSLNet(backbone=build_backbone(model_cfg, image_size),
+                projector=mlp_from_config(model_cfg.get('projector'), dtype),
+                predictor=mlp_from_config(predictor, dtype))

@@ -1,0 +1,325 @@
+"""The training loop. Knows nothing method-specific: a method gives its network, its state and
+its loss (``ssl_jax/methods``); this file does the rest. Read it top to bottom:
+
+  1. config & mesh      2. input       3. model & state      4. the update step
+  5. checkpoint/resume  6. evals       7. the loop
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import time
+from typing import Any, Iterator
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from clu import metric_writers
+
+from ssl_jax import checkpoint as ckpt_lib
+from ssl_jax import config_lib, data, methods, optim, sharding
+from ssl_jax.evals import knn_monitor
+from ssl_jax.ops import losses
+from ssl_jax.state import TrainState, state_shardings
+
+
+class NonFiniteError(FloatingPointError):
+  """Loss or gradients became NaN/Inf; the message names the step and the metric."""
+
+
+def _log(msg: str) -> None:
+  logging.info(msg)
+  if jax.process_index() == 0:
+    print(msg, flush=True)
+
+
+def total_steps_of(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+  if config.total_steps > 0:
+    return int(config.total_steps)
+  return int(math.ceil(config.total_epochs * steps_per_epoch))
+
+
+# =============================================================================================
+# 4. The update step (pure; jit-compiled once with the state donated)
+# =============================================================================================
+def make_train_step(method, tx, probe, probe_tx, lr_fn, tau_fn):
+  """Returns ``train_step(state, batch) -> (state, metrics, scores)``."""
+
+  def train_step(state: TrainState, batch: dict[str, jax.Array]):
+    rng = jax.random.fold_in(state.rng, state.step)
+
+    def loss_fn(params):
+      return method.loss(params, state.target_params, state.method_state, state.batch_stats,
+                         batch, rng, state.step)
+
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    # EMA target after the optimizer step (BYOL, MoCo; equivalent to MSF's update-first order).
+    tau = tau_fn(state.step)
+    target = jax.tree.map(lambda t, p: tau * t + (1.0 - tau) * p, state.target_params, params)
+
+    # Online linear probe on stop-gradient features (labelled examples only).
+    feats = jax.lax.stop_gradient(aux.features).astype(jnp.float32)
+    labels = batch['label']
+    labelled = labels >= 0
+
+    def probe_loss(pp):
+      logits = probe.apply(pp, feats)
+      return losses.cross_entropy(logits, labels, labelled), logits
+
+    (p_loss, logits), p_grads = jax.value_and_grad(probe_loss, has_aux=True)(state.probe_params)
+    p_updates, p_opt = probe_tx.update(p_grads, state.probe_opt_state, state.probe_params)
+    probe_params = optax.apply_updates(state.probe_params, p_updates)
+    p_acc = jnp.sum((jnp.argmax(logits, -1) == labels) & labelled) / jnp.maximum(
+        jnp.sum(labelled), 1)
+
+    new = state.replace(step=state.step + 1, params=params, batch_stats=aux.batch_stats,
+                        target_params=target, opt_state=opt_state,
+                        method_state=aux.method_state, probe_params=probe_params,
+                        probe_opt_state=p_opt)
+    # Never let a non-finite update into the state: keep the previous one (the host stops).
+    loss_ok = jnp.isfinite(loss)
+    grad_ok = jnp.isfinite(grad_norm)
+    ok = loss_ok & grad_ok
+    new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state.replace(step=new.step))
+    metrics = dict(aux.metrics)
+    metrics.update({'loss': loss, 'lr': lr_fn(state.step), 'tau': tau, 'grad_norm': grad_norm,
+                    'online_probe/train_loss': p_loss, 'online_probe/train_top1': p_acc,
+                    'finite/loss': loss_ok, 'finite/grad_norm': grad_ok})
+    return new, metrics, aux.scores
+
+  return train_step
+
+
+def make_feature_fn(method, probe):
+  """Eval-mode forward: L2-normalised backbone features and the probe's logits."""
+
+  def feature_fn(variables, images):
+    out = method.model.apply({'params': variables['params'],
+                              'batch_stats': variables['batch_stats']},
+                             images, train=False, with_predictor=False)
+    f = out['features'].astype(jnp.float32)
+    return {'features': losses.l2_normalize(f),
+            'probe_logits': probe.apply(variables['probe'], f)}
+
+  return feature_fn
+
+
+# =============================================================================================
+# The whole run
+# =============================================================================================
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       allow_config_change: bool = False,
+                       stop_at_step: int | None = None) -> dict[str, Any]:
+  """Train ``config`` in ``workdir`` (resuming if it holds checkpoints); return final metrics.
+
+  ``stop_at_step``: checkpoint and return at that step, as a preemption would (for jobs with a
+  wall-clock limit; the next run resumes there with the same batches and random numbers).
+  """
+  # ------------------------------------------------------------------------- 1. config & mesh
+  num_devices = None if config.num_devices in (-1, None) else int(config.num_devices)
+  mesh = sharding.make_mesh(num_devices)
+  n_dev = mesh.shape[sharding.DATA]
+  config_lib.validate(config, num_devices=n_dev, process_count=jax.process_count())
+  ckpt_lib.check_workdir_config(workdir, config, allow_config_change=allow_config_change)
+  method = methods.get(config.method.name)(config)
+
+  # ------------------------------------------------------------------------- 2. input
+  steps_per_epoch = data.steps_per_epoch(config.data, config.batch_size)
+  total_steps = total_steps_of(config, steps_per_epoch)
+  lr_fn = optim.lr_schedule(config, steps_per_epoch, total_steps)
+  tau_fn = optim.ema_schedule(config, total_steps)
+
+  # ------------------------------------------------------------------------- 3. model & state
+  tx = optim.make_optimizer(config, lr_fn)
+  probe_tx = optim.probe_optimizer(config)
+  probe = nn.Dense(config.data.num_classes, name='probe')
+
+  def init_state(rng) -> TrainState:
+    r_model, r_method, r_probe, r_base = jax.random.split(rng, 4)
+    variables = method.init_variables(r_model)
+    params = variables['params']
+    feat_dim = jax.eval_shape(
+        lambda: method.model.apply(variables, method.sample_input(), train=False,
+                                   with_predictor=False))['features'].shape[-1]
+    probe_params = probe.init(r_probe, jnp.zeros((1, feat_dim), jnp.float32))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      batch_stats=variables.get('batch_stats', {}),
+                      target_params=jax.tree.map(jnp.copy, params), opt_state=tx.init(params),
+                      method_state=method.init_state(r_method), probe_params=probe_params,
+                      probe_opt_state=probe_tx.init(probe_params), rng=r_base)
+
+  rng = jax.random.key(config.seed)
+  with jax.set_mesh(mesh):
+    abstract = jax.eval_shape(init_state, rng)
+    shardings = state_shardings(abstract, mesh)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            abstract, shardings)
+
+    # ----------------------------------------------------------------------- 5. checkpoint/resume
+    ckpt = ckpt_lib.Checkpointer(workdir, keep=config.checkpoint.keep,
+                                 async_save=config.checkpoint.async_save)
+    restored = ckpt.restore_latest(abstract)
+    if restored is not None:
+      state, meta = restored
+      _log(f'Resumed from {ckpt.directory}/{meta["step"]} (epoch {meta["epoch"]:.2f}).')
+    else:
+      state = jax.jit(init_state, out_shardings=shardings)(rng)
+    start_step = int(jax.device_get(state.step))
+
+    n_params = sum(x.size for x in jax.tree.leaves(state.params))
+    _log(f'{config.method.name} | {config.model.backbone} ({n_params / 1e6:.2f}M params) | '
+         f'{config.data.name} | global batch {config.batch_size} on {n_dev} device(s), '
+         f'{jax.process_count()} host(s) | {total_steps} steps ({steps_per_epoch}/epoch)')
+
+    train_step = jax.jit(make_train_step(method, tx, probe, probe_tx, lr_fn, tau_fn),
+                         donate_argnums=(0,), out_shardings=(shardings, None, None))
+    feature_fn = jax.jit(make_feature_fn(method, probe))
+
+    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+
+    # --------------------------------------------------------------------- 6. evals
+    def run_evals(step: int) -> dict[str, float]:
+      variables = {'params': state.params, 'batch_stats': state.batch_stats,
+                   'probe': state.probe_params}
+      t0 = time.time()
+      res = knn_monitor.evaluate(feature_fn, variables, config.data, mesh=mesh,
+                                 knn_cfg=config.knn, num_classes=config.data.num_classes)
+      writer.write_scalars(step, res)
+      _log(f'[eval @ step {step}] ' + ' | '.join(f'{k} {100 * v:.2f}%' for k, v in res.items())
+           + f' (k={config.knn.k}, T={config.knn.temperature}, {time.time() - t0:.0f}s)')
+      return res
+
+    def save(step: int, *, force: bool = False) -> None:
+      meta = {'step': step, 'epoch': step / steps_per_epoch,
+              'config_method': config.method.name}
+      ckpt.save(step, state, meta, force=force)
+
+    if config.knn.every_steps > 0:
+      knn_every = int(config.knn.every_steps)
+    elif config.knn.every_epochs > 0:
+      knn_every = max(1, int(round(config.knn.every_epochs * steps_per_epoch)))
+    else:
+      knn_every = 0
+
+    results: dict[str, Any] = {'start_step': start_step, 'loss_history': []}
+    if config.knn.at_start and start_step == 0:
+      results['untrained'] = run_evals(0)
+
+    # --------------------------------------------------------------------- 7. the loop
+    preempted = {'flag': False}
+
+    def on_sigterm(signum, frame):  # preemption notice: checkpoint at the next step, then exit
+      del signum, frame
+      preempted['flag'] = True
+
+    old_handler = signal.signal(signal.SIGTERM, on_sigterm) if _main_thread() else None
+    batches: Iterator = data.make_train_iterator(
+        config.data, global_batch_size=config.batch_size, seed=config.seed,
+        start_step=start_step, process_index=jax.process_index(),
+        process_count=jax.process_count())
+    per_device = config.batch_size / n_dev
+    history: list[tuple[int, dict[str, Any]]] = []
+    pending: tuple[int, dict[str, Any]] | None = None
+    t_last, step_last = time.time(), start_step
+    t_start = time.time()
+    step = start_step
+    try:
+      while step < total_steps:
+        local = next(batches)
+        batch = sharding.global_batch(mesh, local)
+        state, metrics, scores = train_step(state, batch)
+        step += 1
+        # Check the previous step's finiteness while this one runs (no pipeline stall).
+        if pending is not None:
+          _check_finite(*pending, ckpt)
+        pending = (step, metrics)
+        history.append((step, metrics))
+
+        if step % config.log_every_steps == 0 or step == total_steps:
+          _check_finite(*pending, ckpt)
+          host = [(s, jax.device_get(m)) for s, m in history]
+          history.clear()
+          results['loss_history'].extend((s, float(m['loss'])) for s, m in host)
+          avg = {k: float(np.mean([m[k] for _, m in host])) for k in host[-1][1]
+                 if not k.startswith('finite/')}
+          now = time.time()
+          sps = (step - step_last) / max(now - t_last, 1e-9)
+          t_last, step_last = now, step
+          avg.update({'steps_per_sec': sps, 'images_per_sec_per_device': sps * per_device,
+                      'epoch': step / steps_per_epoch})
+          writer.write_scalars(step, avg)
+          eta = (total_steps - step) / max(sps, 1e-9)
+          _log(f'step {step}/{total_steps} ({100 * step / total_steps:.0f}%) | '
+               f'loss {avg["loss"]:.4f} | lr {avg["lr"]:.4g} | tau {avg["tau"]:.4f} | '
+               f'{sps:.2f} steps/s, {sps * per_device:.0f} img/s/device | '
+               f'ETA {_hms(eta)}')
+          results['last_metrics'] = avg
+        if config.score_hist_every_steps > 0 and step % config.score_hist_every_steps == 0:
+          host_scores = jax.device_get(scores)
+          writer.write_histograms(step, {f'scores/{k}': np.asarray(v).ravel()
+                                         for k, v in host_scores.items()})
+        if step % config.checkpoint.every_steps == 0 or step == total_steps:
+          _check_finite(*pending, ckpt)
+          save(step)
+        if knn_every and step % knn_every == 0 and step != total_steps:
+          run_evals(step)
+        if (preempted['flag'] or step == stop_at_step
+            or ckpt.manager.reached_preemption(step)):
+          _check_finite(*pending, ckpt)
+          _log(f'Stopping at step {step} ('
+               f'{"preemption notice (SIGTERM)" if preempted["flag"] else "stop requested"}): '
+               'saving a checkpoint and exiting.')
+          save(step, force=True)
+          ckpt.wait()
+          results['preempted_at'] = step
+          results['state'] = state
+          return results
+      ckpt.wait()
+      if config.knn.at_end:
+        results['final'] = run_evals(step)
+      writer.flush()
+      results['final_step'] = step
+      results['train_time_s'] = time.time() - t_start
+      results['state'] = state
+      if 'final' in results:
+        msg = (f'Final kNN top-1 (weighted k={config.knn.k}, T={config.knn.temperature}, '
+               f'frozen backbone features after {step} steps): '
+               f'{100 * results["final"]["monitor/knn_top1"]:.2f}%')
+        if 'untrained' in results:
+          msg += f' | untrained network: {100 * results["untrained"]["monitor/knn_top1"]:.2f}%'
+        _log(msg)
+      return results
+    finally:
+      ckpt.close()
+      if old_handler is not None:
+        signal.signal(signal.SIGTERM, old_handler)
+
+
+def _main_thread() -> bool:
+  import threading
+  return threading.current_thread() is threading.main_thread()
+
+
+def _check_finite(step: int, metrics: dict[str, Any], ckpt) -> None:
+  flags = jax.device_get({k: metrics[k] for k in ('finite/loss', 'finite/grad_norm')})
+  for name in ('loss', 'grad_norm'):
+    if not bool(flags[f'finite/{name}']):
+      ckpt.wait()  # finish the last good save; nothing after it is written
+      good = ckpt.steps()
+      raise NonFiniteError(
+          f'{name} is NaN or Inf at step {step}; stopping. The last good checkpoint '
+          f'({ckpt.directory}/{good[-1] if good else "none"}) is kept. Lower '
+          'config.optimizer.base_lr, add config.optimizer.grad_clip_norm, or check the input.')
+
+
+def _hms(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  return f'{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
