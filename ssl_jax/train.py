@@ -11,7 +11,7 @@ import math
 import os
 import signal
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -112,6 +112,50 @@ def make_feature_fn(method, probe):
   return feature_fn
 
 
+class Parts(NamedTuple):
+  """What a run is made of, reusable outside ``train_and_evaluate`` (tests, multi-host checks)."""
+  method: Any
+  probe: nn.Module
+  init: Callable          # jitted: rng -> TrainState, placed with ``shardings``
+  train_step: Callable    # jitted, state donated: (state, global batch) -> (state, metrics, scores)
+  abstract: Any           # TrainState of ShapeDtypeStructs carrying their shardings
+  shardings: Any
+
+
+def build(config: ml_collections.ConfigDict, mesh, method, *, steps_per_epoch: int,
+          total_steps: int) -> Parts:
+  """Optimizer, schedules, state initialiser and the jitted train step for ``config``."""
+  lr_fn = optim.lr_schedule(config, steps_per_epoch, total_steps)
+  tau_fn = optim.ema_schedule(config, total_steps)
+  tx = optim.make_optimizer(config, lr_fn)
+  probe_tx = optim.probe_optimizer(config)
+  probe = nn.Dense(config.data.num_classes, name='probe')
+
+  def init_state(rng) -> TrainState:
+    r_model, r_method, r_probe, r_base = jax.random.split(rng, 4)
+    variables = method.init_variables(r_model)
+    params = variables['params']
+    feat_dim = jax.eval_shape(
+        lambda: method.model.apply(variables, method.sample_input(), train=False,
+                                   with_predictor=False))['features'].shape[-1]
+    probe_params = probe.init(r_probe, jnp.zeros((1, feat_dim), jnp.float32))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      batch_stats=variables.get('batch_stats', {}),
+                      target_params=jax.tree.map(jnp.copy, params), opt_state=tx.init(params),
+                      method_state=method.init_state(r_method), probe_params=probe_params,
+                      probe_opt_state=probe_tx.init(probe_params), rng=r_base)
+
+  with jax.set_mesh(mesh):
+    abstract = jax.eval_shape(init_state, jax.random.key(0))
+    shardings = state_shardings(abstract, mesh)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            abstract, shardings)
+  train_step = jax.jit(make_train_step(method, tx, probe, probe_tx, lr_fn, tau_fn),
+                       donate_argnums=(0,), out_shardings=(shardings, None, None))
+  return Parts(method, probe, jax.jit(init_state, out_shardings=shardings), train_step,
+               abstract, shardings)
+
+
 # =============================================================================================
 # The whole run
 # =============================================================================================
@@ -131,38 +175,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   ckpt_lib.check_workdir_config(workdir, config, allow_config_change=allow_config_change)
   method = methods.get(config.method.name)(config)
 
-  # ------------------------------------------------------------------------- 2. input
+  # ------------------------------------------------------------------------- 2.-4. input, model, step
   steps_per_epoch = data.steps_per_epoch(config.data, config.batch_size)
   total_steps = total_steps_of(config, steps_per_epoch)
-  lr_fn = optim.lr_schedule(config, steps_per_epoch, total_steps)
-  tau_fn = optim.ema_schedule(config, total_steps)
-
-  # ------------------------------------------------------------------------- 3. model & state
-  tx = optim.make_optimizer(config, lr_fn)
-  probe_tx = optim.probe_optimizer(config)
-  probe = nn.Dense(config.data.num_classes, name='probe')
-
-  def init_state(rng) -> TrainState:
-    r_model, r_method, r_probe, r_base = jax.random.split(rng, 4)
-    variables = method.init_variables(r_model)
-    params = variables['params']
-    feat_dim = jax.eval_shape(
-        lambda: method.model.apply(variables, method.sample_input(), train=False,
-                                   with_predictor=False))['features'].shape[-1]
-    probe_params = probe.init(r_probe, jnp.zeros((1, feat_dim), jnp.float32))
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      batch_stats=variables.get('batch_stats', {}),
-                      target_params=jax.tree.map(jnp.copy, params), opt_state=tx.init(params),
-                      method_state=method.init_state(r_method), probe_params=probe_params,
-                      probe_opt_state=probe_tx.init(probe_params), rng=r_base)
-
+  parts = build(config, mesh, method, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
   rng = jax.random.key(config.seed)
   with jax.set_mesh(mesh):
-    abstract = jax.eval_shape(init_state, rng)
-    shardings = state_shardings(abstract, mesh)
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            abstract, shardings)
-
+    abstract, shardings = parts.abstract, parts.shardings
     # ----------------------------------------------------------------------- 5. checkpoint/resume
     ckpt = ckpt_lib.Checkpointer(workdir, keep=config.checkpoint.keep,
                                  async_save=config.checkpoint.async_save)
@@ -171,7 +190,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       state, meta = restored
       _log(f'Resumed from {ckpt.directory}/{meta["step"]} (epoch {meta["epoch"]:.2f}).')
     else:
-      state = jax.jit(init_state, out_shardings=shardings)(rng)
+      state = parts.init(rng)
     start_step = int(jax.device_get(state.step))
 
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
@@ -179,9 +198,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
          f'{config.data.name} | global batch {config.batch_size} on {n_dev} device(s), '
          f'{jax.process_count()} host(s) | {total_steps} steps ({steps_per_epoch}/epoch)')
 
-    train_step = jax.jit(make_train_step(method, tx, probe, probe_tx, lr_fn, tau_fn),
-                         donate_argnums=(0,), out_shardings=(shardings, None, None))
-    feature_fn = jax.jit(make_feature_fn(method, probe))
+    train_step = parts.train_step
+    feature_fn = jax.jit(make_feature_fn(method, parts.probe))
 
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
 
@@ -197,10 +215,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
            + f' (k={config.knn.k}, T={config.knn.temperature}, {time.time() - t0:.0f}s)')
       return res
 
+    saved = {'step': start_step if restored is not None else -1}
+
     def save(step: int, *, force: bool = False) -> None:
+      if saved['step'] == step:
+        return
       meta = {'step': step, 'epoch': step / steps_per_epoch,
               'config_method': config.method.name}
       ckpt.save(step, state, meta, force=force)
+      saved['step'] = step
 
     if config.knn.every_steps > 0:
       knn_every = int(config.knn.every_steps)

@@ -1,6 +1,7 @@
 """Row gathers from a bank sharded along 'data', without gathering the bank.
 
-``gather_rows(bank, indices)[b, j] = bank[indices[b, j]]``. On a sharded bank each shard looks
+``gather_rows(bank, indices)[b, j] = bank[indices[b, j]]`` (zeros for an index outside
+``[0, N)``, e.g. the -1 that ``knn.topk_cosine`` returns when fewer than k rows are valid). On a sharded bank each shard looks
 up the indices that fall in its row range (zeros elsewhere) and the partial results are summed
 over 'data' (a psum of B x k x d values — the bank itself never moves).
 """
@@ -25,7 +26,7 @@ def gather_rows(bank: jax.Array, indices: jax.Array, *, mesh=None) -> jax.Array:
   """``bank[indices]`` for ``bank`` [N, ...] (sharded on its leading axis) and int ``indices``."""
   n = sharding.mesh_data_size(mesh)
   if n == 1 or bank.shape[0] % n:
-    return jnp.take(bank, indices, axis=0)
+    return _local_gather(bank, indices, 0)
   mesh = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
   shard_rows = bank.shape[0] // n
 
