@@ -83,6 +83,9 @@ def base_config(args: Args, *, method: str) -> ml_collections.ConfigDict:
   c.method = ml_collections.ConfigDict({'name': method})
   c.seed = 0
   c.data = data.default_data_config(args.dataset)
+  for key in ('data_dir', 'folder_root'):  # typed, so --config.data.data_dir=... works
+    if key in c.data and c.data[key] is None:
+      c.data[key] = ml_collections.config_dict.placeholder(str)
   imagenet_like = args.dataset.startswith('imagenet')
   c.model = ml_collections.ConfigDict({
       'backbone': args.backbone or ('resnet50' if imagenet_like else 'resnet18'),

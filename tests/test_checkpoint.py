@@ -1,0 +1,82 @@
+"""Checkpoints: damaged or incomplete ones are skipped (named in a warning); config mismatch."""
+import logging
+import os
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from ssl_jax import checkpoint
+
+
+@flax.struct.dataclass
+class Toy:
+  step: jax.Array
+  w: jax.Array
+
+
+def _toy(step):
+  return Toy(step=jnp.asarray(step, jnp.int32), w=jnp.full((64, 64), float(step)))
+
+
+def _abstract():
+  return jax.eval_shape(lambda: _toy(0))
+
+
+def _largest_files(directory):
+  files = []
+  for root, _, names in os.walk(directory):
+    files += [os.path.join(root, n) for n in names]
+  return sorted(files, key=os.path.getsize, reverse=True)
+
+
+def test_truncated_newest_checkpoint_is_skipped_and_previous_restored(tmp_path, caplog):
+  ck = checkpoint.Checkpointer(str(tmp_path), keep=5, async_save=False)
+  for step in (1, 2, 3):
+    ck.save(step, _toy(step), {'step': step, 'epoch': 0.0})
+  ck.wait()
+  newest = os.path.join(ck.directory, '3')
+  for f in _largest_files(newest)[:3]:  # truncate the data files of step 3
+    with open(f, 'r+b') as fh:
+      fh.truncate(max(os.path.getsize(f) // 3, 1))
+  with caplog.at_level(logging.WARNING):
+    state, meta = ck.restore_latest(_abstract())
+  assert meta['step'] == 2 and int(state.step) == 2
+  np.testing.assert_array_equal(np.asarray(state.w), 2.0)
+  assert any(newest in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
+  ck.close()
+
+
+def test_deleted_files_and_interrupted_write_are_skipped(tmp_path):
+  ck = checkpoint.Checkpointer(str(tmp_path), keep=5, async_save=False)
+  for step in (1, 2):
+    ck.save(step, _toy(step), {'step': step, 'epoch': 0.0})
+  ck.wait()
+  # A write cut by a crash: Orbax's temporary directory, never finalised.
+  os.makedirs(os.path.join(ck.directory, '7.orbax-checkpoint-tmp-123', 'state'))
+  for f in _largest_files(os.path.join(ck.directory, '2'))[:2]:
+    os.remove(f)
+  state, meta = ck.restore_latest(_abstract())
+  assert meta['step'] == 1 and int(state.step) == 1
+  ck.close()
+
+
+def test_no_checkpoint_gives_none(tmp_path):
+  ck = checkpoint.Checkpointer(str(tmp_path), keep=2, async_save=False)
+  assert ck.restore_latest(_abstract()) is None
+  ck.close()
+
+
+def _cfg(lr=0.1, log=10):
+  return ml_collections.ConfigDict({'optimizer': {'base_lr': lr}, 'log_every_steps': log})
+
+
+def test_workdir_of_a_different_config_is_refused(tmp_path):
+  checkpoint.check_workdir_config(str(tmp_path), _cfg())
+  checkpoint.check_workdir_config(str(tmp_path), _cfg(log=99))  # cadence may change
+  with pytest.raises(checkpoint.ConfigMismatchError, match=r'optimizer\.base_lr: 0\.1 -> 0\.5'):
+    checkpoint.check_workdir_config(str(tmp_path), _cfg(lr=0.5))
+  checkpoint.check_workdir_config(str(tmp_path), _cfg(lr=0.5), allow_config_change=True)
