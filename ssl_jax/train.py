@@ -20,10 +20,11 @@ import ml_collections
 import numpy as np
 import optax
 from clu import metric_writers
+from jax.experimental import multihost_utils
 
 from ssl_jax import checkpoint as ckpt_lib
 from ssl_jax import config_lib, data, methods, optim, sharding
-from ssl_jax.evals import knn_monitor
+from ssl_jax.evals import knn_monitor, score_plots
 from ssl_jax.ops import losses
 from ssl_jax.state import TrainState, state_shardings
 
@@ -285,10 +286,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                f'{sps:.2f} steps/s, {sps * per_device:.0f} img/s/device | '
                f'ETA {_hms(eta)}')
           results['last_metrics'] = avg
-        if config.score_hist_every_steps > 0 and step % config.score_hist_every_steps == 0:
-          host_scores = jax.device_get(scores)
-          writer.write_histograms(step, {f'scores/{k}': np.asarray(v).ravel()
-                                         for k, v in host_scores.items()})
+        hist_now = (config.score_hist_every_steps > 0
+                    and step % config.score_hist_every_steps == 0)
+        plot_now = step % steps_per_epoch == 0
+        if hist_now or plot_now:  # the FT paper's pos/neg score distributions
+          host_scores = {k: np.asarray(v).ravel() for k, v in
+                         multihost_utils.process_allgather(scores, tiled=True).items()}
+          plot_now = plot_now and jax.process_index() == 0
+          if hist_now:
+            writer.write_histograms(step, {f'scores/{k}': v for k, v in host_scores.items()})
+          if plot_now and {'pos', 'neg'} <= set(host_scores):
+            epoch = step // steps_per_epoch
+            score_plots.write_score_plot(
+                os.path.join(workdir, 'score_plots', f'epoch_{epoch:04d}.png'),
+                host_scores['pos'], host_scores['neg'],
+                f'{config.method.name}: pos/neg cosine scores, epoch {epoch} (step {step})')
         if step % config.checkpoint.every_steps == 0 or step == total_steps:
           _check_finite(*pending, ckpt)
           save(step)

@@ -32,11 +32,15 @@ class LossAux(NamedTuple):
 
 
 def score_summary(pos: Array, neg: Array, prefix: str = 'score') -> dict[str, Array]:
-  """Scalar statistics of positive and negative cosine scores (the FT visualisation)."""
-  pos = pos.astype(jnp.float32)
-  neg = neg.astype(jnp.float32)
-  return {f'{prefix}/pos_mean': jnp.mean(pos), f'{prefix}/pos_std': jnp.std(pos),
-          f'{prefix}/neg_mean': jnp.mean(neg), f'{prefix}/neg_std': jnp.std(neg)}
+  """Mean, std and 10/50/90% quantiles of positive and negative scores (FT's visualisation)."""
+  out = {}
+  for name, x in (('pos', pos), ('neg', neg)):
+    x = x.astype(jnp.float32).ravel()
+    q10, q50, q90 = jnp.quantile(x, jnp.asarray([0.1, 0.5, 0.9]))
+    out.update({f'{prefix}/{name}_mean': jnp.mean(x), f'{prefix}/{name}_std': jnp.std(x),
+                f'{prefix}/{name}_q10': q10, f'{prefix}/{name}_q50': q50,
+                f'{prefix}/{name}_q90': q90})
+  return out
 
 
 def in_batch_scores(q: Array, k: Array, m: int = 16) -> tuple[Array, Array]:

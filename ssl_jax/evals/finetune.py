@@ -1,0 +1,373 @@
+r"""Semi-supervised fine-tuning (``--mode=finetune``): backbone + linear head on a labelled subset.
+
+    python -m ssl_jax.main --mode=finetune --config=configs/eval_finetune.py:cifar10,1% \
+        --config.pretrained=WORKDIR --workdir=EVAL_DIR
+
+The pretrained backbone (newest checkpoint of WORKDIR) gets a new linear head and the whole
+network is trained with softmax cross-entropy on a labelled fraction of the train split:
+
+* ``label_fraction``: ``'1%'``, ``'10%'``, any percentage or fraction (``'0.05'``), or ``'100%'``.
+* ``subset_file``: a file of image ids, one per line (the standard ImageNet subsets of SimCLR,
+  ``1percent.txt`` / ``10percent.txt`` from github.com/google-research/simclr
+  ``imagenet_subsets/``, are such files of ``n01440764_10026.JPEG``-style names; they are
+  matched against TFDS ``file_name`` — or ``id`` on CIFAR, or the file names of an image
+  folder). When set, it overrides ``label_fraction``.
+* Otherwise :func:`class_balanced_subset` picks ``round(fraction * n_c)`` (at least 1) examples
+  of each class ``c`` with a seeded permutation per class; subsets of one seed are nested
+  (the 1% subset is inside the 10% subset).
+
+Training is sharded like pretraining: one ``jax.jit`` step over the ``'data'`` mesh with the
+global batch as a ``NamedSharding``, BatchNorm statistics over the global batch, parameters
+replicated. Optimizer: SGD with Nesterov momentum (or AdamW), ``lr = base_lr * B / 256``
+(the head's ``head_lr_mult`` times that), linear warm-up + cosine. Evaluation: top-1 / top-5
+on the eval split (centre crop), TensorBoard tags ``finetune/*``, Orbax checkpoints and
+``results.json`` in EVAL_DIR (a rerun resumes).
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any, Sequence
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from ssl_jax import checkpoint as ckpt_lib
+from ssl_jax import config_lib
+from ssl_jax import sharding
+from ssl_jax.evals import linear as linear_lib
+from ssl_jax.evals import pretrained as pre_lib
+
+OPTIMIZERS = ('sgd', 'adamw')
+TAG = 'finetune'
+
+
+# =============================================================================================
+# Label subsets (pure)
+# =============================================================================================
+def parse_fraction(value: Any) -> float:
+  """``'1%'`` -> 0.01, ``'10%'`` -> 0.1, ``'0.05'`` -> 0.05, ``'100%'`` / ``'all'`` -> 1.0."""
+  accepted = "a percentage ('1%', '10%', '12.5%'), a fraction in (0, 1] ('0.05'), or 'all'"
+  s = str(value).strip().lower()
+  try:
+    if s == 'all':
+      f = 1.0
+    elif s.endswith('%'):
+      f = float(s[:-1]) / 100.0
+    else:
+      f = float(s)
+  except ValueError:
+    raise config_lib.ConfigError(f'config.label_fraction={value!r} is invalid; accepted: '
+                                 f'{accepted}') from None
+  if not (0.0 < f <= 1.0 and math.isfinite(f)):
+    raise config_lib.ConfigError(f'config.label_fraction={value!r} is invalid; accepted: '
+                                 f'{accepted}')
+  return f
+
+
+def class_balanced_subset(labels: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
+  """Sorted indices of a seeded, class-balanced subset of ``labels``.
+
+  For each class ``c`` (labels >= 0; negative labels are never picked) with ``n_c`` examples,
+  take the first ``m_c = max(1, round(fraction * n_c))`` entries of a permutation of its
+  indices drawn from ``np.random.default_rng([seed, c])``. Consequences: the result depends only
+  on (labels, fraction, seed); every class keeps its share; a smaller fraction's subset is
+  contained in a larger one's (same seed); classes do not influence each other's draws.
+  """
+  labels = np.asarray(labels)
+  if labels.ndim != 1:
+    raise ValueError(f'labels must be 1-D, got shape {labels.shape}')
+  if not 0.0 < fraction <= 1.0:
+    raise ValueError(f'fraction={fraction!r} is invalid; accepted: a number in (0, 1]')
+  picked = []
+  for c in np.unique(labels[labels >= 0]):
+    idx = np.flatnonzero(labels == c)
+    m = max(1, int(round(fraction * len(idx))))
+    perm = np.random.default_rng([int(seed), int(c)]).permutation(len(idx))
+    picked.append(idx[perm[:m]])
+  if not picked:
+    return np.zeros((0,), np.int64)
+  return np.sort(np.concatenate(picked)).astype(np.int64)
+
+
+def read_subset_file(path: str) -> list[str]:
+  """Image ids from a subset file: one per line; blank lines and ``#`` comments skipped."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+        f'config.subset_file={path!r} does not exist. Accepted: a text file of image ids, one '
+        'per line (e.g. SimCLR imagenet_subsets/1percent.txt), or subset_file=\'\' for a '
+        'seeded class-balanced subset of label_fraction.')
+  with open(path) as f:
+    ids = [line.strip() for line in f]
+  return [i for i in ids if i and not i.startswith('#')]
+
+
+def match_ids(split_ids: Sequence[str], wanted: Sequence[str]) -> np.ndarray:
+  """Sorted indices of ``split_ids`` whose id (or basename) is in ``wanted``; all must be found."""
+  want = {os.path.basename(w) for w in wanted}
+  base = [os.path.basename(str(s)) for s in split_ids]
+  idx = np.array([i for i, s in enumerate(base) if s in want], np.int64)
+  found = {base[i] for i in idx}
+  missing = sorted(want - found)
+  if missing:
+    raise ValueError(f'{len(missing)} of the {len(want)} ids of the subset file are not in the '
+                     f'split (e.g. {missing[:3]}); the split ids look like {base[:3]}.')
+  return idx
+
+
+def select_subset(config: ml_collections.ConfigDict, data_cfg) -> tuple[np.ndarray, str]:
+  """Indices (into the train split) of the labelled subset, and a description."""
+  split = data_cfg.train_split
+  if config.subset_file:
+    ids = read_subset_file(config.subset_file)
+    idx = match_ids(linear_lib.example_ids(data_cfg, split), ids)
+    return idx, f'{len(idx)} examples listed in {config.subset_file}'
+  fraction = parse_fraction(config.label_fraction)
+  labels = linear_lib.split_labels(data_cfg, split)
+  if config.train_examples > 0:
+    labels = labels[:config.train_examples]
+  if fraction >= 1.0:
+    return np.arange(len(labels), dtype=np.int64), f'all {len(labels)} labelled examples'
+  idx = class_balanced_subset(labels, fraction, config.subset_seed)
+  if data_cfg.name.startswith('imagenet') and config.label_fraction in ('1%', '10%'):
+    pre_lib.log('Note: using a seeded class-balanced subset; the standard ImageNet 1%/10% '
+                'subsets are SimCLR\'s id files (set config.subset_file).')
+  return idx, (f'{len(idx)} examples ({config.label_fraction} per class, class-balanced, '
+               f'seed {config.subset_seed})')
+
+
+# =============================================================================================
+# Model, state, step
+# =============================================================================================
+class FinetuneNet(nn.Module):
+  """uint8 images -> normalise -> pretrained backbone -> pooled / CLS features -> Dense head."""
+  backbone: nn.Module
+  num_classes: int
+  head_init_std: float = 0.01
+
+  @nn.compact
+  def __call__(self, images, train: bool = True):
+    from ssl_jax import data as data_lib  # pylint: disable=import-outside-toplevel
+    out = self.backbone(data_lib.normalize(images), train=train)
+    f = (out['pooled'] if 'pooled' in out else out['cls']).astype(jnp.float32)
+    return nn.Dense(self.num_classes, name='head',
+                    kernel_init=nn.initializers.normal(self.head_init_std),
+                    bias_init=nn.initializers.zeros)(f)
+
+
+@flax.struct.dataclass
+class FTState:
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+
+
+def make_optimizer(config: ml_collections.ConfigDict, lr_fn) -> optax.GradientTransformation:
+  o = config.optimizer
+  mult = float(o.head_lr_mult)
+
+  def base(schedule):
+    if o.name == 'sgd':
+      parts = []
+      if o.weight_decay > 0:
+        parts.append(optax.add_decayed_weights(
+            o.weight_decay, mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p)))
+      parts.append(optax.sgd(schedule, momentum=o.momentum, nesterov=o.nesterov))
+      return optax.chain(*parts)
+    return optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay,
+                       mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p))
+
+  def labels(params):
+    return {k: jax.tree.map(lambda _: 'head' if k == 'head' else 'backbone', v)
+            for k, v in params.items()}
+
+  return optax.multi_transform({'backbone': base(lr_fn),
+                                'head': base(lambda s: mult * lr_fn(s))}, labels)
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+  pre_lib.validate_common(c)
+  req = pre_lib.require
+  if not c.subset_file:
+    parse_fraction(c.label_fraction)
+  req(c.optimizer.name in OPTIMIZERS, 'optimizer.name', c.optimizer.name, ', '.join(OPTIMIZERS))
+  req(isinstance(c.epochs, int) and c.epochs > 0, 'epochs', c.epochs, 'a positive integer')
+  req(isinstance(c.batch_size, int) and c.batch_size > 0, 'batch_size', c.batch_size,
+      'a positive integer')
+  for key in ('base_lr', 'weight_decay', 'momentum', 'head_lr_mult', 'warmup_epochs'):
+    v = c.optimizer[key]
+    req(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0, f'optimizer.{key}', v,
+        'a finite number >= 0')
+  req(c.optimizer.base_lr > 0, 'optimizer.base_lr', c.optimizer.base_lr, 'a number > 0')
+  req(c.augment in linear_lib.AUGMENTS, 'augment', c.augment, ', '.join(linear_lib.AUGMENTS))
+  lo, hi = c.crop_scale
+  req(0 < lo <= hi <= 1, 'crop_scale', tuple(c.crop_scale), '(lo, hi) with 0 < lo <= hi <= 1')
+
+
+# =============================================================================================
+# --mode=finetune
+# =============================================================================================
+def run(config: ml_collections.ConfigDict, workdir: str, *,
+        allow_config_change: bool = False) -> dict[str, Any]:
+  """Fine-tune on the labelled subset; returns ``{'top1', 'top5', 'num_labelled', ...}``."""
+  from clu import metric_writers  # pylint: disable=import-outside-toplevel
+  from ssl_jax.models import ssl_model  # pylint: disable=import-outside-toplevel
+  validate(config)
+  mesh = pre_lib.mesh_of(config)
+  pre_lib.check_batch('batch_size', config.batch_size, mesh)
+  pre_lib.check_batch('eval_batch_size', config.eval_batch_size, mesh)
+  ckpt_lib.check_workdir_config(workdir, config, allow_config_change=allow_config_change)
+  pre, params, batch_stats, pre_step = pre_lib.load_pretrained(
+      config.pretrained, weights=config.weights,
+      step=None if config.checkpoint_step in (-1, None) else int(config.checkpoint_step))
+  data_cfg = pre_lib.eval_data_config(config, pre)
+  num_classes = int(data_cfg.num_classes)
+  subset, desc = select_subset(config, data_cfg)
+  pre_lib.log(f'Fine-tuning {pre.method.name} / {pre.model.backbone} from '
+              f'{config.pretrained}/checkpoints/{pre_step} on {data_cfg.name}: {desc}.')
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    np.save(os.path.join(workdir, 'subset_indices.npy'), subset)
+
+  size = int(data_cfg.image_size)
+  model = FinetuneNet(ssl_model.build_backbone(pre.model, size), num_classes,
+                      head_init_std=float(config.head_init_std))
+  bs = config.batch_size
+  spe = len(subset) // bs
+  if spe < 1:
+    raise config_lib.ConfigError(f'config.batch_size={bs} exceeds the {len(subset)} labelled '
+                                 f'examples ({desc}); accepted: a batch <= {len(subset)}.')
+  total_steps = spe * config.epochs
+  o = config.optimizer
+  lr_fn = linear_lib.lr_schedule(o.base_lr, bs, spe, config.epochs, schedule='cosine',
+                                 warmup_epochs=o.warmup_epochs)
+  tx = make_optimizer(config, lr_fn)
+
+  def init_state(rng) -> FTState:
+    sample = jnp.zeros((2, size, size, 3), jnp.uint8)
+    v = model.init(rng, sample, train=False)
+    p = dict(v['params'])
+    p['backbone'] = jax.tree.map(jnp.asarray, params['backbone'])
+    bstats = {}
+    if 'batch_stats' in v:
+      bstats = dict(v['batch_stats'])
+      bstats['backbone'] = jax.tree.map(jnp.asarray, batch_stats['backbone'])
+    return FTState(step=jnp.zeros((), jnp.int32), params=p, batch_stats=bstats,
+                   opt_state=tx.init(p))
+
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  rep = sharding.replicated(mesh)
+  t0 = time.time()
+  with jax.set_mesh(mesh):
+    abstract = jax.eval_shape(init_state, jax.random.key(config.seed))
+    shardings = jax.tree.map(lambda _: rep, abstract)
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep),
+                            abstract)
+    ckpt = ckpt_lib.Checkpointer(workdir, keep=2, async_save=False)
+    try:
+      restored = ckpt.restore_latest(abstract)
+      if restored is not None:
+        state, meta = restored
+        pre_lib.log(f'Resumed fine-tuning from {ckpt.directory}/{meta["step"]}.')
+      else:
+        state = jax.jit(init_state, out_shardings=shardings)(jax.random.key(config.seed))
+      start = int(jax.device_get(state.step))
+      ft_in = linear_lib.labelled_train_iterator(
+          data_cfg, split=data_cfg.train_split, global_batch_size=bs, seed=config.seed,
+          augment=config.augment, crop_scale=tuple(config.crop_scale), indices=subset,
+          start_step=start)
+
+      def train_step(st: FTState, batch):
+        def loss_fn(p):
+          logits, mutated = model.apply({'params': p, 'batch_stats': st.batch_stats},
+                                        batch['image'], train=True, mutable=['batch_stats'])
+          labels = batch['label']
+          if config.label_smoothing > 0:
+            onehot = optax.smooth_labels(jax.nn.one_hot(labels, num_classes),
+                                         config.label_smoothing)
+            loss = jnp.mean(optax.softmax_cross_entropy(logits.astype(jnp.float32), onehot))
+          else:
+            loss = linear_lib.cross_entropy(logits, labels)
+          return loss, (logits, mutated.get('batch_stats', {}))
+
+        (loss, (logits, new_bs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(st.params)
+        updates, opt_state = tx.update(grads, st.opt_state, st.params)
+        acc = jnp.mean(jnp.argmax(logits, -1) == batch['label'])
+        new = st.replace(step=st.step + 1, params=optax.apply_updates(st.params, updates),
+                         batch_stats=new_bs, opt_state=opt_state)
+        return new, {'loss': loss, 'train_top1': acc, 'lr': lr_fn(st.step)}
+
+      step_fn = jax.jit(train_step, donate_argnums=(0,), out_shardings=(shardings, None))
+
+      @jax.jit
+      def logits_fn(st, images):
+        return {'logits': model.apply({'params': st.params, 'batch_stats': st.batch_stats},
+                                      images, train=False)}
+
+      def evaluate(st) -> dict[str, float]:
+        out = pre_lib.extract(logits_fn, st, data_cfg, split=data_cfg.eval_split, mesh=mesh,
+                              batch_size=config.eval_batch_size,
+                              max_examples=config.eval_examples)
+        c = out['logits'].shape[-1]
+        corr = linear_lib.topk_correct(jnp.asarray(out['logits']), jnp.asarray(out['label']),
+                                       (1, min(5, c)))
+        n = max(int(np.sum(out['label'] >= 0)), 1)
+        return {'top1': float(corr[1]) / n, 'top5': float(corr[min(5, c)]) / n}
+
+      pre_lib.log(f'Fine-tune: {ft_in.num_examples} labelled examples, batch {bs}, {spe} '
+                  f'steps/epoch x {config.epochs} epochs = {total_steps} steps, from step '
+                  f'{start}.')
+      every = max(1, int(config.checkpoint_every_epochs)) * spe
+      eval_every = int(config.eval_every_epochs) * spe
+      log_every = max(1, int(config.log_every_steps))
+      pending: list[Any] = []
+      t_last = time.time()
+      for step in range(start + 1, total_steps + 1):
+        batch = sharding.global_batch(mesh, next(ft_in.iterator))
+        state, m = step_fn(state, batch)
+        pending.append(m)
+        if step % log_every == 0 or step == total_steps:
+          host = jax.device_get(pending)
+          pending.clear()
+          avg = {k: float(np.mean([h[k] for h in host])) for k in host[0]}
+          if not math.isfinite(avg['loss']):
+            raise FloatingPointError(f'fine-tuning loss is {avg["loss"]} at step {step}; '
+                                     f'lower config.optimizer.base_lr (now {o.base_lr}).')
+          now = time.time()
+          avg['steps_per_sec'] = len(host) / max(now - t_last, 1e-9)
+          avg['epoch'] = step / spe
+          t_last = now
+          writer.write_scalars(step, {f'{TAG}/{k}': v for k, v in avg.items()})
+          pre_lib.log(f'[finetune step {step}/{total_steps}] loss {avg["loss"]:.4f} | train '
+                      f'top-1 {100 * avg["train_top1"]:.1f}% | lr {avg["lr"]:.4g}')
+        if eval_every > 0 and step % eval_every == 0 and step != total_steps:
+          res = evaluate(state)
+          writer.write_scalars(step, {f'{TAG}/test_{k}': v for k, v in res.items()})
+          pre_lib.log(f'[finetune epoch {step // spe}] test top-1 {100 * res["top1"]:.2f}%')
+        if step % every == 0 or step == total_steps:
+          ckpt.save(step, state, {'step': step, 'epoch': step / spe}, force=True)
+      metrics = evaluate(state)
+    finally:
+      ckpt.close()
+  writer.write_scalars(total_steps, {f'{TAG}/test_{k}': v for k, v in metrics.items()})
+  writer.flush()
+  out = dict(metrics)
+  out.update({'pretrained': config.pretrained, 'pretrained_step': pre_step,
+              'method': pre.method.name, 'backbone': pre.model.backbone,
+              'dataset': data_cfg.name, 'label_fraction': config.label_fraction,
+              'subset_file': config.subset_file, 'num_labelled': int(len(subset)),
+              'epochs': config.epochs, 'steps': total_steps, 'time_s': time.time() - t0,
+              'final_state': state})
+  pre_lib.write_json(workdir, 'results.json', {k: v for k, v in out.items()
+                                               if k != 'final_state'})
+  pre_lib.log(f'Fine-tuned on {desc}: {data_cfg.name}/{data_cfg.eval_split} top-1 '
+              f'{100 * metrics["top1"]:.2f}% | top-5 {100 * metrics["top5"]:.2f}% '
+              f'({out["time_s"]:.0f}s). Written to {workdir}/results.json.')
+  return out

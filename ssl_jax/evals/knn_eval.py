@@ -1,0 +1,212 @@
+r"""Offline kNN evaluation (``--mode=knn``): k and temperature sweeps on frozen features.
+
+    python -m ssl_jax.main --mode=knn --config=configs/eval_knn.py:cifar10 \
+        --config.pretrained=WORKDIR --workdir=EVAL_DIR
+
+The bank is the train split's features (centre crop, no augmentation, eval-mode network), the
+queries the eval split's. Features are the backbone's (average pool / CLS) or the projector's
+output (``features='projector'``). Two classifiers, both labelled in the tag:
+
+* **weighted** (InstDisc / lightly): cosine similarity ``s`` of L2-normalised features, the
+  ``k`` nearest vote with weight ``exp(s / T)``; every ``k`` in ``ks`` x ``T`` in
+  ``temperatures`` (lightly's k = 200, T = 0.1 by default). Tag
+  ``offline_knn/top1_weighted_k200_t0.1``.
+* **unweighted** (MSF): majority vote of the ``k`` nearest, ``k`` in ``unweighted_ks``
+  (MSF reports 1-NN and 20-NN). Tag ``offline_knn/top1_unweighted_k20``.
+
+``metric='euclidean'`` ranks by L2 distance instead (``s = -|q - b|``; features are
+L2-normalised first only if ``l2_normalize``). Everything runs on device: the bank is sharded
+along ``'data'``, queries are processed in chunks of ``chunk_size``; with the cosine metric one
+search for the largest k serves the whole sweep (the k nearest are a prefix of the k_max
+nearest). Ties in the vote go to the lowest class id.
+"""
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from ssl_jax import sharding
+from ssl_jax.evals import linear as linear_lib
+from ssl_jax.evals import pretrained as pre_lib
+from ssl_jax.ops import knn as knn_ops
+
+METRICS = ('cosine', 'euclidean')
+TAG = 'offline_knn'
+
+
+def weighted_name(k: int, t: float) -> str:
+  return f'weighted_k{k}_t{t:g}'
+
+
+def unweighted_name(k: int) -> str:
+  return f'unweighted_k{k}'
+
+
+def _settings(ks, temperatures, unweighted_ks, n):
+  out = []
+  for k in ks:
+    for t in temperatures:
+      out.append((weighted_name(k, t), min(int(k), n), float(t), 'exp'))
+  for k in unweighted_ks:
+    out.append((unweighted_name(k), min(int(k), n), 1.0, 'none'))
+  return out
+
+
+@functools.partial(jax.jit, static_argnames=('k', 'chunk_size', 'mesh'))
+def _search_chunks(queries, bank, bank_labels, valid, *, k, chunk_size, mesh):
+  """Top-k cosine scores [Q, k] and the neighbours' labels [Q, k], queries in chunks."""
+  q = queries.shape[0]
+  n_chunks = -(-q // chunk_size)
+  qp = jnp.pad(queries, ((0, n_chunks * chunk_size - q), (0, 0)))
+  qp = qp.reshape(n_chunks, chunk_size, queries.shape[1])
+
+  def one(qc):
+    s, i = knn_ops.topk_cosine(qc, bank, k, valid=valid, mesh=mesh)
+    lab = jnp.where(i >= 0, jnp.take(bank_labels, jnp.maximum(i, 0), axis=0), -1)
+    return s, lab
+
+  s, lab = jax.lax.map(one, qp)
+  return s.reshape(-1, k)[:q], lab.reshape(-1, k)[:q]
+
+
+@functools.partial(jax.jit, static_argnames=('k', 'num_classes', 'temperature', 'weighting'))
+def _vote(sims, labels, *, k, num_classes, temperature, weighting):
+  return knn_ops.knn_vote(sims[:, :k], labels[:, :k], num_classes, temperature=temperature,
+                          weighting=weighting)
+
+
+def knn_classify(bank_feats, bank_labels, query_feats, *, num_classes: int,
+                 ks: Sequence[int] = (200,), temperatures: Sequence[float] = (0.1,),
+                 unweighted_ks: Sequence[int] = (), metric: str = 'cosine',
+                 l2_normalize: bool = True, chunk_size: int = 256, mesh=None
+                 ) -> dict[str, np.ndarray]:
+  """Class scores ``[Q, C]`` of every kNN setting, keyed ``weighted_k{k}_t{T}`` /
+  ``unweighted_k{k}``. ``k`` larger than the bank is clipped to the bank size.
+
+  ``metric='cosine'`` L2-normalises both sides (always); ``'euclidean'`` only if
+  ``l2_normalize``. Bank rows with label < 0 never vote.
+  """
+  if metric not in METRICS:
+    raise ValueError(f'metric={metric!r} is invalid; accepted: {", ".join(METRICS)}')
+  bank = np.asarray(bank_feats, np.float32)
+  labels = np.asarray(bank_labels, np.int32)
+  queries = np.asarray(query_feats, np.float32)
+  if metric == 'cosine' or l2_normalize:
+    bank = np.asarray(linear_lib.l2_normalize(jnp.asarray(bank)))
+    queries = np.asarray(linear_lib.l2_normalize(jnp.asarray(queries)))
+  n = len(labels)
+  settings = _settings(ks, temperatures, unweighted_ks, n)
+  if not settings:
+    raise ValueError('no kNN setting: ks/temperatures and unweighted_ks are all empty')
+  n_dev = 1 if mesh is None else mesh.shape[sharding.DATA]
+  pad = (-n) % n_dev
+  valid = np.arange(n + pad) < n
+  bank_p = np.concatenate([bank, np.zeros((pad, bank.shape[1]), np.float32)]) if pad else bank
+  labels_p = np.concatenate([labels, -np.ones(pad, np.int32)]) if pad else labels
+  if mesh is not None:
+    spec = NamedSharding(mesh, P(sharding.DATA))
+    bank_d, labels_d, valid_d = (jax.device_put(x, spec) for x in (bank_p, labels_p, valid))
+  else:
+    bank_d, labels_d, valid_d = jnp.asarray(bank_p), jnp.asarray(labels_p), jnp.asarray(valid)
+  q_d = jnp.asarray(queries)
+  chunk = int(max(1, min(chunk_size, len(queries))))
+  out = {}
+  if metric == 'cosine':
+    kmax = max(k for _, k, _, _ in settings)
+    sims, nb_labels = _search_chunks(q_d, bank_d, labels_d, valid_d, k=kmax,
+                                     chunk_size=chunk, mesh=mesh)
+    for name, k, t, w in settings:
+      out[name] = np.asarray(_vote(sims, nb_labels, k=k, num_classes=int(num_classes),
+                                   temperature=t, weighting=w))
+  else:
+    for name, k, t, w in settings:
+      out[name] = np.asarray(knn_ops.weighted_knn_predict(
+          q_d, bank_d, labels_d, int(num_classes), k=k, temperature=t, metric='euclidean',
+          chunk_size=chunk, weighting=w, valid=valid_d, mesh=mesh))
+  return out
+
+
+def accuracies(scores: dict[str, np.ndarray], labels) -> dict[str, float]:
+  """``top1_<setting>`` and ``top5_<setting>`` (top-5 capped at the number of classes)."""
+  labels = jnp.asarray(labels, jnp.int32)
+  n = max(int(jnp.sum(labels >= 0)), 1)
+  out = {}
+  for name, s in scores.items():
+    c = s.shape[-1]
+    corr = linear_lib.topk_correct(jnp.asarray(s), labels, (1, min(5, c)))
+    out[f'top1_{name}'] = float(corr[1]) / n
+    out[f'top5_{name}'] = float(corr[min(5, c)]) / n
+  return out
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+  pre_lib.validate_common(c)
+  req = pre_lib.require
+  req(c.metric in METRICS, 'metric', c.metric, ', '.join(METRICS))
+  req(c.features in pre_lib.FEATURES, 'features', c.features, ', '.join(pre_lib.FEATURES))
+  for key in ('ks', 'unweighted_ks'):
+    v = tuple(c[key])
+    req(all(isinstance(k, int) and k >= 1 for k in v), key, v, 'a list of integers >= 1')
+  t = tuple(c.temperatures)
+  req(all(isinstance(x, (int, float)) and x > 0 for x in t), 'temperatures', t,
+      'a list of numbers > 0')
+  req(bool(c.ks and c.temperatures) or bool(c.unweighted_ks), 'ks/unweighted_ks',
+      (tuple(c.ks), tuple(c.unweighted_ks)), 'at least one k')
+  req(isinstance(c.chunk_size, int) and c.chunk_size > 0, 'chunk_size', c.chunk_size,
+      'a positive integer')
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, **unused) -> dict[str, Any]:
+  """``--mode=knn``: the sweep's accuracies (also in ``EVAL_DIR/results.json`` and TensorBoard)."""
+  del unused
+  from clu import metric_writers  # pylint: disable=import-outside-toplevel
+  validate(config)
+  mesh = pre_lib.mesh_of(config)
+  pre_lib.check_batch('eval_batch_size', config.eval_batch_size, mesh)
+  pre, data_cfg, net, pre_step = pre_lib.load_for_eval(config)
+  t0 = time.time()
+  with jax.set_mesh(mesh):
+    variables = net.variables(mesh)
+    fn = jax.jit(net.feature_fn(config.features))
+    kw = dict(mesh=mesh, batch_size=config.eval_batch_size)
+    bank = pre_lib.extract(fn, variables, data_cfg, split=data_cfg.train_split,
+                           max_examples=config.train_examples, **kw)
+    test = pre_lib.extract(fn, variables, data_cfg, split=data_cfg.eval_split,
+                           max_examples=config.eval_examples, **kw)
+    t_feat = time.time() - t0
+    scores = knn_classify(bank['features'], bank['label'], test['features'],
+                          num_classes=int(data_cfg.num_classes), ks=tuple(config.ks),
+                          temperatures=tuple(config.temperatures),
+                          unweighted_ks=tuple(config.unweighted_ks), metric=config.metric,
+                          l2_normalize=config.l2_normalize, chunk_size=config.chunk_size,
+                          mesh=mesh)
+  acc = accuracies(scores, test['label'])
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  writer.write_scalars(pre_step, {f'{TAG}/{k}': v for k, v in acc.items()})
+  writer.flush()
+  best = max((k for k in acc if k.startswith('top1_')), key=lambda k: acc[k])
+  out: dict[str, Any] = {'accuracies': acc, 'best': best[len('top1_'):],
+                         'best_top1': acc[best], 'pretrained': config.pretrained,
+                         'pretrained_step': pre_step, 'method': pre.method.name,
+                         'backbone': pre.model.backbone, 'dataset': data_cfg.name,
+                         'features': config.features, 'metric': config.metric,
+                         'bank_size': int(len(bank['label'])),
+                         'num_queries': int(len(test['label'])),
+                         'time_features_s': t_feat, 'time_s': time.time() - t0}
+  pre_lib.write_json(workdir, 'results.json', out)
+  lines = [f'  {k[len("top1_"):]:<28} top-1 {100 * v:6.2f}% | top-5 '
+           f'{100 * acc["top5_" + k[len("top1_"):]]:6.2f}%'
+           for k, v in acc.items() if k.startswith('top1_')]
+  pre_lib.log(f'Offline kNN ({config.features} features, {config.metric}; bank '
+              f'{out["bank_size"]} {data_cfg.train_split}, {out["num_queries"]} '
+              f'{data_cfg.eval_split} queries):\n' + '\n'.join(lines) +
+              f'\nBest: {out["best"]} {100 * out["best_top1"]:.2f}%. Written to '
+              f'{workdir}/results.json.')
+  return out

@@ -1,0 +1,268 @@
+"""The evaluation suite: linear probe, fine-tuning, kNN, embeddings, export — on a tiny pretrained
+run on real CIFAR-10 — plus the pure pieces against scikit-learn / numpy references."""
+from __future__ import annotations
+
+import glob
+import importlib.util
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import REPO, TFDS_DATA_DIR
+from ssl_jax import config_lib, sharding, train
+from ssl_jax.evals import embedding, finetune, knn_eval, linear, pretrained, score_plots
+
+TRAIN_SPLIT = 'train[:1024]'
+EVAL_SPLIT = 'test[:256]'
+
+
+def _load_config(name: str, arg: str):
+  spec = importlib.util.spec_from_file_location(f'cfg_{name}', REPO / 'configs' / f'{name}.py')
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config(arg)
+
+
+def _eval_config(name: str, arg: str, pretrained_dir: str):
+  c = _load_config(name, arg)
+  c.pretrained = pretrained_dir
+  c.train_split = TRAIN_SPLIT
+  c.eval_split = EVAL_SPLIT
+  c.train_examples = 256
+  c.eval_examples = 128
+  c.eval_batch_size = 64
+  return c
+
+
+def _tags(workdir: str) -> set[str]:
+  tags = set()
+  for path in glob.glob(os.path.join(workdir, 'events.out.tfevents*')):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      tags.update(v.tag for v in event.summary.value)
+  return tags
+
+
+@pytest.fixture(scope='module')
+def pretrained_dir(tmp_path_factory):
+  """A 3-step BYOL resnet_tiny run on real CIFAR-10 (its checkpoint is what we evaluate)."""
+  assert TFDS_DATA_DIR, 'set TFDS_DATA_DIR to a data dir with cifar10 (../shared/data/tfds)'
+  c = _load_config('byol', 'cifar10,runlocal')
+  c.total_steps = 3
+  c.batch_size = 16
+  c.log_every_steps = 3
+  c.checkpoint.every_steps = 2   # checkpoints at steps 2 and 3
+  c.checkpoint.async_save = False
+  c.knn.update({'at_start': False, 'at_end': False})
+  c.data.train_split = TRAIN_SPLIT
+  c.data.data_dir = TFDS_DATA_DIR
+  workdir = str(tmp_path_factory.mktemp('pretrain'))
+  res = train.train_and_evaluate(c, workdir)
+  assert res['final_step'] == 3
+  return workdir
+
+
+# =============================================================================================
+# Pure pieces
+# =============================================================================================
+def test_class_balanced_subset_is_balanced_seeded_and_nested():
+  rng = np.random.default_rng(0)
+  sizes = {0: 500, 1: 300, 2: 1000, 3: 7}
+  labels = rng.permutation(np.concatenate([np.full(n, c) for c, n in sizes.items()] +
+                                          [np.full(5, -1)]))
+  sub = finetune.class_balanced_subset(labels, 0.1, seed=3)
+  counts = np.bincount(labels[sub], minlength=4)
+  assert counts.tolist() == [50, 30, 100, 1]          # round(0.1 n_c), at least 1
+  assert (labels[sub] >= 0).all() and np.all(np.diff(sub) > 0)
+  np.testing.assert_array_equal(sub, finetune.class_balanced_subset(labels, 0.1, seed=3))
+  assert not np.array_equal(sub, finetune.class_balanced_subset(labels, 0.1, seed=4))
+  small = finetune.class_balanced_subset(labels, 0.01, seed=3)
+  assert np.bincount(labels[small], minlength=4).tolist() == [5, 3, 10, 1]
+  assert set(small) <= set(sub)                        # 1% inside 10% (same seed)
+  assert len(finetune.class_balanced_subset(labels, 1.0)) == sum(sizes.values())
+  assert finetune.parse_fraction('1%') == 0.01 and finetune.parse_fraction('10%') == 0.1
+  assert finetune.parse_fraction('0.05') == 0.05 and finetune.parse_fraction('all') == 1.0
+  for bad in ('0', '150%', 'ten', '-1%'):
+    with pytest.raises(config_lib.ConfigError, match=f'label_fraction={bad!r}.*accepted'):
+      finetune.parse_fraction(bad)
+  ids = ['a/n01_1.JPEG', 'n01_2.JPEG', 'n02_3.JPEG']
+  np.testing.assert_array_equal(finetune.match_ids(ids, ['n01_1.JPEG', 'n02_3.JPEG']), [0, 2])
+  with pytest.raises(ValueError, match='not in the split'):
+    finetune.match_ids(ids, ['missing.JPEG'])
+
+
+def test_linear_probe_matches_sklearn_logistic_regression_on_random_features():
+  from sklearn.linear_model import LogisticRegression
+  rng = np.random.default_rng(0)
+  n, d, c = 1200, 16, 4
+  x = rng.normal(size=(n + 800, d)).astype(np.float32)
+  y = np.argmax(x @ rng.normal(size=(d, c)) + rng.gumbel(size=(n + 800, c)), 1)
+  x_tr, y_tr, x_te, y_te = x[:n], y[:n], x[n:], y[n:]
+  ref = LogisticRegression(C=1.0, max_iter=2000).fit(x_tr, y_tr)
+  ref_acc = float(np.mean(ref.predict(x_te) == y_te))
+  res = linear.train_linear(x_tr, y_tr, num_classes=c, epochs=30, batch_size=64, base_lr=0.4,
+                            mesh=sharding.make_mesh())
+  acc = linear.evaluate_arrays(res, x_te, y_te)
+  assert abs(acc['top1'] - ref_acc) < 0.02, (acc, ref_acc)
+  assert np.mean(res.predict(x_te) == ref.predict(x_te)) > 0.95
+  assert acc['top5'] == 1.0 and res.epoch_losses[-1] < res.epoch_losses[0]
+
+
+def _knn_reference(bank, labels, queries, c, k, t, weighted, metric):
+  if metric == 'cosine':
+    bank = bank / np.linalg.norm(bank, axis=1, keepdims=True)
+    queries = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    sims = queries @ bank.T
+  else:
+    sims = -np.linalg.norm(queries[:, None, :] - bank[None, :, :], axis=-1)
+  k = min(k, len(bank))
+  out = np.zeros((len(queries), c))
+  for i in range(len(queries)):
+    nn_idx = np.argsort(-sims[i], kind='stable')[:k]
+    for j in nn_idx:
+      out[i, labels[j]] += np.exp(sims[i, j] / t) if weighted else 1.0
+  return out
+
+
+@pytest.mark.parametrize('metric', ['cosine', 'euclidean'])
+def test_knn_classifier_equals_numpy_reference(metric):
+  rng = np.random.default_rng(1)
+  c = 5
+  bank = rng.normal(size=(203, 8)).astype(np.float32)   # 203: padded to 4 shards
+  labels = rng.integers(0, c, 203)
+  queries = rng.normal(size=(37, 8)).astype(np.float32)
+  ks, temps, unweighted = (1, 7, 300), (0.07, 0.5), (1, 20)
+  if metric == 'euclidean':
+    ks, temps, unweighted = (7,), (2.0,), (20,)
+  scores = knn_eval.knn_classify(bank, labels, queries, num_classes=c, ks=ks,
+                                 temperatures=temps, unweighted_ks=unweighted, metric=metric,
+                                 l2_normalize=False, chunk_size=16, mesh=sharding.make_mesh())
+  assert len(scores) == len(ks) * len(temps) + len(unweighted)
+  for k in ks:
+    for t in temps:
+      ref = _knn_reference(bank, labels, queries, c, k, t, True, metric)
+      got = scores[knn_eval.weighted_name(k, t)]
+      np.testing.assert_allclose(got, ref, rtol=2e-4, atol=1e-5)
+      np.testing.assert_array_equal(got.argmax(1), ref.argmax(1))
+  for k in unweighted:
+    ref = _knn_reference(bank, labels, queries, c, k, 1.0, False, metric)
+    np.testing.assert_array_equal(scores[knn_eval.unweighted_name(k)], ref)
+  acc = knn_eval.accuracies(scores, labels[:37])
+  assert set(acc) == {f'top{j}_{name}' for name in scores for j in (1, 5)}
+
+
+def test_score_plot_writes_png(tmp_path):
+  rng = np.random.default_rng(0)
+  path = score_plots.write_score_plot(str(tmp_path / 'sub' / 'scores.png'),
+                                      rng.uniform(0.5, 1, 64), rng.uniform(-0.3, 0.6, (64, 16)),
+                                      'epoch 1')
+  with open(path, 'rb') as f:
+    assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+  img = score_plots.render_score_plot([0.9, np.nan], np.zeros((3, 2)), 't')
+  assert img.dtype == np.uint8 and img.ndim == 3 and img.shape[-1] == 3
+
+
+def test_load_pretrained_errors_name_the_problem(tmp_path):
+  with pytest.raises(pretrained.PretrainedNotFound, match='config.json does not exist'):
+    pretrained.load_pretrained(str(tmp_path))
+  (tmp_path / 'config.json').write_text('{}')
+  with pytest.raises(pretrained.PretrainedNotFound, match='No checkpoint in'):
+    pretrained.load_pretrained(str(tmp_path))
+  c = _load_config('eval_knn', 'cifar10')
+  c.metric = 'dot'
+  c.pretrained = str(tmp_path)
+  with pytest.raises(config_lib.ConfigError, match="metric='dot'.*accepted: cosine, euclidean"):
+    knn_eval.validate(c)
+  with pytest.raises(config_lib.ConfigError, match="'bogus'.*accepted"):
+    _load_config('eval_linear', 'cifar10,bogus')
+
+
+# =============================================================================================
+# Each mode on the tiny pretrained run
+# =============================================================================================
+def test_load_pretrained_and_export(pretrained_dir, tmp_path):
+  from ssl_jax import export
+  from ssl_jax import main as main_lib
+  config, params, batch_stats, step = pretrained.load_pretrained(pretrained_dir)
+  assert step == 3 and config.method.name == 'byol'
+  assert {'backbone', 'projector'} <= set(params) and 'backbone' in batch_stats
+  # A damaged newest checkpoint is skipped: the previous one is loaded.
+  broken = tmp_path / 'broken'
+  shutil.copytree(pretrained_dir, broken)
+  for f in (broken / 'checkpoints' / '3' / 'state').rglob('*'):
+    if f.is_file() and f.name not in ('_METADATA', '_CHECKPOINT_METADATA'):
+      f.write_bytes(b'')
+  assert pretrained.load_pretrained(str(broken))[3] == 2
+  c = _eval_config('eval_linear', 'cifar10', pretrained_dir)
+  out = main_lib.run_eval('export', c, str(tmp_path))
+  assert sorted(out) == ['npz', 'pth']
+  for fmt in ('pth', 'npz'):
+    p, s, fc = export.load_resnet(tmp_path / f'backbone.{fmt}')
+    assert fc is None
+    np.testing.assert_array_equal(p['conv1']['kernel'], params['backbone']['conv1']['kernel'])
+    np.testing.assert_array_equal(s['bn1']['mean'], batch_stats['backbone']['bn1']['mean'])
+
+
+def test_linear_probe_cached_and_streaming(pretrained_dir, tmp_path):
+  c = _eval_config('eval_linear', 'cifar10,runlocal,cache', pretrained_dir)
+  c.epochs = 5
+  c.optimizer.base_lr = 1.0
+  res = linear.run(c, str(tmp_path / 'cached'))
+  assert 0.0 <= res['top1'] <= res['top5'] <= 1.0 and res['cache_features']
+  # Resume: the finished run restores its last checkpoint and reports the same numbers.
+  again = linear.run(c, str(tmp_path / 'cached'))
+  assert again['top1'] == res['top1']
+
+  s = _eval_config('eval_linear', 'cifar10,runlocal,msf', pretrained_dir)
+  s.epochs = 1
+  s.batch_size = 32
+  res = linear.run(s, str(tmp_path / 'stream'))
+  assert 0.0 <= res['top1'] <= res['top5'] <= 1.0 and res['augment'] == 'rrc_flip'
+  for d in ('cached', 'stream'):
+    tags = _tags(str(tmp_path / d))
+    assert {'offline_linear/test_top1', 'offline_linear/test_top5',
+            'offline_linear/train_loss'} <= tags, tags
+    assert not any(t.startswith(('online_probe', 'monitor')) for t in tags)
+    assert os.listdir(tmp_path / d / 'checkpoints')
+    assert json.loads((tmp_path / d / 'results.json').read_text())['top1'] >= 0.0
+
+
+def test_finetune_on_label_subset(pretrained_dir, tmp_path):
+  c = _eval_config('eval_finetune', 'cifar10,10%,runlocal', pretrained_dir)
+  c.epochs = 2
+  res = finetune.run(c, str(tmp_path))
+  assert 0.0 <= res['top1'] <= res['top5'] <= 1.0
+  sub = np.load(tmp_path / 'subset_indices.npy')
+  assert res['num_labelled'] == len(sub) and 20 <= len(sub) <= 30   # 10% of 256
+  tags = _tags(str(tmp_path))
+  assert {'finetune/loss', 'finetune/test_top1', 'finetune/test_top5'} <= tags, tags
+  # The backbone was trained, not only the head.
+  _, params, _, _ = pretrained.load_pretrained(pretrained_dir)
+  new = jax.device_get(res['final_state'].params['backbone']['conv1']['kernel'])
+  assert not np.array_equal(new, params['backbone']['conv1']['kernel'])
+
+
+def test_knn_and_embed_modes(pretrained_dir, tmp_path):
+  c = _eval_config('eval_knn', 'cifar10,runlocal', pretrained_dir)
+  c.temperatures = (0.07, 0.1)
+  res = knn_eval.run(c, str(tmp_path / 'knn'))
+  acc = res['accuracies']
+  assert set(acc) == {f'top{j}_{s}' for j in (1, 5) for s in
+                      ('weighted_k20_t0.07', 'weighted_k20_t0.1', 'unweighted_k1',
+                       'unweighted_k20')}
+  assert all(0.0 <= v <= 1.0 for v in acc.values()) and res['bank_size'] == 256
+  assert 'offline_knn/top1_unweighted_k20' in _tags(str(tmp_path / 'knn'))
+
+  c.embed.num_examples = 64
+  c.embed.score_examples = 32
+  res = embedding.run(c, str(tmp_path / 'embed'))
+  assert res['embedding_method'] in ('umap', 'tsne')
+  for name in ('embedding.png', 'scores.png'):
+    with open(tmp_path / 'embed' / name, 'rb') as f:
+      assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+  assert np.load(tmp_path / 'embed' / 'embedding.npz')['coords'].shape == (64, 2)
+  assert -1.0 <= res['neg_mean'] <= 1.0 and -1.0 <= res['pos_mean'] <= 1.0
