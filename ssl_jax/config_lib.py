@@ -128,6 +128,9 @@ def finish_config(c: ml_collections.ConfigDict, args: Args) -> ml_collections.Co
   """Apply the shared arg tokens (``bs=``, ``epochs=``, ``steps=``, ``runlocal``, ``quick``)."""
   if args.quick:
     c.model.width = 0.25
+    c.model.projector.update({'hidden_dim': 1024, 'out_dim': 128})
+    if 'predictor' in c.model and c.model.predictor is not None:
+      c.model.predictor.update({'hidden_dim': 1024, 'out_dim': 128})
     c.batch_size = 256
     c.total_epochs = 1
     c.optimizer.warmup_epochs = 0.1

@@ -86,9 +86,12 @@ def test_indices_sampled_in_step_have_configured_sizes_and_match_selective_sampl
     full, aux = m.loss(p, p, {}, bs, batch, rng, 0)
     i1, i2 = m.sample_indices(rng, batch)
     ref, *_ = m.pair_loss(p, p, bs, batch['view1'], batch['view2'], i1, i2)
-    return full, ref, aux
-  full, ref, aux = both(p, bs, batch, rng)
+    out = m.model.apply({'params': p, 'batch_stats': bs}, batch['view1'], train=False,
+                        with_predictor=False)
+    return full, ref, aux, out
+  full, ref, aux, out = both(p, bs, batch, rng)
   np.testing.assert_allclose(full, ref, rtol=1e-6)
+  np.testing.assert_array_equal(out['features'], out['cls'])   # CLS feeds the projector
   assert aux.features.shape == (b, 32)
   assert 0.0 <= float(aux.metrics['aps/view2_cover']) < 0.9
 

@@ -31,8 +31,8 @@ def _ref_topk(q, bank, k, valid=None):
 
 
 @pytest.mark.parametrize('n,b,k,block_rows', [
-    (300, 5, 5, None),       # one block, plain top_k (too few chunks)
-    (4096, 6, 5, None),      # one block, chunk-maximum path
+    (301, 5, 5, None),       # one block, plain top_k (301 has no power-of-two chunking)
+    (4096, 6, 5, None),      # one block, chunk-maximum path (chunks of 128)
     (5000, 4, 5, 1024),      # several blocks, ragged last block (5000 % 1024 != 0)
     (3000, 3, 40, 1024),     # larger k (small chunks) over several blocks
 ])

@@ -9,6 +9,9 @@ _REGISTRY = {
     'moco': 'ssl_jax.methods.moco',
     'ft': 'ssl_jax.methods.ft',
     'msf': 'ssl_jax.methods.msf',
+    'clim': 'ssl_jax.methods.clim',
+    'csml': 'ssl_jax.methods.csml',
+    'aps': 'ssl_jax.methods.aps',
 }
 
 
