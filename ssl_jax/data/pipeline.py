@@ -1,0 +1,329 @@
+"""Train and eval iterators: per-host, deterministic given (seed, step), resumable exactly.
+
+Train stream (host ``p`` of ``P``, local batch ``b = global_batch // P``, ``E`` = steps per
+epoch = train examples // global batch):
+
+* Epoch ``e`` reads this host's slice in the order of a permutation seeded by (seed, e) and uses
+  its first ``E * b`` examples (drop remainder), so every host runs exactly ``E`` steps per epoch
+  and each epoch is reshuffled. Step ``s`` is batch ``s mod E`` of epoch ``s // E``.
+* Random-access sources (decoded arrays, image folders) compute the permutation on the fly
+  with ``tf.random.experimental.index_shuffle``: resuming at step ``s`` starts the stream at
+  position ``s * b`` — no skipping at all. Streamed TFDS sources shuffle files and a buffer with
+  integer seeds of (seed, epoch) and ``skip`` the within-epoch offset on the still-encoded
+  records (nothing is decoded or augmented for skipped examples).
+* All augmentation randomness is stateless, from (seed, process index, step) for batch-level
+  draws (one row per example) and (seed, process index, position) for per-example crops of
+  decoded-per-example sources. Hence ``make_train_iterator(..., start_step=s)`` yields exactly
+  the batches an iterator from step 0 yields from its s-th batch on.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Iterator
+
+import numpy as np
+import tensorflow as tf
+
+from ssl_jax.data import augment
+from ssl_jax.data import sources
+from ssl_jax.data import views
+
+log = logging.getLogger('ssl_jax.data')
+
+# ImageNet statistics (RGB, [0, 1] scale), used by the model wrapper on device.
+MEAN_RGB = (0.485, 0.456, 0.406)
+STDDEV_RGB = (0.229, 0.224, 0.225)
+
+_INT64_MAX = np.iinfo(np.int64).max
+# Tags that separate the independent random streams derived from one seed.
+_TAG_SHUFFLE, _TAG_CROP, _TAG_COLOR, _TAG_EXAMPLE = 1, 2, 3, 4
+
+
+def normalize(images):
+  """uint8 ``[..., 3]`` -> float32 ``(x / 255 - mean) / std`` with ImageNet mean/std (jnp)."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  x = jnp.asarray(images).astype(jnp.float32) / 255.0
+  return (x - jnp.asarray(MEAN_RGB, jnp.float32)) / jnp.asarray(STDDEV_RGB, jnp.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sizes
+# ----------------------------------------------------------------------------------------------
+
+
+def _processes(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=import-outside-toplevel
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index={process_index} must be in [0, process_count='
+                     f'{process_count}).')
+  return int(process_index), int(process_count)
+
+
+def local_batch_size(global_batch_size: int, process_count: int) -> int:
+  """Per-host batch; ValueError unless ``global_batch_size`` divides evenly."""
+  if global_batch_size <= 0 or global_batch_size % process_count:
+    raise ValueError(f'global_batch_size={global_batch_size} is not a positive multiple of '
+                     f'process_count={process_count}.')
+  return global_batch_size // process_count
+
+
+def num_examples(data_cfg, split: str) -> int:
+  """Examples in ``split`` (all hosts; image folders: after skipping undecodable files)."""
+  return sources.num_examples(data_cfg, split)
+
+
+def steps_per_epoch(data_cfg, global_batch_size: int) -> int:
+  """Train examples // global batch (the remainder is dropped each epoch)."""
+  n = num_examples(data_cfg, data_cfg.train_split)
+  steps = n // global_batch_size
+  if steps < 1:
+    raise ValueError(f'global_batch_size={global_batch_size} exceeds the {n} examples of '
+                     f'{data_cfg.name}/{data_cfg.train_split}.')
+  return steps
+
+
+# ----------------------------------------------------------------------------------------------
+# Seeds and options
+# ----------------------------------------------------------------------------------------------
+
+
+def _root_seed(seed: int) -> tf.Tensor:
+  seed = int(seed) & 0xFFFFFFFFFFFFFFFF
+  return tf.constant([seed & 0x7FFFFFFF, seed >> 31], tf.int64)
+
+
+def _py_seed(*values: int) -> int:
+  """A 31-bit integer seed from integers (for APIs that take Python ints)."""
+  return int(np.random.SeedSequence([int(v) & 0xFFFFFFFF for v in values]
+                                    ).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def _graph_fn(fn):
+  """Marks a tf.data map function as plain graph code (no AutoGraph: it has no tensor-dependent
+  Python control flow, and conversion costs seconds at pipeline construction)."""
+  return tf.autograph.experimental.do_not_convert(fn)
+
+
+def _map(ds: tf.data.Dataset, fn, parallel: int | None = None) -> tf.data.Dataset:
+  """``ds.map`` in order, without AutoGraph."""
+  if parallel is None:
+    return ds.map(_graph_fn(fn))
+  return ds.map(_graph_fn(fn), num_parallel_calls=parallel, deterministic=True)
+
+
+def _options(data_cfg) -> tf.data.Options:
+  options = sources.deterministic_options()
+  workers = data_cfg.get('num_workers')
+  if workers:
+    options.threading.private_threadpool_size = int(workers)
+  return options
+
+
+def _parallel(data_cfg) -> int:
+  return int(data_cfg.get('num_workers') or tf.data.AUTOTUNE)
+
+
+# ----------------------------------------------------------------------------------------------
+# Train
+# ----------------------------------------------------------------------------------------------
+
+
+class _Plan:
+  """Everything the train dataset builders share."""
+
+  def __init__(self, data_cfg, global_batch_size, seed, start_step, process_index,
+               process_count):
+    self.cfg = data_cfg
+    self.specs = views.resolve_views(data_cfg)
+    self.process_index, self.process_count = _processes(process_index, process_count)
+    self.local_batch = local_batch_size(global_batch_size, self.process_count)
+    self.steps_per_epoch = steps_per_epoch(data_cfg, global_batch_size)
+    self.per_epoch = self.steps_per_epoch * self.local_batch  # examples per host per epoch
+    if start_step < 0:
+      raise ValueError(f'start_step={start_step} must be >= 0.')
+    self.start_step = int(start_step)
+    self.seed = int(seed)
+    root = _root_seed(seed)
+    self.shuffle_root = augment.fold_in(root, _TAG_SHUFFLE)
+    aug_root = augment.fold_in(root, self.process_index)
+    self.crop_root = augment.fold_in(aug_root, _TAG_CROP)
+    self.color_root = augment.fold_in(aug_root, _TAG_COLOR)
+    self.example_root = augment.fold_in(aug_root, _TAG_EXAMPLE)
+
+  def check_source(self, source) -> None:
+    if source.num_examples < self.per_epoch:
+      raise ValueError(
+          f'Process {self.process_index}/{self.process_count} holds {source.num_examples} '
+          f'examples of {self.cfg.name}/{self.cfg.train_split} but an epoch needs '
+          f'{self.per_epoch} ({self.steps_per_epoch} steps x {self.local_batch}).')
+
+  def shuffled_index(self, position: tf.Tensor, num: int) -> tf.Tensor:
+    """Index into this host's slice of stream position(s) ``position`` (int64 scalar, or a
+    vector within one epoch: a batch)."""
+    first = position if position.shape.rank == 0 else position[0]
+    seed = augment.fold_in(self.shuffle_root, first // self.per_epoch)
+    return tf.random.experimental.index_shuffle(position % self.per_epoch, seed=seed,
+                                                max_index=num - 1)
+
+  def finish(self, batch: dict) -> dict:
+    """Colour stage of a batch that carries its stream positions in '_pos'."""
+    step = batch['_pos'][0] // self.local_batch
+    return views.traced_finish_views_batch(self.specs)(
+        batch, augment.fold_in(self.color_root, step))
+
+
+def _array_dataset(plan: _Plan, source: sources.ArraySource) -> tf.data.Dataset:
+  """Whole-batch pipeline over in-memory arrays: gather, crop, flip, colour — all batched."""
+  images = tf.constant(source.images)
+  labels = tf.constant(source.labels)
+  num = source.num_examples
+  b = plan.local_batch
+
+  def make_batch(step):
+    positions = step * b + tf.range(b, dtype=tf.int64)
+    idx = plan.shuffled_index(positions, num)
+    batch = views.traced_crop_views_batch(plan.specs)(
+        tf.gather(images, idx), augment.fold_in(plan.crop_root, step))
+    batch['label'] = tf.gather(labels, idx)
+    batch['_pos'] = positions
+    return plan.finish(batch)
+
+  ds = tf.data.Dataset.range(plan.start_step, _INT64_MAX)
+  return _map(ds, make_batch, _parallel(plan.cfg))
+
+
+def _per_example_dataset(plan: _Plan, ds: tf.data.Dataset) -> tf.data.Dataset:
+  """``{'image': encoded, 'label', '_pos'}`` records -> decoded, cropped, batched, finished."""
+  def crop(example):
+    image = sources.decode_image(example['image'])
+    out = views.traced_crop_views_example(plan.specs)(
+        image, augment.fold_in(plan.example_root, example['_pos']))
+    out['label'] = example['label']
+    out['_pos'] = example['_pos']
+    return out
+
+  par = _parallel(plan.cfg)
+  ds = _map(ds, crop, par)
+  ds = ds.batch(plan.local_batch, drop_remainder=True)
+  return _map(ds, plan.finish, par)
+
+
+def _folder_dataset(plan: _Plan, source: sources.FolderSource) -> tf.data.Dataset:
+  """Random access by path: position -> shuffled index -> file bytes."""
+  paths = tf.constant(source.paths.astype(str))
+  labels = tf.constant(source.labels)
+  num = source.num_examples
+
+  def read(position):
+    idx = plan.shuffled_index(position, num)
+    return {'image': tf.io.read_file(tf.gather(paths, idx)), 'label': tf.gather(labels, idx),
+            '_pos': position}
+
+  ds = tf.data.Dataset.range(plan.start_step * plan.local_batch, _INT64_MAX)
+  ds = _map(ds, read, _parallel(plan.cfg))
+  return _per_example_dataset(plan, ds)
+
+
+def _stream_epoch(plan: _Plan, source: sources.TfdsSource, epoch: int,
+                  offset: int) -> tf.data.Dataset:
+  """One epoch of a streamed TFDS source from example ``offset`` of the epoch on."""
+  ds = source.dataset(shuffle_seed=_py_seed(plan.seed, epoch, 0))
+  buffer = min(int(plan.cfg.get('shuffle_buffer') or 0), source.num_examples)
+  if buffer > 1:
+    ds = ds.shuffle(buffer, seed=_py_seed(plan.seed, epoch, 1), reshuffle_each_iteration=False)
+  ds = ds.take(plan.per_epoch).skip(offset)  # skip before any decoding
+  ds = ds.enumerate(start=epoch * plan.per_epoch + offset)
+  ds = _map(ds, lambda pos, e: {'image': e['image'], 'label': e['label'], '_pos': pos})
+  return _per_example_dataset(plan, ds)
+
+
+def _strip(batch: dict) -> dict:
+  return {k: v for k, v in batch.items() if not k.startswith('_')}
+
+
+def make_train_iterator(data_cfg, *, global_batch_size: int, seed: int, start_step: int = 0,
+                        process_index: int | None = None, process_count: int | None = None
+                        ) -> Iterator[dict[str, np.ndarray]]:
+  """Infinite iterator over this host's slices of the global train batches from ``start_step``.
+
+  Each batch: the recipe's views (uint8 ``[b, S, S, 3]``; ``b`` = global // process_count),
+  'label' (int32 ``[b]``, -1 without labels) and, for 'aps', 'box1'/'box2' (float32
+  ``[b, 4]``) and 'flip1'/'flip2' (bool ``[b]``). See the module docstring for determinism.
+  """
+  plan = _Plan(data_cfg, global_batch_size, seed, start_step, process_index, process_count)
+  source = sources.build_source(data_cfg, data_cfg.train_split, plan.process_index,
+                                plan.process_count)
+  plan.check_source(source)
+  log.info('Train input: %s/%s, %d examples on process %d/%d, local batch %d, %d steps/epoch, '
+           'views %s, from step %d.', data_cfg.name, data_cfg.train_split, source.num_examples,
+           plan.process_index, plan.process_count, plan.local_batch, plan.steps_per_epoch,
+           [s.key for s in plan.specs], plan.start_step)
+  if isinstance(source, sources.TfdsSource):
+    return _stream_iterator(plan, source)
+  if isinstance(source, sources.ArraySource):
+    ds = _array_dataset(plan, source)
+  else:
+    ds = _folder_dataset(plan, source)
+  ds = _map(ds, _strip).prefetch(tf.data.AUTOTUNE).with_options(_options(data_cfg))
+  return ds.as_numpy_iterator()
+
+
+def _stream_iterator(plan: _Plan, source: sources.TfdsSource) -> Iterator[dict]:
+  epoch, within = divmod(plan.start_step, plan.steps_per_epoch)
+  offset = within * plan.local_batch
+  while True:
+    ds = _stream_epoch(plan, source, epoch, offset)
+    ds = _map(ds, _strip).prefetch(tf.data.AUTOTUNE).with_options(_options(plan.cfg))
+    yield from ds.as_numpy_iterator()
+    epoch, offset = epoch + 1, 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Eval
+# ----------------------------------------------------------------------------------------------
+
+
+def make_eval_iterator(data_cfg, *, split: str, global_batch_size: int,
+                       process_index: int | None = None, process_count: int | None = None
+                       ) -> Iterator[dict[str, np.ndarray]]:
+  """One pass over this host's slice of ``split``, in order, no augmentation.
+
+  Batches: 'image' uint8 ``[b, S, S, 3]`` (shorter side resized to ``data_cfg.eval_resize``,
+  centre crop ``data_cfg.image_size``), 'label' int32 ``[b]``, 'mask' bool ``[b]``. The last
+  batch is padded to ``b`` with zero images, label -1 and mask False, and every host yields
+  the same number of batches (that of the largest host slice) so a jitted global step sees the
+  same shapes everywhere.
+  """
+  pi, pc = _processes(process_index, process_count)
+  b = local_batch_size(global_batch_size, pc)
+  size = int(data_cfg.image_size)
+  resize = int(data_cfg.get('eval_resize') or size)
+  source = sources.build_source(data_cfg, split, pi, pc)
+  if isinstance(source, sources.ArraySource):
+    ds = tf.data.Dataset.from_tensor_slices({'image': source.images, 'label': source.labels})
+  elif isinstance(source, sources.FolderSource):
+    ds = tf.data.Dataset.from_tensor_slices({'path': source.paths.astype(str),
+                                             'label': source.labels})
+    ds = _map(ds, lambda e: {'image': sources.decode_image(tf.io.read_file(e['path'])),
+                             'label': e['label']}, _parallel(data_cfg))
+  else:
+    ds = _map(source.dataset(shuffle_seed=None),
+              lambda e: {'image': sources.decode_image(e['image']), 'label': e['label']},
+              _parallel(data_cfg))
+  ds = _map(ds, lambda e: {'image': augment.resize_shorter_center_crop(e['image'], resize, size),
+                           'label': e['label'], 'mask': tf.constant(True)}, _parallel(data_cfg))
+  if pc == 1:
+    largest = source.num_examples
+  else:
+    largest = max(sources.num_examples(data_cfg, split, p, pc) for p in range(pc))
+  num_batches = max(1, math.ceil(largest / b))
+  pad = tf.data.Dataset.from_tensors({'image': tf.zeros([size, size, 3], tf.uint8),
+                                      'label': tf.constant(-1, tf.int32),
+                                      'mask': tf.constant(False)}).repeat()
+  ds = ds.concatenate(pad).take(num_batches * b).batch(b, drop_remainder=True)
+  ds = ds.prefetch(tf.data.AUTOTUNE).with_options(_options(data_cfg))
+  return ds.as_numpy_iterator()

@@ -1,0 +1,417 @@
+"""Data sources: a TFDS dataset or an image folder, each read per host (process).
+
+Three kinds, chosen by :func:`build_source`:
+
+* :class:`ArraySource` — a TFDS split whose images all have one fixed shape (CIFAR) with
+  ``data_cfg.cache`` on: this host's slice decoded once into memory (numpy), memoised per
+  process, and read by random access (exact shuffles and O(1) resume).
+* :class:`FolderSource` — ``root/<split>/<class>/*.jpg|png`` (labels = index of the sorted
+  class directories) or ``root/<split>/*.jpg|png`` (no labels: label -1). Random access by path;
+  every file is validated once when the source is built (see :func:`validate_images`) and
+  undecodable files are skipped with a warning naming each one.
+* :class:`TfdsSource` — any other TFDS split, streamed from its record files with per-epoch
+  file shuffling and a shuffle buffer; images are decoded after the resume skip.
+
+Each host reads only its slice: ``tfds.split_for_jax_process`` for TFDS, the same contiguous
+even split (sizes differ by at most one) for folders.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import functools
+import logging
+import os
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+log = logging.getLogger('ssl_jax.data')
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp')
+VALIDATE_MODES = ('decode', 'header', 'none')
+SOURCES = ('tfds', 'folder')
+
+
+# Saved at import so that a ``tfds.testing.mock_data`` context (which patches it) is noticed
+# and its fake data never enters, or is served from, the per-process cache.
+# (The raw class attribute: attribute access goes through a descriptor and yields new objects.)
+_REAL_AS_DATASET = vars(tfds.core.dataset_builder.DatasetBuilder)['as_dataset']
+
+
+def tfds_is_mocked() -> bool:
+  """True inside ``tfds.testing.mock_data``."""
+  return vars(tfds.core.dataset_builder.DatasetBuilder)['as_dataset'] is not _REAL_AS_DATASET
+
+
+def clear_cache() -> None:
+  """Forgets the decoded arrays and validated folders memoised in this process."""
+  _load_arrays.cache_clear()
+  _folder_all.cache_clear()
+
+
+class DatasetNotFound(FileNotFoundError):
+  """The dataset's files are not where we looked; the message says how to fix it."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Source types
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ArraySource:
+  """This host's slice, decoded in memory: uint8 images [n, H, W, 3], int32 labels [n]."""
+  images: np.ndarray
+  labels: np.ndarray
+
+  @property
+  def num_examples(self) -> int:
+    return int(self.images.shape[0])
+
+
+@dataclasses.dataclass
+class FolderSource:
+  """This host's slice of an image folder: file paths and int32 labels (-1 = unlabelled)."""
+  paths: np.ndarray   # object array of str
+  labels: np.ndarray  # int32
+  class_names: tuple[str, ...]
+  num_skipped: int = 0
+
+  @property
+  def num_examples(self) -> int:
+    return int(len(self.paths))
+
+
+@dataclasses.dataclass
+class TfdsSource:
+  """A streamed TFDS split (this host's slice); images stay encoded until decoded by the caller."""
+  builder: Any
+  split: Any           # the per-process split (string or tfds split object)
+  num_examples: int
+  has_labels: bool
+
+  def dataset(self, shuffle_seed: int | None) -> tf.data.Dataset:
+    """Records ``{'image': encoded bytes, 'label': int32}``, files shuffled by ``shuffle_seed``."""
+    read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed,
+                                  options=deterministic_options())
+    ds = _as_dataset(self.builder, self.split, shuffle_files=shuffle_seed is not None,
+                     read_config=read_config,
+                     decoders={'image': tfds.decode.SkipDecoding()})
+    return ds.map(_no_autograph(lambda e: _image_label(e, self.has_labels)))
+
+
+def _no_autograph(fn):
+  """tf.data function without AutoGraph conversion (plain graph code; conversion is slow)."""
+  return tf.autograph.experimental.do_not_convert(fn)
+
+
+def deterministic_options() -> tf.data.Options:
+  """tf.data options with deterministic ordering on."""
+  options = tf.data.Options()
+  options.deterministic = True
+  return options
+
+
+def _image_label(example: dict, has_labels: bool) -> dict:
+  label = (tf.cast(example['label'], tf.int32) if has_labels else tf.constant(-1, tf.int32))
+  return {'image': example['image'], 'label': label}
+
+
+# ----------------------------------------------------------------------------------------------
+# TFDS
+# ----------------------------------------------------------------------------------------------
+
+
+def resolve_data_dir(data_cfg) -> str | None:
+  """``data_cfg.data_dir``, else ``$TFDS_DATA_DIR``, else None (TFDS: ~/tensorflow_datasets)."""
+  return data_cfg.get('data_dir') or os.environ.get('TFDS_DATA_DIR') or None
+
+
+def _missing_message(name: str, data_dir: str | None) -> str:
+  where = data_dir or '~/tensorflow_datasets (TFDS default; $TFDS_DATA_DIR is unset)'
+  return (f'TFDS dataset {name!r} was not found in data_dir={where!r}. Fix: point '
+          f'data_cfg.data_dir (or the TFDS_DATA_DIR environment variable) at a directory that '
+          f'holds {name}/<version>/, or prepare it there: on a machine with network access '
+          f'`tfds build {name} --data_dir=DIR` (or set data_cfg.download=True) downloads it; '
+          f'manual datasets such as imagenet2012 need the archives in DIR/downloads/manual.')
+
+
+def tfds_builder(data_cfg):
+  """The TFDS builder for ``data_cfg.name``; ValueError for an unknown name."""
+  data_dir = resolve_data_dir(data_cfg)
+  try:
+    builder = tfds.builder(data_cfg.name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise ValueError(f'Unknown TFDS dataset name {data_cfg.name!r} (data_cfg.name). '
+                     f'See tfds.list_builders() for accepted names.') from e
+  if data_cfg.get('download') and not builder.is_prepared():
+    builder.download_and_prepare()
+  return builder
+
+
+def _as_dataset(builder, split, **kwargs) -> tf.data.Dataset:
+  """``builder.as_dataset`` with a clear error when the data is missing."""
+  try:
+    return builder.as_dataset(split=split, **kwargs)
+  except AssertionError as e:
+    if 'could not find data' in str(e):
+      data_dir = builder._data_dir_root  # pylint: disable=protected-access
+      raise DatasetNotFound(_missing_message(builder.name, data_dir)) from e
+    raise
+
+
+def check_split(builder, split: str) -> None:
+  """ValueError naming ``split`` and the accepted split names, if the builder knows its splits."""
+  known = list(builder.info.splits.keys())
+  if not known:  # not generated yet (or mocked): as_dataset reports missing data
+    return
+  try:
+    builder.info.splits[split]
+  except (KeyError, ValueError) as e:
+    raise ValueError(f'Unknown split {split!r} for dataset {builder.name!r}; accepted: '
+                     f'{sorted(known)} (optionally sliced, e.g. "train[:10%]").') from e
+
+
+def process_split(split: str, process_index: int, process_count: int):
+  """This host's slice of ``split`` (TFDS even split)."""
+  if process_count == 1:
+    return split
+  return tfds.split_for_jax_process(split, process_index=process_index,
+                                    process_count=process_count)
+
+
+def _count(builder, split) -> int:
+  """Examples in ``split``: from the dataset info, else (mocked/unknown) by counting records."""
+  try:
+    n = builder.info.splits[split].num_examples
+    if n:
+      return int(n)
+  except (KeyError, ValueError, TypeError, AttributeError):
+    pass
+  ds = _as_dataset(builder, split, decoders={'image': tfds.decode.SkipDecoding()})
+  cardinality = int(ds.cardinality().numpy())
+  if cardinality >= 0:
+    return cardinality
+  return int(ds.reduce(np.int64(0), _no_autograph(lambda c, _: c + 1)).numpy())
+
+
+def tfds_num_examples(data_cfg, split: str, process_index: int = 0, process_count: int = 1) -> int:
+  """Examples of ``split`` on host ``process_index`` of ``process_count``."""
+  builder = tfds_builder(data_cfg)
+  check_split(builder, split)
+  return _count(builder, process_split(split, process_index, process_count))
+
+
+def _fixed_image_shape(builder) -> tuple[int, ...] | None:
+  try:
+    shape = tuple(builder.info.features['image'].shape)
+  except (KeyError, AttributeError):
+    return None
+  return shape if all(d is not None for d in shape) else None
+
+
+@functools.lru_cache(maxsize=4)
+def _load_arrays(name: str, data_dir: str | None, split: str, process_index: int,
+                 process_count: int, download: bool) -> ArraySource:
+  """Decodes one host's slice into numpy once per process (memoised)."""
+  cfg = {'name': name, 'data_dir': data_dir, 'download': download}
+  builder = tfds_builder(_Cfg(cfg))
+  has_labels = 'label' in builder.info.features
+  ds = _as_dataset(builder, process_split(split, process_index, process_count),
+                   shuffle_files=False, read_config=tfds.ReadConfig(
+                       options=deterministic_options()))
+  ds = ds.map(_no_autograph(lambda e: _image_label(e, has_labels)),
+              num_parallel_calls=tf.data.AUTOTUNE)
+  images, labels = [], []
+  for batch in ds.batch(1024).prefetch(2).as_numpy_iterator():
+    images.append(batch['image'])
+    labels.append(batch['label'])
+  if not images:
+    raise ValueError(f'Split {split!r} of {name!r} is empty on process {process_index}/'
+                     f'{process_count}.')
+  images = np.concatenate(images)
+  if images.shape[-1] == 1:
+    images = np.repeat(images, 3, axis=-1)
+  log.info('Cached %d decoded images of %s/%s (process %d/%d) in memory: %.0f MB.',
+           len(images), name, split, process_index, process_count, images.nbytes / 2**20)
+  return ArraySource(images=images, labels=np.concatenate(labels).astype(np.int32))
+
+
+class _Cfg(dict):
+  """Minimal dict-backed stand-in for a ConfigDict (``.get`` and attribute access)."""
+
+  def __getattr__(self, key):
+    return self[key]
+
+
+def build_tfds_source(data_cfg, split: str, process_index: int, process_count: int
+                      ) -> ArraySource | TfdsSource:
+  """An :class:`ArraySource` when caching a fixed-shape dataset, else a :class:`TfdsSource`."""
+  builder = tfds_builder(data_cfg)
+  check_split(builder, split)
+  fixed = _fixed_image_shape(builder)
+  if data_cfg.get('cache') and fixed is not None:
+    load = _load_arrays.__wrapped__ if tfds_is_mocked() else _load_arrays
+    return load(data_cfg.name, resolve_data_dir(data_cfg), split, process_index,
+                        process_count, bool(data_cfg.get('download')))
+  if data_cfg.get('cache'):
+    log.warning('data_cfg.cache is on but %s images have no fixed shape; streaming instead.',
+                data_cfg.name)
+  psplit = process_split(split, process_index, process_count)
+  return TfdsSource(builder=builder, split=psplit, num_examples=_count(builder, psplit),
+                    has_labels='label' in builder.info.features)
+
+
+# ----------------------------------------------------------------------------------------------
+# Image folders
+# ----------------------------------------------------------------------------------------------
+
+
+def _is_image(name: str) -> bool:
+  return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith('.')
+
+
+def list_image_folder(root: str, split: str) -> tuple[list[str], list[int], tuple[str, ...]]:
+  """Sorted files of ``root/<split>``: (paths, labels, class names).
+
+  With class sub-directories, labels index the sorted class names (files directly in
+  ``root/<split>`` are then ignored, with a warning); without, every label is -1.
+  """
+  if not root:
+    raise ValueError('data_cfg.folder_root is not set: point it at a directory holding '
+                     '<split>/<class>/*.jpg (or <split>/*.jpg).')
+  split_dir = os.path.join(root, split)
+  if not os.path.isdir(split_dir):
+    have = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))) \
+        if os.path.isdir(root) else None
+    if have is None:
+      raise DatasetNotFound(f'Image folder root {root!r} does not exist (data_cfg.folder_root).')
+    raise ValueError(f'Unknown split {split!r}: no directory {split_dir!r}; accepted '
+                     f'(sub-directories of {root!r}): {have}.')
+  entries = sorted(os.listdir(split_dir))
+  classes = tuple(d for d in entries if os.path.isdir(os.path.join(split_dir, d)))
+  loose = [f for f in entries if _is_image(f) and os.path.isfile(os.path.join(split_dir, f))]
+  paths, labels = [], []
+  if classes:
+    if loose:
+      log.warning('%d image files directly in %s are ignored because class directories '
+                  'exist.', len(loose), split_dir)
+    for label, cls in enumerate(classes):
+      for dirpath, dirnames, filenames in os.walk(os.path.join(split_dir, cls)):
+        dirnames.sort()
+        for f in sorted(filenames):
+          if _is_image(f):
+            paths.append(os.path.join(dirpath, f))
+            labels.append(label)
+  else:
+    paths = [os.path.join(split_dir, f) for f in loose]
+    labels = [-1] * len(paths)
+  if not paths:
+    raise DatasetNotFound(f'No images ({"/".join(IMAGE_EXTENSIONS)}) under {split_dir!r}.')
+  return paths, labels, classes
+
+
+def _check_decode(path: str) -> str | None:
+  try:
+    image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+    if image.shape[0] == 0 or image.shape[1] == 0:
+      return 'empty image'
+    return None
+  except Exception as e:  # pylint: disable=broad-except
+    return f'{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}'
+
+
+def _check_header(path: str) -> str | None:
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  try:
+    with Image.open(path) as im:
+      im.verify()
+    return None
+  except Exception as e:  # pylint: disable=broad-except
+    return f'{type(e).__name__}: {e}'
+
+
+def validate_images(paths: list[str], mode: str = 'decode', num_threads: int | None = None
+                    ) -> np.ndarray:
+  """Bool mask of the files that can be read; warns naming each bad file, logs the count.
+
+  ``mode``: ``'decode'`` fully decodes each file with ``tf.io.decode_image`` (the decoder the
+  pipeline uses, so what passes here decodes later; ~1-5 ms per ImageNet-sized JPEG per
+  thread), ``'header'`` only runs PIL's ``verify`` (fast, misses truncated JPEG data),
+  ``'none'`` trusts the folder (a bad file then stops training when it is reached).
+  Runs in a thread pool (TF and PIL release the GIL while decoding).
+  """
+  if mode not in VALIDATE_MODES:
+    raise ValueError(f'Unknown folder_validate mode {mode!r}; accepted: {list(VALIDATE_MODES)}.')
+  if mode == 'none':
+    return np.ones(len(paths), bool)
+  check = _check_decode if mode == 'decode' else _check_header
+  threads = num_threads or min(32, 2 * (os.cpu_count() or 1))
+  with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+    errors = list(pool.map(check, paths, chunksize=64))
+  ok = np.array([e is None for e in errors], bool)
+  for path, err in zip(paths, errors):
+    if err is not None:
+      log.warning('Skipping undecodable image %s (%s).', path, err)
+  if not ok.all():
+    log.warning('Skipped %d of %d image files that could not be decoded.',
+                int((~ok).sum()), len(paths))
+  return ok
+
+
+def even_slice(n: int, process_index: int, process_count: int) -> slice:
+  """Contiguous slice ``process_index`` of ``process_count`` near-equal parts of ``range(n)``."""
+  bounds = [n * i // process_count for i in range(process_count + 1)]
+  return slice(bounds[process_index], bounds[process_index + 1])
+
+
+@functools.lru_cache(maxsize=8)
+def _folder_all(root: str, split: str, validate: str) -> FolderSource:
+  """The whole validated folder split (memoised per process: validation runs once)."""
+  paths, labels, classes = list_image_folder(root, split)
+  ok = validate_images(paths, validate)
+  return FolderSource(paths=np.array(paths, dtype=object)[ok],
+                      labels=np.array(labels, np.int32)[ok], class_names=classes,
+                      num_skipped=int((~ok).sum()))
+
+
+def build_folder_source(data_cfg, split: str, process_index: int = 0, process_count: int = 1
+                        ) -> FolderSource:
+  """This host's slice of the validated folder split."""
+  full = _folder_all(data_cfg.folder_root, split, data_cfg.get('folder_validate', 'decode'))
+  sl = even_slice(full.num_examples, process_index, process_count)
+  return dataclasses.replace(full, paths=full.paths[sl], labels=full.labels[sl])
+
+
+# ----------------------------------------------------------------------------------------------
+# Dispatch
+# ----------------------------------------------------------------------------------------------
+
+
+def build_source(data_cfg, split: str, process_index: int = 0, process_count: int = 1):
+  """The source of ``split`` for host ``process_index`` of ``process_count``."""
+  kind = data_cfg.get('source', 'tfds')
+  if kind == 'tfds':
+    return build_tfds_source(data_cfg, split, process_index, process_count)
+  if kind == 'folder':
+    return build_folder_source(data_cfg, split, process_index, process_count)
+  raise ValueError(f'Unknown data source {kind!r} (data_cfg.source); accepted: {list(SOURCES)}.')
+
+
+def num_examples(data_cfg, split: str, process_index: int = 0, process_count: int = 1) -> int:
+  """Examples of ``split`` on one host (all hosts with the defaults)."""
+  kind = data_cfg.get('source', 'tfds')
+  if kind == 'tfds':
+    return tfds_num_examples(data_cfg, split, process_index, process_count)
+  if kind == 'folder':
+    return build_folder_source(data_cfg, split, process_index, process_count).num_examples
+  raise ValueError(f'Unknown data source {kind!r} (data_cfg.source); accepted: {list(SOURCES)}.')
+
+
+def decode_image(encoded: tf.Tensor) -> tf.Tensor:
+  """Encoded JPEG/PNG/BMP/GIF bytes -> uint8 [H, W, 3]."""
+  image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+  return tf.ensure_shape(image, [None, None, 3])
