@@ -155,7 +155,7 @@ class FinetuneNet(nn.Module):
   def __call__(self, images, train: bool = True):
     from ssl_jax import data as data_lib  # pylint: disable=import-outside-toplevel
     out = self.backbone(data_lib.normalize(images), train=train)
-    f = (out['pooled'] if 'pooled' in out else out['cls']).astype(jnp.float32)
+    f = (out['cls'] if 'cls' in out else out['pooled']).astype(jnp.float32)
     return nn.Dense(self.num_classes, name='head',
                     kernel_init=nn.initializers.normal(self.head_init_std),
                     bias_init=nn.initializers.zeros)(f)

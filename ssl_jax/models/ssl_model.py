@@ -35,7 +35,7 @@ class SSLNet(nn.Module):
       out = dict(self.backbone(x, train=train))
     else:
       out = dict(self.backbone(x, token_indices=token_indices, train=train))
-    out['features'] = out['pooled'] if 'pooled' in out else out['cls']
+    out['features'] = out['cls'] if 'cls' in out else out['pooled']  # ViT: CLS token
     if self.projector is not None:
       out['proj'] = self.projector(out['features'], train=train)
       if self.predictor is not None and with_predictor:
@@ -47,7 +47,9 @@ def mlp_from_config(cfg: ml_collections.ConfigDict | None, dtype, **kw) -> nn.Mo
   if cfg is None:
     return None
   return heads.MLP(hidden_dim=cfg.hidden_dim, out_dim=cfg.out_dim, num_layers=cfg.num_layers,
-                   use_bn=cfg.use_bn, dtype=dtype, **kw)
+                   use_bn=cfg.use_bn, use_bias=cfg.get('use_bias', True),
+                   last_bn=cfg.get('last_bn', False),
+                   last_bn_affine=cfg.get('last_bn_affine', True), dtype=dtype, **kw)
 
 
 def build_backbone(model_cfg: ml_collections.ConfigDict, image_size: int | None = None) -> nn.Module:
