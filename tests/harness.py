@@ -17,7 +17,7 @@ def load_config(name: str, arg: str = 'cifar10,runlocal'):
   return mod.get_config(arg)
 
 
-def short_real_run(config, workdir, *, steps=30, batch=32, examples=512):
+def short_real_run(config, workdir, *, steps=30, batch=32, examples=512, knn=False):
   """Train ``config`` for ``steps`` on the first ``examples`` real CIFAR-10 images."""
   from ssl_jax import train
   assert TFDS_DATA_DIR, 'set TFDS_DATA_DIR to a data dir with cifar10 (../shared/data/tfds)'
@@ -25,7 +25,7 @@ def short_real_run(config, workdir, *, steps=30, batch=32, examples=512):
   config.batch_size = batch
   config.log_every_steps = 1
   config.checkpoint.every_steps = 10_000
-  config.knn.update({'at_start': False, 'at_end': False})
+  config.knn.update({'at_start': knn, 'at_end': knn})
   config.data.data_dir = TFDS_DATA_DIR
   config.data.train_split = f'train[:{examples}]'
   config.data.shuffle_buffer = examples

@@ -60,12 +60,17 @@ def test_sharded_bank_gives_same_loss_and_never_written_rows_are_masked():
   np.testing.assert_allclose(got1, ref, rtol=1e-5, atol=1e-6)
 
 
-def test_short_real_run_loss_decreases_and_purity_is_logged(tmp_path):
+def test_short_real_run_loss_decreases_and_knn_rises_above_untrained(tmp_path):
   c = harness.load_config('msf')
-  c.optimizer.base_lr = 0.2
-  res = harness.short_real_run(c, tmp_path, steps=30)
+  c.optimizer.base_lr = 0.4
+  c.method.bank_size = 1024
+  c.knn.update({'train_examples': 2000, 'eval_examples': 500, 'k': 20, 'batch_size': 500})
+  res = harness.short_real_run(c, tmp_path, steps=60, batch=64, examples=4096, knn=True)
   first, last = harness.decreased(res)
   assert last < first, (first, last)
   m = res['last_metrics']
   assert 0.0 <= m['msf/purity'] <= 1.0
   assert 0.0 < m['msf/nn_cos'] <= 1.0
+  before = res['untrained']['monitor/knn_top1']
+  after = res['final']['monitor/knn_top1']
+  assert after > before + 0.02, (before, after)
