@@ -11,7 +11,7 @@ Presets (``get_config('<dataset>[,<backbone>][,runlocal][,bs=N][,epochs=N][,step
 * ``cifar10`` / ``cifar100``: ResNet-18 (CIFAR stem), batch 512, LARS lr 1.0 x B/256
   (solo-learn's CIFAR recipe), wd 1e-5, tau 0.99 -> 1, 1000 epochs, 32 px, no blur.
   Expected (solo-learn, 1000 ep): ~92.6% online linear on CIFAR-10; lightly's 200-epoch kNN
-  (k=200) anchor is 86.8%. Runtime: ~8 GPU-hours on one A100-class GPU.
+  (k=200) anchor is 86.8%. Runtime: roughly 8 GPU-hours on one A100-class GPU (an estimate from solo-learn's reports, not measured with this code yet).
 * ``imagenet100`` / ``imagenet``: ResNet-50, batch 4096, LARS lr 0.2 x B/256, wd 1.5e-6,
   tau 0.996, 300 epochs (paper: ~72.5% linear at 300 ep, 74.3% at 1000 ep).
 * ``runlocal``: resnet_tiny, 20 steps — a smoke test, not a result.

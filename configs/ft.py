@@ -14,7 +14,7 @@ per iteration; no renormalisation after mixing; the queue is enqueued with the o
 Presets:
 
 * ``imagenet`` (on MoCo v2's 200-epoch recipe): ResNet-50, batch 256, SGD lr 0.03, cosine,
-  m 0.999, tau 0.2. Paper: 67.5 -> 69.6% linear. ~2.5 days on 8 V100s.
+  m 0.999, tau 0.2. Paper: 67.5 -> 69.6% linear; MoCo v2 reports ~53 h on 8 V100s.
 * ``imagenet100`` (the paper's ImageNet-100 run, CMC class list): as above with m 0.99.
   Paper: MoCo v1 + FT 77.2%.
 * ``cifar10``: MoCo v2 CIFAR recipe of ``configs/moco.py`` plus FT. Judge by the gain over

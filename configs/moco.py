@@ -7,7 +7,7 @@ Presets:
 
 * ``imagenet`` (paper recipe): ResNet-50, batch 256, SGD lr 0.03 x B/256, momentum 0.9,
   wd 1e-4, cosine to lr*1e-3, 200 epochs, queue 65,536, tau 0.2, m 0.999; projector
-  2048-2048-128 without BN. Expected: 67.5% linear (ImageNet-1K). ~2.5 days on 8 V100s.
+  2048-2048-128 without BN. Expected: 67.5% linear (ImageNet-1K). The MoCo v2 paper reports ~53 h on 8 V100s.
 * ``imagenet100``: as above with m 0.99 (the FT paper's ImageNet-100 setting).
 * ``cifar10`` / ``cifar100``: ResNet-18 (CIFAR stem), batch 256, SGD lr 0.06 x B/256, wd 5e-4,
   m 0.99 (the official MoCo CIFAR-10 demo's optimizer) with MoCo v2's queue 65,536 and tau 0.2,
