@@ -425,8 +425,8 @@ def test_clear_errors(tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not HAVE_CIFAR, reason='real CIFAR-10 not under $TFDS_DATA_DIR')
 def test_real_cifar10():
+  assert HAVE_CIFAR, 'set TFDS_DATA_DIR to a data dir with cifar10 (../shared/data/tfds)'
   cfg = cifar_cfg('aps', data_dir=REAL_TFDS, train_split='test[:1024]')
   assert data.num_examples(cfg, 'train') == 50_000
   assert data.num_examples(cfg, 'test') == 10_000

@@ -1,9 +1,9 @@
 """Export of ResNet backbones to torchvision state dicts (.pth written without torch, and .npz).
 
-The torch checks need a CPU torch (``pip install torch==2.13.0``); torchvision is optional
-(``pip install --no-deps torchvision==0.28.0``): with it the exported files are compared with
+The torch checks need a CPU torch (``pip install torch==2.13.0``); torchvision is required too
+(``pip install --no-deps torchvision==0.28.0``, as .ci/run does): with it the exported files are compared with
 ``torchvision.models.resnet18/50``, without it with ``TorchResNet`` below, which copies
-torchvision's module layout. Under ``CI=true`` a missing torch is an error, not a skip.
+torchvision's module layout. A missing torch or torchvision is an error, not a skip.
 """
 from __future__ import annotations
 
@@ -19,15 +19,7 @@ import pytest
 from ssl_jax import export
 from ssl_jax.models import resnet
 
-try:
-  import torch
-except ImportError:
-  if os.environ.get('CI'):
-    raise
-  torch = None
-
-requires_torch = pytest.mark.skipif(torch is None,
-                                    reason='needs torch: pip install torch==2.13.0')
+import torch  # required: pip install torch==2.13.0 (CPU build; .ci/run installs it)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -88,7 +80,8 @@ def _import_torchvision():
 
 
 _TV_STUB_LIB = None
-torchvision = _import_torchvision() if torch is not None else None
+torchvision = _import_torchvision()
+assert torchvision is not None, "pip install --no-deps torchvision==0.28.0 (as .ci/run does)"
 
 if torch is not None:
   tnn = torch.nn
@@ -264,13 +257,11 @@ def _logits_match(name, stem, size, tmp_path, base=None, num_classes=10):
   return path, tmodel, variables, fc
 
 
-@requires_torch
 @pytest.mark.parametrize('stem,size', [('imagenet', 45), ('cifar', 27)])  # odd sizes: padding
 def test_pth_gives_same_logits_in_torch_tiny(stem, size, tmp_path):
   _logits_match('resnet_tiny', stem, size, tmp_path)
 
 
-@requires_torch
 @pytest.mark.parametrize('stem,size', [('imagenet', 64), ('cifar', 32)])
 def test_pth_gives_same_logits_in_torchvision_resnet18(stem, size, tmp_path):
   """With the cifar stem the torchvision model is adapted as export.py's docstring says."""
@@ -285,7 +276,6 @@ def test_pth_gives_same_logits_in_torchvision_resnet18(stem, size, tmp_path):
   _assert_tree_equal(fc2, fc)
 
 
-@requires_torch
 def test_resnet50_keys_and_shapes_match_torchvision(tmp_path):
   jmodel = resnet.get_backbone('resnet50', stem='imagenet')
   shapes = jax.eval_shape(lambda x: jmodel.init(jax.random.key(0), x, train=False),
@@ -301,8 +291,6 @@ def test_resnet50_keys_and_shapes_match_torchvision(tmp_path):
   assert set(missing) == {'fc.weight', 'fc.bias'} and not unexpected
 
 
-@requires_torch
-@pytest.mark.skipif(torchvision is None, reason='torchvision not installed')
 @pytest.mark.parametrize('name', ['resnet18', 'resnet50'])
 def test_fallback_torch_resnet_matches_torchvision_layout(name):
   assert torchvision.models.ResNet is not None

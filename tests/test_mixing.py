@@ -68,3 +68,23 @@ def test_cutmix_boxes_follow_formula_and_weights_match_mixed_area():
   nominal = np.floor(h * r) * np.floor(w * r) / (h * w)
   assert np.all(1 - np.asarray(ratio) <= nominal + 1e-6)
   assert np.all(1 - np.asarray(ratio) >= 0)
+
+
+def test_sample_beta_moments_and_no_collectives_when_sharded():
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from ssl_jax import sharding
+  for a, b in ((1.0, 1.0), (2.0, 2.0), (0.5, 2.0)):
+    x = np.asarray(jax.jit(lambda r, a=a, b=b: mixing.sample_beta(r, a, b, (100_000,)))(
+        jax.random.key(0)))
+    assert np.all((x >= 0) & (x <= 1))
+    mean, var = a / (a + b), a * b / ((a + b) ** 2 * (a + b + 1))
+    np.testing.assert_allclose(x.mean(), mean, atol=4e-3)
+    np.testing.assert_allclose(x.var(), var, rtol=3e-2)
+  # A [B] draw sharded along 'data' compiles to straight-line code: no cross-device collective
+  # (jax.random.beta's rejection loop all-reduces its predicate, which deadlocked CPU runs).
+  mesh = sharding.make_mesh(4)
+  with jax.set_mesh(mesh):
+    imgs = jax.device_put(np.ones((16, 4), np.float32), NamedSharding(mesh, P('data')))
+    fn = jax.jit(lambda x, r: x * mixing.sample_beta(r, 2.0, 2.0, (x.shape[0],))[:, None])
+    hlo = fn.lower(imgs, jax.random.key(0)).compile().as_text()
+  assert 'all-reduce(' not in hlo and 'all-gather(' not in hlo
