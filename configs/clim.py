@@ -47,6 +47,8 @@ Presets:
 * ``runlocal``: resnet_tiny, 20 steps, batch 32, queue 1,024, bank 256 (full after 8 steps),
   8 clusters refreshed every 5 steps, k 5.
 """
+from __future__ import annotations
+
 import importlib.util
 import os
 

@@ -41,6 +41,8 @@ Presets:
   anchor: 84.7% at 200 epochs).
 * ``runlocal``: resnet_tiny, 20 steps, batch 32, queue 1,024, mix_k 3.
 """
+from __future__ import annotations
+
 import importlib.util
 import os
 
