@@ -9,7 +9,7 @@ import pytest
 from ssl_jax import config_lib
 
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
-METHOD_CONFIGS = ('byol', 'moco', 'msf', 'ft')
+METHOD_CONFIGS = ('byol', 'moco', 'msf', 'ft', 'clim', 'csml')
 
 
 def _load(name):
