@@ -87,3 +87,12 @@ def test_cli_typo_stops_before_compiling(tmp_path):
   assert r.returncode != 0
   assert "config.optimizer.name='adam' is invalid; accepted: sgd, lars, adamw" in r.stderr, r.stderr[-2000:]
   assert not os.path.exists(os.path.join(tmp_path, 'checkpoints'))
+
+
+@pytest.mark.parametrize('preset', ['cifar10', 'cifar100', 'imagenet', 'cifar10,runlocal',
+                                    'cifar10,vit_tiny', 'cifar100,vit_base,bs=64'])
+def test_aps_presets_validate(preset):
+  c = _load('aps').get_config(preset)
+  config_lib.validate(c, num_devices=1)
+  assert c.model.backbone.startswith('vit') and c.model.patch_size >= 1
+  assert 'python -m ssl_jax.main' in _load('aps').__doc__
