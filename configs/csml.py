@@ -43,23 +43,15 @@ Presets:
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 
 from ssl_jax import config_lib
 
 
-def _moco_config(arg):
-  spec = importlib.util.spec_from_file_location(
-      'moco_config', os.path.join(os.path.dirname(os.path.abspath(__file__)), 'moco.py'))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(arg)
-
-
 def get_config(arg: str | None = None):
   args = config_lib.parse_arg(arg)
-  c = _moco_config(arg)
+  c = config_lib.load_config_file(
+      os.path.join(os.path.dirname(os.path.abspath(__file__)), 'moco.py'), arg)
   c.method.name = 'csml'
   c.method.update({
       'levels': ('stage3', 'stage4'),

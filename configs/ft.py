@@ -23,23 +23,15 @@ Presets:
 
 Read the pos/neg score plots (``WORKDIR/score_plots/``, TensorBoard ``scores/*``) as in the README.
 """
-import importlib.util
 import os
 
 from ssl_jax import config_lib
 
 
-def _moco_config(arg):
-  spec = importlib.util.spec_from_file_location(
-      'moco_config', os.path.join(os.path.dirname(os.path.abspath(__file__)), 'moco.py'))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(arg)
-
-
 def get_config(arg: str | None = None):
   config_lib.parse_arg(arg)  # validate tokens with the same rules
-  c = _moco_config(arg)
+  c = config_lib.load_config_file(
+      os.path.join(os.path.dirname(os.path.abspath(__file__)), 'moco.py'), arg)
   c.method.name = 'ft'
   c.method.update({'extrapolate': True, 'interpolate': True, 'ex_alpha': 2.0, 'in_alpha': 1.6,
                    'renormalize': False})

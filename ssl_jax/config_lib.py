@@ -163,6 +163,17 @@ def finish_config(c: ml_collections.ConfigDict, args: Args) -> ml_collections.Co
   return c
 
 
+def load_config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """``get_config(arg)`` of the config file at ``path`` (e.g. a method built on MoCo's config)."""
+  import importlib.util
+  import os
+  name = 'ssl_jax_config_' + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config(arg)
+
+
 def _require(cond: bool, key: str, value: Any, accepted: str) -> None:
   if not cond:
     raise ConfigError(f'config.{key}={value!r} is invalid; accepted: {accepted}')

@@ -1,5 +1,4 @@
 """Small shared helpers for method tests: load a config file, run a short real-data loop."""
-import importlib.util
 import os
 
 import numpy as np
@@ -10,11 +9,8 @@ REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
 
 
 def load_config(name: str, arg: str = 'cifar10,runlocal'):
-  spec = importlib.util.spec_from_file_location(f'cfg_{name}',
-                                                os.path.join(REPO, 'configs', f'{name}.py'))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(arg)
+  from ssl_jax import config_lib
+  return config_lib.load_config_file(os.path.join(REPO, 'configs', f'{name}.py'), arg)
 
 
 def short_real_run(config, workdir, *, steps=30, batch=32, examples=512, knn=False):
