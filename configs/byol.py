@@ -1,7 +1,7 @@
 r"""BYOL (Grill et al. 2020) — the baseline the other methods build on.
 
-Quick start (a few minutes on a laptop CPU; prints the kNN accuracy of the learned features and
-of the untrained network):
+Quick start (~20 min on a 2-core CPU; prints the kNN accuracy of the learned features and of the
+untrained network — measured: 29.3% vs 28.7% after this one epoch):
 
     TFDS_DATA_DIR=../shared/data/tfds python -m ssl_jax.main \
         --config=configs/byol.py:cifar10,quick --workdir=/tmp/byol_quick
