@@ -15,11 +15,14 @@ import argparse
 import importlib.util
 import os
 import statistics
+import sys
 import time
 
-import jax
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 
-from ssl_jax import data, methods, sharding, train
+import jax  # noqa: E402
+
+from ssl_jax import data, methods, sharding, train  # noqa: E402
 
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
 
