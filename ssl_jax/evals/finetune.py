@@ -315,11 +315,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
         out = pre_lib.extract(logits_fn, st, data_cfg, split=data_cfg.eval_split, mesh=mesh,
                               batch_size=config.eval_batch_size,
                               max_examples=config.eval_examples)
-        c = out['logits'].shape[-1]
-        corr = linear_lib.topk_correct(jnp.asarray(out['logits']), jnp.asarray(out['label']),
-                                       (1, min(5, c)))
-        n = max(int(np.sum(out['label'] >= 0)), 1)
-        return {'top1': float(corr[1]) / n, 'top5': float(corr[min(5, c)]) / n}
+        return linear_lib.top1_top5(out['logits'], out['label'])
 
       pre_lib.log(f'Fine-tune: {ft_in.num_examples} labelled examples, batch {bs}, {spe} '
                   f'steps/epoch x {config.epochs} epochs = {total_steps} steps, from step '

@@ -361,6 +361,14 @@ def topk_correct(logits: jax.Array, labels: jax.Array, ks: Sequence[int] = (1, 5
   return {k: jnp.sum((rank < k) & ok) for k in ks}
 
 
+def top1_top5(logits, labels) -> dict[str, float]:
+  """Top-1 / top-5 accuracy (top-C when there are fewer than 5 classes) over labels >= 0."""
+  c = logits.shape[-1]
+  corr = topk_correct(jnp.asarray(logits), jnp.asarray(labels), (1, min(5, c)))
+  n = max(int(np.sum(np.asarray(labels) >= 0)), 1)
+  return {'top1': float(corr[1]) / n, 'top5': float(corr[min(5, c)]) / n}
+
+
 def head_logits(head: dict[str, jax.Array], feats: jax.Array) -> jax.Array:
   return feats @ head['kernel'] + head['bias']
 
@@ -687,10 +695,7 @@ def _run_streaming(config, data_cfg, net, variables, feat_fn, mesh, ckpt, writer
     out = pre_lib.extract(logits_fn, (variables, st), data_cfg, split=data_cfg.eval_split,
                           mesh=mesh, batch_size=config.eval_batch_size,
                           max_examples=config.eval_examples)
-    c = out['logits'].shape[-1]
-    corr = topk_correct(jnp.asarray(out['logits']), jnp.asarray(out['label']), (1, min(5, c)))
-    n = max(int(np.sum(out['label'] >= 0)), 1)
-    return {'top1': float(corr[1]) / n, 'top5': float(corr[min(5, c)]) / n}
+    return top1_top5(out['logits'], out['label'])
 
   pre_lib.log(f'Linear probe: {probe_in.num_examples} train examples, batch {bs}, {spe} '
               f'steps/epoch x {config.epochs} epochs, augment={config.augment}, from step '
