@@ -154,8 +154,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, **unused) -> dict[str, 
   del unused
   from clu import metric_writers  # pylint: disable=import-outside-toplevel
   validate(config)
-  mesh = pre_lib.mesh_of(config)
-  pre_lib.check_batch('eval_batch_size', config.eval_batch_size, mesh)
+  mesh = pre_lib.eval_mesh(config)
   pre, data_cfg, net, pre_step = pre_lib.load_for_eval(config)
   e = config.embed
   t0 = time.time()

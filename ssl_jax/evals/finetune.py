@@ -220,9 +220,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   from clu import metric_writers  # pylint: disable=import-outside-toplevel
   from ssl_jax.models import ssl_model  # pylint: disable=import-outside-toplevel
   validate(config)
-  mesh = pre_lib.mesh_of(config)
-  pre_lib.check_batch('batch_size', config.batch_size, mesh)
-  pre_lib.check_batch('eval_batch_size', config.eval_batch_size, mesh)
+  mesh = pre_lib.eval_mesh(config, ('batch_size', 'eval_batch_size'))
   ckpt_lib.check_workdir_config(workdir, config, allow_config_change=allow_config_change)
   pre, params, batch_stats, pre_step = pre_lib.load_pretrained(
       config.pretrained, weights=config.weights,

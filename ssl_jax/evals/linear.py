@@ -536,9 +536,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   """Train and evaluate the offline linear probe; returns ``{'top1', 'top5', ...}``."""
   from clu import metric_writers  # pylint: disable=import-outside-toplevel
   validate(config)
-  mesh = pre_lib.mesh_of(config)
-  pre_lib.check_batch('batch_size', config.batch_size, mesh)
-  pre_lib.check_batch('eval_batch_size', config.eval_batch_size, mesh)
+  mesh = pre_lib.eval_mesh(config, ('batch_size', 'eval_batch_size'))
   ckpt_lib.check_workdir_config(workdir, config, allow_config_change=allow_config_change)
   pre, data_cfg, net, pre_step = pre_lib.load_for_eval(config)
   num_classes = int(data_cfg.num_classes)

@@ -237,6 +237,14 @@ def check_batch(name: str, batch: int, mesh) -> None:
         f'accepted: a multiple of {n} (e.g. {max(1, batch // n) * n}).')
 
 
+def eval_mesh(config, batch_keys=('eval_batch_size',)):
+  """The evaluation mesh, after checking that each ``config.<key>`` batch divides across it."""
+  mesh = mesh_of(config)
+  for key in batch_keys:
+    check_batch(key, config[key], mesh)
+  return mesh
+
+
 # =============================================================================================
 # The frozen network and feature extraction
 # =============================================================================================
