@@ -49,6 +49,8 @@ def time_method(name, args):
   batches = [sharding.global_batch(mesh, next(it)) for _ in range(2)]
   with jax.set_mesh(mesh):
     state = parts.init(jax.random.key(0))
+    cost = parts.train_step.lower(state, batches[0]).compile().cost_analysis()
+    flops = float((cost[0] if isinstance(cost, (list, tuple)) else cost).get('flops', 0.0))
     state, m, _ = parts.train_step(state, batches[0])  # compile
     jax.block_until_ready(m['loss'])
     times = []
@@ -58,7 +60,7 @@ def time_method(name, args):
         state, m, _ = parts.train_step(state, batches[s % 2])
       jax.block_until_ready(m['loss'])
       times.append((time.perf_counter() - t) / args.steps)
-  return statistics.median(times), times
+  return statistics.median(times), times, flops
 
 
 def main():
@@ -74,14 +76,16 @@ def main():
   if 'byol' not in names:
     names = ['byol'] + names
   results = {n: time_method(n, args) for n in names}
-  base = results['byol'][0]
+  base, base_flops = results['byol'][0], results['byol'][2]
   print(f'\n{args.backbone} x{args.width}, batch {args.batch}, {jax.device_count()} '
         f'{jax.devices()[0].platform} device(s); median of {args.repeats} x {args.steps} steps')
-  print('| method | step time (ms, median) | all repeats (ms) | vs BYOL |')
-  print('|---|---:|---|---:|')
-  for n, (med, all_t) in results.items():
+  print('| method | step time (ms, median) | all repeats (ms) | time vs BYOL | GFLOP/step | '
+        'FLOPs vs BYOL | time per FLOP vs BYOL |')
+  print('|---|---:|---|---:|---:|---:|---:|')
+  for n, (med, all_t, flops) in results.items():
     print(f'| {n} | {1e3 * med:.1f} | {", ".join(f"{1e3 * t:.0f}" for t in all_t)} | '
-          f'{med / base:.2f}x |')
+          f'{med / base:.2f}x | {flops / 1e9:.1f} | {flops / base_flops:.2f}x | '
+          f'{(med / flops) / (base / base_flops):.2f}x |')
 
 
 if __name__ == '__main__':
