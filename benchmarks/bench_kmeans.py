@@ -13,7 +13,11 @@ Data sets: ``uniform`` — points uniform on the unit sphere (no cluster structu
 ``mixture`` — ``x = n(m_z + 0.35 g)``, ``m_z`` one of 2,000 random unit means, ``g ~ N(0, I/d)``
 (clustered, closer to real embeddings).
 
-Also timed: the two ways of forming per-cluster sums (``segment_sum`` vs one-hot matmul).
+Also timed: the two ways of forming per-cluster sums (``segment_sum`` vs one-hot matmul), and
+the machine's matrix-multiply ceiling: the best float32 GEMM rate of numpy's BLAS (4096^3 and
+the k-means shape [N, d] x [d, C]) and of XLA on the k-means shape, beside faiss's
+assignment-pass rate — k-means is one such GEMM per pass, so ``faiss time / ours`` cannot exceed
+(best GEMM rate / faiss's rate) x (faiss passes / our passes) without skipping work.
 """
 from __future__ import annotations
 
@@ -114,6 +118,45 @@ def main():
     res[name] = float(np.median(ts))
   print(f"\nPer-cluster sums of {a.n}x{a.dim} into {a.clusters} clusters: segment_sum "
         f"{1e3 * res['segment_sum']:.1f} ms, one-hot matmul {1e3 * res['one-hot matmul']:.1f} ms")
+  gemm_ceiling(a.n, a.dim, a.clusters, faiss)
+
+
+def gemm_ceiling(n, d, c, faiss):
+  """GFLOP/s of the best float32 GEMMs on this machine vs faiss's assignment pass."""
+  import jax
+  import jax.numpy as jnp
+
+  def best(f, r=5):
+    f()
+    ts = []
+    for _ in range(r):
+      t = time.perf_counter()
+      f()
+      ts.append(time.perf_counter() - t)
+    return min(ts)
+
+  rng = np.random.default_rng(0)
+  rows = []
+  for m, k, nn in ((4096, 4096, 4096), (n, d, c)):
+    a = rng.random((m, k), dtype=np.float32)
+    b = rng.random((k, nn), dtype=np.float32)
+    rows.append((f'numpy BLAS {m}x{k}x{nn}', 2 * m * k * nn / best(lambda: a @ b) / 1e9))
+  x = make_data('uniform', n, d)
+  ja, jb = jnp.asarray(x), jnp.asarray(x[:c].T.copy())
+  mm = jax.jit(jnp.matmul)
+  rows.append((f'XLA jnp.matmul {n}x{d}x{c}',
+               2 * n * d * c / best(lambda: mm(ja, jb).block_until_ready()) / 1e9))
+  index = faiss.IndexFlatIP(d)
+  index.add(x[:c])
+  rows.append((f'faiss IndexFlatIP.search(x, 1), {c} centroids (one assignment pass)',
+               2 * n * d * c / best(lambda: index.search(x, 1), 3) / 1e9))
+  print('\n| GEMM (float32) | GFLOP/s (best of 5) |\n|---|---:|')
+  for name, rate in rows:
+    print(f'| {name} | {rate:.0f} |')
+  peak = max(r for _, r in rows[:3])
+  print(f'\nCeiling of faiss time / ours with dense exact Lloyd steps (11 passes vs faiss 10): '
+        f'{peak / rows[3][1] * 10 / 11:.2f}x (best GEMM {peak:.0f} / faiss {rows[3][1]:.0f} '
+        f'GFLOP/s x 10/11)')
 
 
 if __name__ == '__main__':

@@ -84,6 +84,8 @@ def _search_flops(method, global_batch: int, n: int) -> float:
   """FLOPs per chip of the bank searches inside fori_loops (counted once by cost_analysis)."""
   if method.name == 'msf':   # one search of the global batch's targets over bank_size x d
     return 2.0 * global_batch * method.bank_size / n * method.embed_dim
+  if method.name == 'csml':  # one search of the keys over the selection level's queue
+    return 2.0 * global_batch * method.queue_size / n * method.embed_dim
   return 0.0
 
 
