@@ -15,6 +15,11 @@ program we read, per chip:
   with its bytes, and the number of them (each pays a latency);
 * the method state (queue / bank) bytes held by one chip.
 
+(XLA:CPU carries bfloat16 collectives as float32, so any bf16 collective is counted at twice its
+GPU/TPU size: an upper bound. Gradients, BatchNorm statistics and gathered keys are float32
+anyway. XLA:GPU/TPU also combine small all-reduces more aggressively than XLA:CPU, so the counts
+are an upper bound on the latency terms too.)
+
 The time model per chip is
 
     t_step = FLOPs / (peak * MFU)
@@ -211,8 +216,11 @@ def main():
     return worker(args)
   results = []
   for n in args.chips:
+    # Only the HLO matters (partitioning, collectives, FLOPs): a cheap LLVM pipeline is enough.
     env = dict(os.environ, JAX_PLATFORMS='cpu',
-               XLA_FLAGS=f'--xla_force_host_platform_device_count={n}')
+               XLA_FLAGS=f'--xla_force_host_platform_device_count={n} '
+                         '--xla_backend_optimization_level=0 '
+                         '--xla_llvm_disable_expensive_passes=true')
     out = subprocess.run([sys.executable, os.path.abspath(__file__), '--worker',
                           '--methods', args.methods, '--global-batch', str(args.global_batch)],
                          env=env, capture_output=True, text=True, check=False)
