@@ -2,7 +2,7 @@ r"""Method overhead: each method's train step vs the BYOL step, same backbone an
 
     TFDS_DATA_DIR=../shared/data/tfds python benchmarks/bench_methods.py \
         [--methods byol,moco,msf,ft,clim,csml] [--backbone resnet18] [--width 0.25] \
-        [--batch 64] [--repeats 5] [--steps 5]
+        [--batch 64] [--repeats 5] [--steps 5] [--profile /tmp/method_traces]
 
 Every method runs the full jitted train step (optimizer, EMA, probe included) on real CIFAR-10
 batches of its own view recipe; the CIFAR preset of each config otherwise (queue/bank sizes as
@@ -72,6 +72,30 @@ def time_steps(b, steps):
   return (time.perf_counter() - t) / steps
 
 
+def profile(name, b, directory, top=12):
+  """Trace 2 steps of one method with jax.profiler; print the most expensive XLA ops."""
+  import collections
+  import glob
+  import gzip
+  import json
+  out = os.path.join(directory, name)
+  with jax.profiler.trace(out):
+    time_steps(b, 2)
+  newest = max(glob.glob(os.path.join(out, '**', '*.trace.json.gz'), recursive=True),
+               key=os.path.getmtime)
+  with gzip.open(newest) as f:
+    events = json.load(f)['traceEvents']
+  total, count = collections.Counter(), collections.Counter()
+  for e in events:
+    # XLA ops (fusions, convolutions, ...) are the complete events below the thunk executor.
+    if e.get('ph') == 'X' and not e['name'].startswith(('$', 'Thunk', 'Pjit', 'Slinky')):
+      total[e['name']] += e['dur'] / 2e3     # microseconds over 2 steps -> ms per step
+      count[e['name']] += 1
+  print(f'\n{name}: top XLA ops, ms per step (trace: {out})')
+  for op, ms in total.most_common(top):
+    print(f'  {ms:8.1f} ms  x{count[op] // 2:<3d} {op}')
+
+
 def main():
   p = argparse.ArgumentParser()
   p.add_argument('--methods', default='byol,moco,msf,ft,clim,csml')
@@ -80,6 +104,8 @@ def main():
   p.add_argument('--batch', type=int, default=64)
   p.add_argument('--repeats', type=int, default=5)
   p.add_argument('--steps', type=int, default=5)
+  p.add_argument('--profile', default=None, metavar='DIR',
+                 help='also trace 2 steps of each method into DIR and print the top XLA ops')
   args = p.parse_args()
   names = args.methods.split(',')
   if 'byol' not in names:
@@ -90,6 +116,9 @@ def main():
     for n in names:
       times[n].append(time_steps(built[n], args.steps))
   results = {n: (statistics.median(times[n]), times[n], built[n]['flops']) for n in names}
+  if args.profile:
+    for n in names:
+      profile(n, built[n], args.profile)
   base_flops = results['byol'][2]
   print(f'\n{args.backbone} x{args.width}, batch {args.batch}, {jax.device_count()} '
         f'{jax.devices()[0].platform} device(s); median of {args.repeats} interleaved repeats of '
