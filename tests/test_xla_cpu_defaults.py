@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from importlib import metadata
 
 import conftest
 
@@ -25,7 +26,9 @@ def _run(env_changes):
 def test_default_is_added_and_accepted_by_xla():
   flags = _run({'XLA_FLAGS': '--xla_force_host_platform_device_count=2'})
   assert '--xla_force_host_platform_device_count=2' in flags
-  assert f'{FLAG}=individual_dot' in flags
+  measured_on = metadata.version('jaxlib').split('.')[:2] == ['0', '10']
+  # Added (and accepted: the probe ran an op) on the jaxlib it was measured on; never elsewhere.
+  assert (f'{FLAG}=individual_dot' in flags) == measured_on
 
 
 def test_user_choice_and_opt_out_are_respected():
