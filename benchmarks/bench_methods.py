@@ -16,7 +16,6 @@ network work. Goal of the issue: memory-bank / kNN / k-means methods within 10% 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import statistics
 import sys
@@ -27,16 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'
 import jax  # noqa: E402
 
 from ssl_jax import data, methods, sharding, train  # noqa: E402
-
-REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
-
-
-def load_config(name, arg):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, 'configs', f'{name}.py'))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(arg)
-
+from _common import load_config  # noqa: E402  (benchmarks/ is the script's directory)
 
 def build_method(name, args):
   """(train_step, state, batches, flops) for one method, compiled."""

@@ -37,7 +37,6 @@ the GPU benchmark of the issue measures it; pass the measured one with ``--mfu-*
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import re
@@ -78,13 +77,6 @@ def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
 # ---------------------------------------------------------------------------------------------
 # Worker: compile one method for the simulated chips of this process.
 # ---------------------------------------------------------------------------------------------
-def _load_config(name, arg):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, 'configs', f'{name}.py'))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(arg)
-
-
 def _search_flops(method, global_batch: int, n: int) -> float:
   """FLOPs per chip of the bank searches inside fori_loops (counted once by cost_analysis)."""
   if method.name == 'msf':   # one search of the global batch's targets over bank_size x d
@@ -96,6 +88,7 @@ def _search_flops(method, global_batch: int, n: int) -> float:
 
 def worker(args):
   sys.path.insert(0, REPO)
+  from _common import load_config   # benchmarks/ is the script's directory
   import jax
   import jax.numpy as jnp
   from ssl_jax import data, methods, sharding, train
@@ -103,7 +96,7 @@ def worker(args):
   n = jax.device_count()
   results = []
   for name in args.methods.split(','):
-    c = _load_config(name, 'imagenet')
+    c = load_config(name, 'imagenet')
     c.batch_size = args.global_batch
     c.model.dtype = 'bfloat16'
     mesh = sharding.make_mesh()
