@@ -170,8 +170,6 @@ def table(results, platform: str, mfu: float) -> str:
     by_method.setdefault(r['method'], []).append(r)
   for name, rs in by_method.items():
     rs.sort(key=lambda r: r['chips'])
-    # Total work of the step on one chip: per-chip FLOPs times chips (minus the bank search
-    # which does not shrink with n: it is counted once per chip at 2 B N/n d).
     for r in rs:
       n = r['chips']
       t_comp = r['flops'] / (p['peak'] * mfu)
