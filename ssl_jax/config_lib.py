@@ -107,6 +107,7 @@ def base_config(args: Args, *, method: str) -> ml_collections.ConfigDict:
       'warmup_epochs': 10.0, 'warmup_steps': -1,
       'end_lr_factor': 0.0,                # cosine ends at base_lr * end_lr_factor
       'trust_coefficient': 0.001,          # LARS eta
+      'trust_clip': False,                 # LARS: min(trust ratio / lr, 1) (solo-learn clip_lr)
       'grad_clip_norm': 0.0,               # 0 = off
   })
   c.ema = ml_collections.ConfigDict({'schedule': 'cosine', 'base': 0.996})

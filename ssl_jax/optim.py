@@ -3,12 +3,14 @@
 ``lr(t)``: linear warm-up from 0 to ``base_lr * batch_size / 256`` over the warm-up steps, then
 cosine decay to ``peak * end_lr_factor`` at the last step.
 LARS (BYOL): weight decay and the trust ratio skip biases and normalisation parameters (every
-parameter with ``ndim <= 1``). SGD (MoCo/MSF) applies weight decay to every parameter, like
+parameter with ``ndim <= 1``); the update is solo-learn's ``LARS`` (``solo/utils/lars.py``),
+see :func:`lars`. SGD (MoCo/MSF) applies weight decay to every parameter, like
 ``torch.optim.SGD(weight_decay=...)``. AdamW (APS) likewise decays every parameter.
 """
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +42,71 @@ def decay_mask(params):
   return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
+class LarsState(NamedTuple):
+  count: jax.Array
+
+
+def scale_by_lars(schedule: optax.Schedule, *, weight_decay: float, trust_coefficient: float,
+                  clip: bool, eps: float = 1e-8, mask=None) -> optax.GradientTransformation:
+  """LARS direction ``d`` per tensor (before momentum and before the learning rate).
+
+  For an adapted tensor ``w`` (``mask`` True: not a bias or norm parameter) with gradient ``g``,
+  when ``||w|| > 0`` and ``||g|| > 0``::
+
+      r = eta * ||w|| / (||g|| + wd * ||w|| + eps)
+      r = min(r / lr_t, 1)                 if clip (solo-learn's ``clip_lr``)
+      d = r * (g + wd * w)
+
+  otherwise (and for every tensor outside ``mask``) ``d = g``: no decay, no adaptation. With
+  ``clip`` the effective per-tensor step is ``min(r, lr_t) * (g + wd w)``: the trust ratio
+  can only lower the scheduled lr, never raise it.
+  """
+
+  def init_fn(params):
+    del params
+    return LarsState(count=jnp.zeros([], jnp.int32))
+
+  def update_fn(updates, state, params):
+    lr = schedule(state.count)
+    m = mask(params) if callable(mask) else (mask if mask is not None else
+                                                jax.tree.map(lambda _: True, params))
+
+    def one(g, w, adapt):
+      if not adapt:
+        return g
+      w_norm = jnp.linalg.norm(w.ravel())
+      g_norm = jnp.linalg.norm(g.ravel())
+      r = trust_coefficient * w_norm / (g_norm + weight_decay * w_norm + eps)
+      if clip:
+        r = jnp.minimum(r / lr, 1.0)
+      ok = (w_norm > 0) & (g_norm > 0)
+      return jnp.where(ok, r * (g + weight_decay * w), g)
+
+    out = jax.tree.map(one, updates, params, m)
+    return out, LarsState(count=optax.safe_increment(state.count))
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def lars(schedule: optax.Schedule, *, weight_decay: float, trust_coefficient: float,
+         momentum: float, nesterov: bool = False, clip: bool = False,
+         mask=decay_mask) -> optax.GradientTransformation:
+  """solo-learn's LARS, step for step (``solo/utils/lars.py``, ``exclude_bias_n_norm=True``).
+
+      d_t   = scale_by_lars(g_t)            (see :func:`scale_by_lars`)
+      buf_t = momentum * buf_{t-1} + d_t    (buf_0 = d_0, as torch's clone on the first step)
+      w_t   = w_{t-1} - lr_t * buf_t        (nesterov: lr_t * (d_t + momentum * buf_t))
+
+  Unlike ``optax.lars`` the momentum buffer holds un-scaled directions (the lr multiplies
+  after it, as in torch), and the trust ratio's denominator is ``||g|| + wd ||w||``.
+  """
+  return optax.chain(
+      scale_by_lars(schedule, weight_decay=weight_decay, trust_coefficient=trust_coefficient,
+                    clip=clip, mask=mask),
+      optax.trace(decay=momentum, nesterov=nesterov),
+      optax.scale_by_learning_rate(schedule))
+
+
 def make_optimizer(config: ml_collections.ConfigDict,
                    schedule: optax.Schedule) -> optax.GradientTransformation:
   o = config.optimizer
@@ -47,9 +114,8 @@ def make_optimizer(config: ml_collections.ConfigDict,
     tx = optax.chain(optax.add_decayed_weights(o.weight_decay),
                      optax.sgd(schedule, momentum=o.momentum, nesterov=o.nesterov))
   elif o.name == 'lars':
-    tx = optax.lars(schedule, weight_decay=o.weight_decay, weight_decay_mask=decay_mask,
-                    trust_coefficient=o.trust_coefficient, trust_ratio_mask=decay_mask,
-                    momentum=o.momentum, nesterov=o.nesterov)
+    tx = lars(schedule, weight_decay=o.weight_decay, trust_coefficient=o.trust_coefficient,
+              momentum=o.momentum, nesterov=o.nesterov, clip=bool(o.get('trust_clip', False)))
   elif o.name == 'adamw':
     tx = optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay)
   else:

@@ -148,6 +148,7 @@ def cluster_purity(assignments: jax.Array, labels: jax.Array, num_clusters: int,
 
 class Method(moco.Method):
   name = 'clim'
+  supports_symmetric = False
 
   def __init__(self, config):
     super().__init__(config)
@@ -170,9 +171,9 @@ class Method(moco.Method):
         tuple(f'view_lr{i}' for i in range(len(extra))) if config.data.views == 'multi_res'
         else ())
 
-  @staticmethod
-  def validate_config(config):
-    moco.Method.validate_config(config)
+  @classmethod
+  def validate_config(cls, config):
+    super().validate_config(config)
     m = config.method
 
     def need(cond, key, accepted):

@@ -95,6 +95,7 @@ def retrieve_neighbours(keys: jax.Array, bank: jax.Array, n: int, threshold: flo
 
 class Method(moco.Method):
   name = 'csml'
+  supports_symmetric = False
 
   def __init__(self, config):
     super().__init__(config)
@@ -110,9 +111,9 @@ class Method(moco.Method):
     self.model = multilevel.build_multilevel_net(config.model, self.levels,
                                                  image_size=self.image_size)
 
-  @staticmethod
-  def validate_config(config):
-    moco.Method.validate_config(config)
+  @classmethod
+  def validate_config(cls, config):
+    super().validate_config(config)
     m = config.method
     levels = tuple(m.levels)
 

@@ -54,6 +54,7 @@ def draw_coefficients(rng, *, ex_alpha: float, in_alpha: float, queue_size: int)
 
 class Method(moco.Method):
   name = 'ft'
+  supports_symmetric = False
 
   def __init__(self, config):
     super().__init__(config)
@@ -64,9 +65,9 @@ class Method(moco.Method):
     self.in_alpha = float(m.in_alpha)
     self.renormalize = bool(m.renormalize)
 
-  @staticmethod
-  def validate_config(config):
-    moco.Method.validate_config(config)
+  @classmethod
+  def validate_config(cls, config):
+    super().validate_config(config)
     for key in ('ex_alpha', 'in_alpha'):
       v = config.method[key]
       if not (isinstance(v, (int, float)) and v > 0):

@@ -8,7 +8,13 @@ The queue holds ``queue_size`` keys *globally* (65,536 by default), stored shard
 (solo-learn/lightly keep per-GPU queues). The key encoder is the trainer's EMA target
 (``ema.schedule='constant'``, ``ema.base=0.999``), updated after the optimizer step.
 Shuffle-BN is not needed: BatchNorm statistics are over the global batch, and the MoCo v2
-projector has no BatchNorm. ``symmetric=True`` adds the loss with the views swapped.
+projector has no BatchNorm.
+
+``symmetric=True`` is solo-learn's MoCo v2+ form (``solo/methods/mocov2plus.py``) and the
+official CIFAR demo's: ``L = (CE(q_1; k_2, queue_2) + CE(q_2; k_1, queue_1)) / 2`` with one queue
+per view — ``queue`` holds past view-2 keys (contrasted with ``q_1``), ``queue_view1`` past
+view-1 keys (contrasted with ``q_2``), both enqueued with this batch's keys of their view. The
+average keeps the loss on the asymmetric loss's scale, so a reference lr is the same step.
 """
 from __future__ import annotations
 
@@ -41,9 +47,16 @@ class Method(base.Method):
     self.symmetric = bool(config.method.get('symmetric', False))
     self.embed_dim = int(config.model.projector.out_dim)
 
-  @staticmethod
-  def validate_config(config):
+  # Methods built on MoCo (FT, CLIM, CsMl) follow their papers' one-directional loss.
+  supports_symmetric = True
+
+  @classmethod
+  def validate_config(cls, config):
     m = config.method
+    if m.get('symmetric', False) and not cls.supports_symmetric:
+      raise config_lib.ConfigError(
+          f'config.method.symmetric=True is invalid for {config.method.name}; accepted: False '
+          '(its objective is one-directional, as in its paper)')
     if not (isinstance(m.queue_size, int) and m.queue_size >= config.batch_size):
       raise config_lib.ConfigError(
           f'config.method.queue_size={m.queue_size!r} is invalid; accepted: an integer >= '
@@ -53,8 +66,13 @@ class Method(base.Method):
           f'config.method.temperature={m.temperature!r} is invalid; accepted: a number > 0')
 
   def init_state(self, rng):
-    queue = losses.l2_normalize(jax.random.normal(rng, (self.queue_size, self.embed_dim)))
-    return {'queue': queue, 'queue_ptr': jnp.zeros((), jnp.int32)}
+    r1, r2 = jax.random.split(rng)
+    queue = losses.l2_normalize(jax.random.normal(r1, (self.queue_size, self.embed_dim)))
+    state = {'queue': queue, 'queue_ptr': jnp.zeros((), jnp.int32)}
+    if self.symmetric:
+      state['queue_view1'] = losses.l2_normalize(
+          jax.random.normal(r2, (self.queue_size, self.embed_dim)))
+    return state
 
   def contrast(self, q, k, queue):
     """InfoNCE of normalised ``q`` against ``k`` and the queue; returns (loss, pos, neg)."""
@@ -70,15 +88,16 @@ class Method(base.Method):
     k2 = losses.l2_normalize(self.target_forward(target_params, batch_stats, x2)['proj'])
     q1 = losses.l2_normalize(o1['proj'])
     loss, pos, neg = self.contrast(q1, k2, queue)
-    keys = k2
+    ptr = method_state['queue_ptr']
+    new_queue, new_ptr = memory_bank.enqueue(queue, ptr, k2)
+    new_state = {'queue': new_queue, 'queue_ptr': new_ptr}
     if self.symmetric:
       o2, batch_stats = self.forward(params, batch_stats, x2)
       k1 = losses.l2_normalize(self.target_forward(target_params, batch_stats, x1)['proj'])
-      loss2, _, _ = self.contrast(losses.l2_normalize(o2['proj']), k1, queue)
-      loss = loss + loss2
-      keys = jnp.concatenate([k2, k1], axis=0)
-    new_queue, new_ptr = memory_bank.enqueue(queue, method_state['queue_ptr'], keys)
+      queue1 = method_state['queue_view1']
+      loss2, _, _ = self.contrast(losses.l2_normalize(o2['proj']), k1, queue1)
+      loss = (loss + loss2) / 2
+      new_state['queue_view1'], _ = memory_bank.enqueue(queue1, ptr, k1)
     metrics = {'loss': loss, **base.score_summary(pos, neg)}
-    new_state = {'queue': new_queue, 'queue_ptr': new_ptr}
     return loss, base.LossAux(metrics, new_state, batch_stats, o1['features'],
                               {'pos': pos, 'neg': neg[:, :64]})
