@@ -24,7 +24,7 @@ from jax.experimental import multihost_utils
 
 from ssl_jax import checkpoint as ckpt_lib
 from ssl_jax import config_lib, data, methods, optim, sharding
-from ssl_jax.evals import knn_monitor, score_plots
+from ssl_jax.evals import collapse, knn_monitor, score_plots
 from ssl_jax.ops import losses
 from ssl_jax.state import TrainState, state_shardings
 
@@ -250,6 +250,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         start_step=start_step, process_index=jax.process_index(),
         process_count=jax.process_count())
     per_device = config.batch_size / n_dev
+    collapse_monitor = collapse.CollapseMonitor()
     history: list[tuple[int, dict[str, Any]]] = []
     pending: tuple[int, dict[str, Any]] | None = None
     t_last, step_last = time.time(), start_step
@@ -279,6 +280,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           t_last, step_last = now, step
           avg.update({'steps_per_sec': sps, 'images_per_sec_per_device': sps * per_device,
                       'epoch': step / steps_per_epoch})
+          warning = collapse_monitor.update(step, avg)
+          if warning:
+            _log(warning)
           writer.write_scalars(step, avg)
           eta = (total_steps - step) / max(sps, 1e-9)
           _log(f'step {step}/{total_steps} ({100 * step / total_steps:.0f}%) | '
@@ -322,6 +326,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         results['final'] = run_evals(step)
       writer.flush()
       results['final_step'] = step
+      results['collapse_warnings'] = list(collapse_monitor.warned_steps)
+      if collapse_monitor.collapsing:
+        _log(f'WARNING: the run ended collapsed (first flagged at step '
+             f'{collapse_monitor.warned_steps[-1]}): {collapse.describe(results["last_metrics"])}.')
       results['train_time_s'] = time.time() - t_start
       results['state'] = state
       if 'final' in results:

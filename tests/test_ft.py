@@ -85,4 +85,5 @@ def test_short_real_run_writes_score_plots_and_loss_decreases(tmp_path):
   tags = acc.Tags()
   all_tags = set(tags.get('histograms', [])) | set(tags.get('tensors', []))
   assert {'scores/pos', 'scores/neg'} <= all_tags, tags
-  assert 'score/pos_q50' in set(tags.get('scalars', [])) | all_tags
+  scalars = set(tags.get('scalars', [])) | all_tags
+  assert {'score/pos_q50', 'collapse/embed_std_ratio', 'collapse/flag'} <= scalars

@@ -70,6 +70,21 @@ def score_summary(pos: Array, neg: Array, prefix: str = 'score') -> dict[str, Ar
   return out
 
 
+def embedding_summary(z: Array) -> dict[str, Array]:
+  """Collapse diagnostic (SimSiam, Chen & He 2021, Sec. 4.1): per-dimension std of ``n(z)``.
+
+      s = mean_j std_i( z_ij / ||z_i|| )     over the global batch i, dimensions j of d
+
+  A healthy embedding spread over the sphere has ``s ~ 1/sqrt(d)``; a collapsed one (every image
+  on one direction) has ``s -> 0``. ``collapse/embed_std_ratio`` is ``s * sqrt(d)`` (~1 healthy,
+  -> 0 collapsed), the number the trainer's collapse warning reads.
+  """
+  z = z.astype(jnp.float32)
+  z = z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), 1e-12)
+  s = jnp.mean(jnp.std(z, axis=0))
+  return {'collapse/embed_std': s, 'collapse/embed_std_ratio': s * jnp.sqrt(z.shape[-1] * 1.0)}
+
+
 def in_batch_scores(q: Array, k: Array, m: int = 16) -> tuple[Array, Array]:
   """Cosine scores of each anchor with its own key (``pos`` [B]) and with the keys of the next
   ``m`` images of the global batch (``neg`` [B, m]), for methods without explicit negatives."""

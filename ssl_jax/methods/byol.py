@@ -35,7 +35,7 @@ class Method(base.Method):
     q = losses.l2_normalize(o1['pred'])
     k = losses.l2_normalize(t2['proj'])
     pos, neg = base.in_batch_scores(q, k)
-    metrics = {'loss': loss, **base.score_summary(pos, neg)}
+    metrics = {'loss': loss, **base.score_summary(pos, neg), **base.embedding_summary(o1['proj'])}
     return loss, base.LossAux(metrics, method_state, batch_stats, o1['features'],
                               {'pos': pos, 'neg': neg})
 

@@ -316,6 +316,6 @@ class Method(moco.Method):
                'clim/kmeans_objective': clus['kmeans_objective'],
                'clim/cluster_purity': clus['cluster_purity'],
                'clim/has_clusters': has_clusters.astype(jnp.float32),
-               **base.score_summary(pos, neg)}
+               **base.score_summary(pos, neg), **base.embedding_summary(o['proj'][:b])}
     return loss, base.LossAux(metrics, new_state, batch_stats, o['features'][:b],
                               {'pos': pos, 'neg': neg[:, :64]})

@@ -221,7 +221,7 @@ class Method(moco.Method):
         'csml/nn_purity': jnp.sum(lab & (nb_labels == labels[:, None])) / jnp.maximum(
             jnp.sum(lab), 1),
         'csml/nn_cos': jnp.mean(jnp.where(nb_idx >= 0, nb_cos, 0.0)),
-        **base.score_summary(pos, neg)})
+        **base.score_summary(pos, neg), **base.embedding_summary(o['levels'][self.levels[-1]][:b])})
     if use_mix:
       metrics.update({'csml/mix_selected_frac': jnp.mean(has_mix.astype(jnp.float32)),
                       'csml/area_ratio': jnp.mean(w)})

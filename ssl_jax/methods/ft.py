@@ -93,7 +93,7 @@ class Method(moco.Method):
     # The visualisation of the paper: scores of the transformed pairs and of the raw pairs.
     raw_pos = jnp.sum(q * k, axis=-1)
     metrics = {'loss': loss, 'ft/lam_ex': lam_ex, 'ft/lam_in': lam_in,
-               **base.score_summary(pos, neg),
+               **base.score_summary(pos, neg), **base.embedding_summary(o1['proj']),
                'score/exp_pos_mean': jnp.mean(jnp.exp(pos / self.temperature)),
                'score/exp_neg_mean': jnp.mean(jnp.exp(neg / self.temperature)),
                'score/raw_pos_mean': jnp.mean(raw_pos)}

@@ -98,6 +98,6 @@ class Method(base.Method):
       loss2, _, _ = self.contrast(losses.l2_normalize(o2['proj']), k1, queue1)
       loss = (loss + loss2) / 2
       new_state['queue_view1'], _ = memory_bank.enqueue(queue1, ptr, k1)
-    metrics = {'loss': loss, **base.score_summary(pos, neg)}
+    metrics = {'loss': loss, **base.score_summary(pos, neg), **base.embedding_summary(o1['proj'])}
     return loss, base.LossAux(metrics, new_state, batch_stats, o1['features'],
                               {'pos': pos, 'neg': neg[:, :64]})

@@ -105,5 +105,6 @@ class Method(base.Method):
     # Scores for the pos/neg plots: q against its own target (pos) and other targets (neg).
     pos, neg = base.in_batch_scores(q, t)
     metrics.update(base.score_summary(pos, neg))
+    metrics.update(base.embedding_summary(o['proj']))
     return loss, base.LossAux(metrics, new_state, batch_stats, o['features'],
                               {'pos': pos, 'neg': neg})
