@@ -103,6 +103,10 @@ def run_eval(mode: str, config, workdir: str, *, allow_config_change: bool = Fal
     sys.exit(f'{type(e).__name__}: {e}')
 
 
-if __name__ == '__main__':
-  flags.mark_flags_as_required([])
+def cli():
+  """The ``ssl-jax`` console script (``pip install -e .``): the same as ``python -m ssl_jax.main``."""
   app.run(main)
+
+
+if __name__ == '__main__':
+  cli()
