@@ -12,8 +12,8 @@ labels. Everything below is our reconstruction (``ssl_jax/methods/csml.py`` has 
 
 Choices and why:
 
-* **MoCo v2 base** (``configs/moco.py``): queue 65,536 per level, tau 0.2, EMA key encoder,
-  projector without BN.
+* **MoCo v2 base** (``configs/moco.py``, asymmetric): a queue per level (65,536; 32,768 on
+  CIFAR), tau 0.2, EMA key encoder, projector without BN.
 * **Levels** ``method.levels = ('stage3', 'stage4')`` (res4 and res5 in the paper's wording;
   METHODS.md: "res4 and res5, possibly res3"), each a pooled stage map with its own projector
   (``model.projector`` widths) and queue; ``method.level_weights = (0.5, 1.0)``: the top level
@@ -28,18 +28,52 @@ Choices and why:
   ``method.mix_k = 5`` nearest in-batch keys above the same threshold (the partner's pixels must
   be in the batch), ``lam ~ Beta(1, 1)``, loss weights = exact area ratios; set 0 to disable.
 
-Presets:
+Presets (the MoCo v2 base is ``configs/moco.py``'s preset for the same dataset, field by field,
+with the asymmetric loss; ``configs/moco.py`` has those tables and their sources):
 
-* ``imagenet`` (MoCo-based recipe): ResNet-50, batch 256, SGD lr 0.03 x B/256, wd 1e-4, m 0.999,
-  200 epochs, projectors 2048-2048-128 (stage4) and 1024-2048-128 (stage3). Paper: 76.6% linear
-  (schedule not in the abstract); expect above MoCo v2's 67.5% at 200 epochs. ~2.1x MoCo v2's
-  step cost (online forward/backward on 2B images).
-* ``imagenet100``: as ``imagenet`` with m 0.99.
-* ``cifar10`` / ``cifar100``: the MoCo v2 CIFAR recipe (ResNet-18 CIFAR stem, batch 256,
-  lr 0.06, wd 5e-4, m 0.99, 800 epochs; projectors 512-512-128 and 256-512-128). No paper
-  number: judge against ``configs/moco.py:cifar10`` at equal budget (lightly's MoCo kNN
-  anchor: 84.7% at 200 epochs).
+* ``imagenet`` (MoCo-based recipe): MoCo v2's paper recipe (facebookresearch/moco): ResNet-50,
+  batch 256, SGD lr 0.03 x B/256, wd 1e-4, m 0.999, cosine to 0, 200 epochs, projectors
+  2048-2048-128 (stage4) and 1024-2048-128 (stage3). Paper: 76.6% linear; expect above MoCo
+  v2's 67.5% at 200 epochs. ~2.1x MoCo v2's step cost (online forward/backward on 2B images).
+* ``imagenet100``: MoCo v2 on ImageNet-100 as run by FT's code (m 0.99, cosine to lr/1000).
+* ``cifar10`` / ``cifar100``: solo-learn's MoCo v2+ CIFAR recipe (ResNet-18 CIFAR stem, batch
+  256, lr 0.3, wd 1e-4, 10 warm-up epochs, 1000 epochs, queue 32,768 per level, m 0.99 ->
+  0.999, crop 0.08-1, blur p 0.5; projectors 512-2048-256 and 256-2048-256) made asymmetric.
+  No paper number: judge against ``configs/moco.py:cifar10 --config.method.symmetric=False`` at
+  equal budget (lightly's MoCo kNN anchor: 84.7% at 200 epochs).
 * ``runlocal``: resnet_tiny, 20 steps, batch 32, queue 1,024, mix_k 3.
+
+CsMl's own fields — reference: the paper (Xu et al., arXiv 2012.02733 v2 / TPAMI 2022). Only its
+abstracts (arXiv v2, TPAMI) could be checked here; the paper's implementation section was not
+available, so every "not checked" row is our choice, and the reasons are in "Choices and why"
+above::
+
+    field                      | ours                          | reference                | source
+    base method                | MoCo v2 (configs/moco.py)     | "using the moco as an    | abstract
+                               |                               | instantiation"           |
+    model.backbone             | resnet50 (ImageNet)           | ResNet-50 (76.6% linear) | abstract
+    method.levels              | stage3, stage4                | "intermediate layers"    | abstract
+                               |                               | (which: not checked)     |
+    method.level_weights       | 0.5, 1.0                      | not checked              | -
+    positives per anchor       | own key + up to 5 queue       | "multiple positives per  | abstract
+                               | neighbours (num_neighbours)   | anchor" (count not       |
+                               |                               | checked)                 |
+    method.threshold           | cosine >= 0.5                 | "semantically similar"   | abstract
+                               |                               | (rule not checked)       |
+    cross-samples              | CutMix with an in-batch       | "data mixing ...         | TPAMI
+                               | neighbour, lam ~ Beta(1, 1)   | constrained within       | abstract
+                               |                               | similar samples"         |
+    method.mix_weight, mix_k   | 1.0, 5                        | not checked              | -
+    schedule (epochs, lr, ...) | MoCo v2's (configs/moco.py)   | not checked              | -
+
+Deviations, with reasons:
+
+* CIFAR: asymmetric loss, one queue per level (solo-learn's MoCo v2+ is symmetric): the
+  multi-positive loss is built on one query/key pair per anchor. solo-learn's symmetric loss is
+  the mean of its two terms, so its lr is the same step size here.
+* Mixing partners come from the batch, not the bank: the bank holds features, not pixels.
+* The MoCo v2 base's own deviations (global BatchNorm instead of shuffling BN, lr cosine per
+  step) are listed in ``configs/moco.py``.
 """
 from __future__ import annotations
 
@@ -53,6 +87,7 @@ def get_config(arg: str | None = None):
   c = config_lib.load_config_file(
       os.path.join(os.path.dirname(os.path.abspath(__file__)), 'moco.py'), arg)
   c.method.name = 'csml'
+  c.method.symmetric = False                  # one query/key pair per anchor (CIFAR's base: True)
   c.method.update({
       'levels': ('stage3', 'stage4'),
       'level_weights': (0.5, 1.0),

@@ -11,17 +11,66 @@ per iteration; no renormalisation after mixing; the queue is enqueued with the o
 (gathered) keys. Switch each part off with ``--config.method.extrapolate=False`` /
 ``--config.method.interpolate=False``.
 
-Presets:
+Presets (one reference each, tables below; everything not listed is ``configs/moco.py``'s preset
+for the same dataset, which is FT's equal-budget baseline):
 
-* ``imagenet`` (on MoCo v2's 200-epoch recipe): ResNet-50, batch 256, SGD lr 0.03, cosine,
-  m 0.999, tau 0.2. Paper: 67.5 -> 69.6% linear; MoCo v2 reports ~53 h on 8 V100s.
-* ``imagenet100`` (the paper's ImageNet-100 run, CMC class list): as above with m 0.99.
-  Paper: MoCo v1 + FT 77.2%.
-* ``cifar10``: MoCo v2 CIFAR recipe of ``configs/moco.py`` plus FT. Judge by the gain over
-  ``configs/moco.py:cifar10`` at equal budget (no CIFAR number in the paper).
+* ``imagenet``: the FT README's "Training on IN-1K" — ResNet-50, batch 256, SGD lr 0.03, cosine
+  to lr/1000, m 0.999, tau 0.2, 200 epochs. Paper: 67.5 -> 69.6% linear; MoCo v2 reports ~53 h
+  on 8 V100s.
+* ``imagenet100``: the FT README's "Training on IN-100" (CMC class list) — as above with m 0.99.
+  Paper / README: MoCo v1 + FT 77.2%.
+* ``cifar10`` / ``cifar100``: the FT code has no CIFAR recipe: MoCo v2's CIFAR preset
+  (``configs/moco.py:cifar10``, solo-learn's MoCo v2+ recipe) with the asymmetric loss, plus FT.
+  Judge by the gain over ``configs/moco.py:cifar10 --config.method.symmetric=False`` at equal
+  budget (no CIFAR number in the paper).
 * ``runlocal``: resnet_tiny, 20 steps, queue 1,024.
 
-Read the pos/neg score plots (``WORKDIR/score_plots/``, TensorBoard ``scores/*``) as in the README.
+``imagenet`` and ``imagenet100`` — reference: DTennant/CL-Visualizing-Feature-Transformation.
+R = README.md ("Training on IN-1K" / "Training on IN-100"), O = options/base_options.py,
+T = options/train_options.py, D = dataset/util.py, N = networks/util.py,
+BT = learning/base_trainer.py, CT = learning/contrast_trainer.py, MM = memory/mem_moco.py::
+
+    field                        | ours                      | reference                 | source
+    model.backbone               | resnet50                  | resnet50 (--arch default) | O
+    model.projector              | 2048-2048-128, no BN      | MoCov2: head mlp,         | O, N
+                                 |                           | 2048-2048-128             |
+    method.queue_size            | 65,536                    | nce_k 65536               | O
+    method.temperature           | 0.2                       | MoCov2: nce_t 0.2         | O
+    method.symmetric             | False                     | asymmetric: q(x1), k(x2)  | CT
+    method.extrapolate, ex_alpha | True, 2.0 (1 + Beta(2,2)) | --mixnorm_target posneg   | R, T, MM
+                                 |                           | --expolation_mask         |
+                                 |                           | --pos_alpha 2.0           |
+    method.interpolate, in_alpha | True, 1.6 (Beta(1.6,1.6)) | --sep_alpha               | R, T, MM
+                                 |                           | --neg_alpha 1.6           |
+    method.renormalize           | False                     | --postmix_norm off        | R, T
+    ema                          | constant 0.999 / 0.99     | --alpha 0.999 / 0.99      | R
+    batch_size                   | 256                       | --batch_size 256          | R
+    optimizer                    | sgd, momentum 0.9, wd 1e-4| momentum 0.9, wd 1e-4     | O
+    optimizer.base_lr            | 0.03                      | --learning_rate 0.03      | R
+    optimizer.warmup_epochs      | 0                         | warm-up only if batch>256 | T
+    lr schedule                  | cosine to 1e-3 x lr, per  | --cosine, to lr x 0.1^3,  | R, BT
+                                 | step                      | per epoch                 |
+    total_epochs                 | 200                       | --epochs 200              | R
+    crop                         | 224 px, scale 0.2-1       | --input_res 224, 0.2-1    | R, D
+    augmentations                | MoCo v2 (jitter 0.4/0.4/  | aug B: the same           | O, D
+                                 | 0.4/0.1 p 0.8, gray 0.2,  |                           |
+                                 | blur p 0.5, flip)         |                           |
+
+``cifar10`` / ``cifar100``: ``configs/moco.py``'s CIFAR table (vturrisi/solo-learn
+``scripts/pretrain/cifar/mocov2plus.yaml``) with the FT rows above, except (MP =
+vturrisi/solo-learn solo/methods/mocov2plus.py)::
+
+    field                        | ours                      | reference                 | source
+    method.symmetric             | False                     | True (MoCo v2+)           | MP
+
+Deviations, with reasons:
+
+* CIFAR: asymmetric loss, one queue (solo-learn's MoCo v2+ is symmetric): FT transforms one
+  query/key pair and one queue per step, as in its official code. Because solo-learn's symmetric
+  loss is the mean of its two terms, its lr (0.3) is the same step size for the asymmetric loss.
+* BatchNorm over the global batch instead of the FT code's shuffling BN (per-GPU batches); the lr
+  follows its cosine per step instead of per epoch; float32 compute. ``configs/moco.py`` has the
+  same deviations, so the baseline and FT differ only in the feature transformation.
 """
 import os
 
@@ -29,10 +78,13 @@ from ssl_jax import config_lib
 
 
 def get_config(arg: str | None = None):
-  config_lib.parse_arg(arg)  # validate tokens with the same rules
+  args = config_lib.parse_arg(arg)  # validate tokens with the same rules
   c = config_lib.load_config_file(
       os.path.join(os.path.dirname(os.path.abspath(__file__)), 'moco.py'), arg)
   c.method.name = 'ft'
   c.method.update({'extrapolate': True, 'interpolate': True, 'ex_alpha': 2.0, 'in_alpha': 1.6,
-                   'renormalize': False})
+                   'renormalize': False, 'symmetric': False})
+  if args.dataset == 'imagenet':
+    # FT README "Training on IN-1K": PyContrast's cosine ends at lr * 0.1^3 (MoCo's code: at 0).
+    c.optimizer.end_lr_factor = 1e-3
   return c

@@ -110,7 +110,9 @@ def base_config(args: Args, *, method: str) -> ml_collections.ConfigDict:
       'trust_clip': False,                 # LARS: min(trust ratio / lr, 1) (solo-learn clip_lr)
       'grad_clip_norm': 0.0,               # 0 = off
   })
-  c.ema = ml_collections.ConfigDict({'schedule': 'cosine', 'base': 0.996})
+  # cosine: tau = final - (final - base)(cos(pi t / T) + 1) / 2 (BYOL: final 1; solo-learn's
+  # MoCo v2+: base 0.99, final 0.999); constant: tau = base.
+  c.ema = ml_collections.ConfigDict({'schedule': 'cosine', 'base': 0.996, 'final': 1.0})
   c.probe = ml_collections.ConfigDict({'lr': 0.1, 'momentum': 0.9})
   c.knn = ml_collections.ConfigDict({
       'every_epochs': 10.0, 'every_steps': -1, 'k': 200, 'temperature': 0.1,
@@ -207,6 +209,10 @@ def validate(c: ml_collections.ConfigDict, *, num_devices: int | None = None,
   _require(c.ema.schedule in EMA_SCHEDULES, 'ema.schedule', c.ema.schedule, ', '.join(EMA_SCHEDULES))
   _require(_finite_number(c.ema.base) and 0.0 <= c.ema.base <= 1.0, 'ema.base', c.ema.base,
            'a number in [0, 1]')
+  if c.ema.schedule == 'cosine':
+    final = c.ema.get('final', 1.0)
+    _require(_finite_number(final) and c.ema.base <= final <= 1.0, 'ema.final', final,
+             f'a number in [ema.base={c.ema.base}, 1]')
   _require(isinstance(c.batch_size, int) and c.batch_size > 0, 'batch_size', c.batch_size,
            'a positive integer')
   _require(c.total_steps > 0 or c.total_epochs > 0, 'total_steps/total_epochs',

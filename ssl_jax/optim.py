@@ -126,14 +126,16 @@ def make_optimizer(config: ml_collections.ConfigDict,
 
 
 def ema_schedule(config: ml_collections.ConfigDict, total_steps: int):
-  """Target EMA rate: BYOL's ``1 - (1 - base)(cos(pi t / T) + 1) / 2``, or a constant."""
+  """Target EMA rate: ``final - (final - base)(cos(pi t / T) + 1) / 2`` (BYOL: final 1;
+  solo-learn's MoCo v2+: 0.99 -> 0.999), or the constant ``base``."""
   base = float(config.ema.base)
+  final = float(config.ema.get('final', 1.0))
   if config.ema.schedule == 'constant':
     return lambda step: jnp.asarray(base, jnp.float32)
 
   def tau(step):
     t = jnp.minimum(step.astype(jnp.float32) / max(total_steps, 1), 1.0)
-    return 1.0 - (1.0 - base) * (jnp.cos(math.pi * t) + 1.0) / 2.0
+    return final - (final - base) * (jnp.cos(math.pi * t) + 1.0) / 2.0
   return tau
 
 
