@@ -30,7 +30,32 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import app, flags, logging
+
+def _verbose(argv) -> bool:
+  """``--verbosity=N`` (N >= 0) on the command line: library logs on. Default: a clean screen."""
+  for i, a in enumerate(argv):
+    for name in ('--verbosity', '-v'):
+      if a == name and i + 1 < len(argv):
+        a = f'{name}={argv[i + 1]}'
+      if a.startswith(name + '='):
+        try:
+          return int(a.split('=', 1)[1]) >= 0
+        except ValueError:
+          return True
+  return False
+
+
+_VERBOSE = _verbose(sys.argv)
+if not _VERBOSE:
+  # TensorFlow's and XLA's C++ INFO/WARNING banners (CPU features), before they load.
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+# TF's oneDNN banner ignores TF_CPP_MIN_LOG_LEVEL. oneDNN only serves TF's own ops here (the
+# input pipeline's image ops; the model is JAX), so it is off for every run, whatever the
+# verbosity, so that the input's numerics never depend on a logging flag. Set the variable to
+# choose otherwise.
+os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
+
+from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (path[:arg]).',
@@ -70,6 +95,8 @@ def main(argv):
   if _CONFIG.value is None or _WORKDIR.value is None:
     raise app.UsageError('--config and --workdir are required, e.g. '
                          '--config=configs/byol.py:cifar10,runlocal --workdir=/tmp/byol')
+  if not _VERBOSE:  # library INFO logs (Orbax, TFDS, absl) off; --verbosity=0|1 turns them on
+    logging.set_verbosity(logging.WARNING)
   _maybe_initialize_distributed()
   from ssl_jax import config_lib
   config = _CONFIG.value

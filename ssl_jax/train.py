@@ -34,9 +34,11 @@ class NonFiniteError(FloatingPointError):
 
 
 def _log(msg: str) -> None:
-  logging.info(msg)
+  """One line on the screen (process 0); other processes keep it in their log."""
   if jax.process_index() == 0:
     print(msg, flush=True)
+  else:
+    logging.info(msg)
 
 
 def total_steps_of(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
@@ -50,6 +52,7 @@ def total_steps_of(config: ml_collections.ConfigDict, steps_per_epoch: int) -> i
 # =============================================================================================
 def make_train_step(method, tx, probe, probe_tx, lr_fn, tau_fn):
   """Returns ``train_step(state, batch) -> (state, metrics, scores)``."""
+  uses_target = bool(getattr(method, 'uses_ema_target', True))
 
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
     rng = jax.random.fold_in(state.rng, state.step)
@@ -64,7 +67,10 @@ def make_train_step(method, tx, probe, probe_tx, lr_fn, tau_fn):
     params = optax.apply_updates(state.params, updates)
     # EMA target after the optimizer step (BYOL, MoCo; equivalent to MSF's update-first order).
     tau = tau_fn(state.step)
-    target = jax.tree.map(lambda t, p: tau * t + (1.0 - tau) * p, state.target_params, params)
+    if uses_target:
+      target = jax.tree.map(lambda t, p: tau * t + (1.0 - tau) * p, state.target_params, params)
+    else:
+      target = state.target_params
 
     # Online linear probe on stop-gradient features (labelled examples only).
     feats = jax.lax.stop_gradient(aux.features).astype(jnp.float32)
@@ -91,7 +97,9 @@ def make_train_step(method, tx, probe, probe_tx, lr_fn, tau_fn):
     ok = loss_ok & grad_ok
     new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state.replace(step=new.step))
     metrics = dict(aux.metrics)
-    metrics.update({'loss': loss, 'lr': lr_fn(state.step), 'tau': tau, 'grad_norm': grad_norm,
+    if uses_target:
+      metrics['tau'] = tau
+    metrics.update({'loss': loss, 'lr': lr_fn(state.step), 'grad_norm': grad_norm,
                     'online_probe/train_loss': p_loss, 'online_probe/train_top1': p_acc,
                     'finite/loss': loss_ok, 'finite/grad_norm': grad_ok})
     return new, metrics, aux.scores
@@ -256,11 +264,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     t_last, step_last = time.time(), start_step
     t_start = time.time()
     step = start_step
+    uses_target = bool(getattr(method, 'uses_ema_target', True))
+    plotted_epoch = -1
     try:
       while step < total_steps:
         local = next(batches)
         batch = sharding.global_batch(mesh, local)
+        first = step == start_step
+        if first:
+          _log('compiling the train step...')
+          t_compile = time.time()
         state, metrics, scores = train_step(state, batch)
+        if first:
+          jax.block_until_ready(metrics['loss'])
+          _log(f'first step compiled in {time.time() - t_compile:.0f} s')
+          t_last = time.time()  # the first window's speed excludes compilation
         step += 1
         # Check the previous step's finiteness while this one runs (no pipeline stall).
         if pending is not None:
@@ -285,14 +303,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             _log(warning)
           writer.write_scalars(step, avg)
           eta = (total_steps - step) / max(sps, 1e-9)
+          tau = f'tau {avg["tau"]:.4f} | ' if uses_target else ''
           _log(f'step {step}/{total_steps} ({100 * step / total_steps:.0f}%) | '
-               f'loss {avg["loss"]:.4f} | lr {avg["lr"]:.4g} | tau {avg["tau"]:.4f} | '
+               f'loss {avg["loss"]:.4f} | probe top-1 {100 * avg["online_probe/train_top1"]:.1f}% | '
+               f'lr {avg["lr"]:.4g} | {tau}'
                f'{sps:.2f} steps/s, {sps * per_device:.0f} img/s/device | '
                f'ETA {_hms(eta)}')
           results['last_metrics'] = avg
         hist_now = (config.score_hist_every_steps > 0
                     and step % config.score_hist_every_steps == 0)
-        plot_now = step % steps_per_epoch == 0
+        # One PNG per epoch, and one at the end of a run that ends mid-epoch.
+        plot_now = step % steps_per_epoch == 0 or (step == total_steps
+                                                   and plotted_epoch < step // steps_per_epoch)
         if hist_now or plot_now:  # the FT paper's pos/neg score distributions
           host_scores = {k: np.asarray(v).ravel() for k, v in
                          multihost_utils.process_allgather(scores, tiled=True).items()}
@@ -300,11 +322,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           if hist_now:
             writer.write_histograms(step, {f'scores/{k}': v for k, v in host_scores.items()})
           if plot_now and {'pos', 'neg'} <= set(host_scores):
-            epoch = step // steps_per_epoch
+            plotted_epoch = epoch = step // steps_per_epoch
+            name = (f'epoch_{epoch:04d}.png' if step % steps_per_epoch == 0
+                    else f'step_{step:07d}.png')
             score_plots.write_score_plot(
-                os.path.join(workdir, 'score_plots', f'epoch_{epoch:04d}.png'),
+                os.path.join(workdir, 'score_plots', name),
                 host_scores['pos'], host_scores['neg'],
-                f'{config.method.name}: pos/neg cosine scores, epoch {epoch} (step {step})')
+                f'{config.method.name}: pos/neg cosine scores, epoch {step / steps_per_epoch:.2f}'
+                f' (step {step})')
         if step % config.checkpoint.every_steps == 0 or step == total_steps:
           _check_finite(*pending, ckpt)
           save(step)
@@ -333,17 +358,47 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       results['train_time_s'] = time.time() - t_start
       results['state'] = state
       if 'final' in results:
-        msg = (f'Final kNN top-1 (weighted k={config.knn.k}, T={config.knn.temperature}, '
-               f'frozen backbone features after {step} steps): '
-               f'{100 * results["final"]["monitor/knn_top1"]:.2f}%')
-        if 'untrained' in results:
-          msg += f' | untrained network: {100 * results["untrained"]["monitor/knn_top1"]:.2f}%'
-        _log(msg)
+        _log(_final_line(config, step, results))
+      _log(_summary_block(config, workdir))
       return results
     finally:
       ckpt.close()
       if old_handler is not None:
         signal.signal(signal.SIGTERM, old_handler)
+
+
+def _final_line(config, step: int, results: dict[str, Any]) -> str:
+  """``Final kNN top-1 ...: X% (untrained: Y%) | online-probe top-1: A% (untrained: B%)``."""
+  final, untrained = results['final'], results.get('untrained', {})
+  parts = []
+  for key, label in (('monitor/knn_top1', f'kNN top-1 (weighted k={config.knn.k}, '
+                                           f'T={config.knn.temperature}, frozen backbone)'),
+                     ('online_probe/test_top1', 'online-probe top-1')):
+    if key in final:
+      part = f'{label}: {100 * final[key]:.2f}%'
+      if key in untrained:
+        part += f' (untrained network: {100 * untrained[key]:.2f}%)'
+      parts.append(part)
+  return f'Final after {step} steps | ' + ' | '.join(parts)
+
+
+def _summary_block(config, workdir: str) -> str:
+  """Where the run's outputs are and what to run next."""
+  lines = [
+      '',
+      f'Outputs in {workdir}:',
+      f'  TensorBoard:  tensorboard --logdir {workdir}',
+      f'  checkpoints:  {os.path.join(workdir, "checkpoints")}/<step>/  (rerun the same command '
+      'to resume)',
+      f'  score plots:  {os.path.join(workdir, "score_plots")}/',
+      f'  config:       {os.path.join(workdir, "config.json")}',
+      'Next:',
+      f'  linear probe: python -m ssl_jax.main --mode=linear --config=configs/eval_linear.py '
+      f'--config.pretrained={workdir} --workdir={workdir}_linear',
+      f'  export:       python -m ssl_jax.main --mode=export --config=configs/eval_linear.py '
+      f'--config.pretrained={workdir} --workdir={workdir}_export',
+  ]
+  return '\n'.join(lines)
 
 
 def _main_thread() -> bool:

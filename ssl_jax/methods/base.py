@@ -101,6 +101,8 @@ class Method(abc.ABC):
   # View keys: ``first_view`` is the one whose online features feed the online probe.
   first_view = 'view1'
   uses_predictor = True
+  # False for methods without a momentum encoder (APS by default): no EMA update, no ``tau``.
+  uses_ema_target = True
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.image_size = int(config.data.image_size)
