@@ -5,7 +5,8 @@ tokens:
 
 * a dataset preset: ``cifar10``, ``cifar100``, ``imagenet100``, ``imagenet``;
 * a backbone: ``resnet18``, ``resnet34``, ``resnet50``, ``resnet_tiny`` (or a ViT for APS);
-* ``runlocal``: a tiny model and a handful of steps, for a laptop or a smoke test;
+* ``runlocal``: a tiny model and a handful of steps, for a laptop or a smoke test (a backbone
+  named in the same argument, e.g. ``cifar10,resnet18,runlocal``, is kept);
 * ``quick``: the README quick start (a small ResNet-18, a few minutes on a CPU);
 * ``bs=N`` (global batch), ``epochs=N`` or ``steps=N`` (training length), ``seed=N``.
 
@@ -143,7 +144,8 @@ def finish_config(c: ml_collections.ConfigDict, args: Args) -> ml_collections.Co
     c.checkpoint.every_steps = 100
     c.data.shuffle_buffer = 10_000
   if args.runlocal:
-    c.model.backbone = 'resnet_tiny' if c.model.backbone in RESNETS else 'vit_test'
+    if args.backbone is None:  # a backbone the user named wins over runlocal's tiny default
+      c.model.backbone = 'resnet_tiny' if c.model.backbone in RESNETS else 'vit_test'
     c.model.projector.update({'hidden_dim': 64, 'out_dim': 32})
     if 'predictor' in c.model and c.model.predictor is not None:
       c.model.predictor.update({'hidden_dim': 64, 'out_dim': 32})

@@ -96,3 +96,10 @@ def test_aps_presets_validate(preset):
   config_lib.validate(c, num_devices=1)
   assert c.model.backbone.startswith('vit') and c.model.patch_size >= 1
   assert 'python -m ssl_jax.main' in _load('aps').__doc__
+
+
+def test_runlocal_keeps_a_backbone_the_user_named():
+  from harness import load_config
+  assert load_config('byol', 'cifar10,resnet18,runlocal').model.backbone == 'resnet18'
+  assert load_config('byol', 'cifar10,runlocal').model.backbone == 'resnet_tiny'
+  assert load_config('moco', 'resnet34,runlocal').model.backbone == 'resnet34'
