@@ -18,6 +18,17 @@ The name mapping is the rule of ``resnet.py``: ``layer{i}_{j}`` → ``layer{i}.{
 params dict ``{'kernel': [C, K], 'bias': [K]}``, e.g. the online probe's) becomes ``fc.weight``
 ``[K, C]`` / ``fc.bias``. Keys come in torchvision's order; values are float32.
 
+The drop-in way: :func:`torchvision_model` builds the matching torchvision ResNet (CIFAR stem,
+any width), loads the file and puts the input preprocessing inside, so raw uint8 images give
+the features our backbone computes::
+
+  from ssl_jax.export import torchvision_model
+  model = torchvision_model('OUT/backbone.pth')            # eval mode; fc = Identity
+  images = torchvision.io.read_image('cat.png')[None]      # uint8 [N, 3, H, W]
+  features = model(images)                                 # [N, C]: the pooled backbone features
+
+By hand, with a stock torchvision model: see :data:`LOAD_SNIPPET` (also in ``export.json``).
+
 Stems: only ``stem='imagenet'`` ResNets are exactly torchvision's architecture. A ``stem='cifar'``
 backbone exports fine, but its ``conv1.weight`` is ``[64, 3, 3, 3]`` and it has no max-pool, so
 the torchvision model must be adapted before loading::
@@ -409,6 +420,119 @@ def export_resnet(params, batch_stats, path: str | os.PathLike, fmt: str = 'pth'
   with open(path, 'wb') as f:
     np.savez(f, **sd)
   return path
+
+
+# The loading recipe written into export.json and the README ({arch}, {base} filled in).
+LOAD_SNIPPET = """\
+import torch, torchvision
+model = torchvision.models.{arch}()
+{stem}sd = torch.load('backbone.pth')
+model.fc = torch.nn.Identity()                   # or a Linear, when fc.* was exported
+model.load_state_dict({{k: v for k, v in sd.items() if not k.startswith('fc.')}})
+model.eval()
+# Inputs: RGB, scaled to [0, 1], then normalised with ImageNet mean/std (as in training):
+preprocess = torchvision.transforms.v2.Compose([
+    torchvision.transforms.v2.ToDtype(torch.float32, scale=True),
+    torchvision.transforms.v2.Normalize(mean={mean}, std={std})])
+features = model(preprocess(uint8_images_nchw))  # [N, C] pooled backbone features"""
+
+_CIFAR_STEM = ("model.conv1 = torch.nn.Conv2d(3, {base}, kernel_size=3, stride=1, padding=1, "
+               "bias=False)\nmodel.maxpool = torch.nn.Identity()             # CIFAR stem\n")
+
+from ssl_jax.models.normalize import MEAN_RGB, STDDEV_RGB  # noqa: E402  (the training input's)
+
+
+def load_snippet(backbone: str, stem: str, base_width: int = 64) -> str:
+  """The by-hand loading code for a stock torchvision model (widths other than 64 need
+  :func:`torchvision_model`)."""
+  return LOAD_SNIPPET.format(arch=backbone, base=base_width,
+                             stem=_CIFAR_STEM.format(base=base_width) if stem == 'cifar' else '',
+                             mean=list(MEAN_RGB), std=list(STDDEV_RGB))
+
+
+def import_torchvision():
+  """``import torchvision`` that also works with a CUDA-build torchvision beside a CPU torch:
+  its C ops (``torchvision::nms``/``qnms``) fail to register there; defining the two schemas
+  first lets the pure-Python model zoo import (the models need no C op)."""
+  import sys  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+  try:
+    import torchvision  # pylint: disable=import-outside-toplevel
+    return torchvision
+  except RuntimeError as e:
+    if 'torchvision::' not in str(e):
+      raise
+  for name in [m for m in sys.modules if m == 'torchvision' or m.startswith('torchvision.')]:
+    del sys.modules[name]
+  global _TV_STUB_LIB  # pylint: disable=global-statement
+  if _TV_STUB_LIB is None:
+    _TV_STUB_LIB = torch.library.Library('torchvision', 'DEF')
+    _TV_STUB_LIB.define('nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor')
+    _TV_STUB_LIB.define('qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor')
+  import torchvision  # pylint: disable=import-outside-toplevel
+  return torchvision
+
+
+_TV_STUB_LIB = None
+
+
+def torchvision_model(path: str | os.PathLike, *, preprocess: bool = True):
+  """A ready ``torchvision.models.ResNet`` (eval mode) holding an exported backbone.
+
+  The architecture is read from the file: block type (``conv3`` keys: Bottleneck), blocks per
+  stage, base width (``conv1.weight``'s output channels; torchvision's ResNet is rebuilt with
+  that width when it is not 64) and stem (a 3x3 ``conv1``: the CIFAR stem, 3x3/1 conv and no
+  max-pool). ``fc`` is the exported classifier, or ``Identity`` (the model returns the pooled
+  features). With ``preprocess`` (default) the model takes raw images — uint8 ``[N, 3, H, W]``
+  as ``torchvision.io.read_image`` gives, or floats in [0, 1] — and applies the training
+  normalisation (``x / 255``, ImageNet mean/std) itself.
+  """
+  import torch  # pylint: disable=import-outside-toplevel
+  tv = import_torchvision()
+  resnet_mod = tv.models.resnet
+  sd = load_state_dict(path) if zipfile.is_zipfile(path) and not str(path).endswith('.npz') \
+      else collections.OrderedDict(np.load(path).items())
+  bottleneck = any('.conv3.' in k for k in sd)
+  blocks = [1 + max((int(m.group(1)) for k in sd
+                     for m in [re.match(rf'layer{i}\.(\d+)\.', k)] if m), default=-1)
+            for i in range(1, 5)]
+  w1 = sd['conv1.weight']
+  base, kernel = int(w1.shape[0]), int(w1.shape[-1])
+  block = resnet_mod.Bottleneck if bottleneck else resnet_mod.BasicBlock
+  model = resnet_mod.ResNet(block, blocks)
+  if base != 64:  # torchvision hard-codes 64: rebuild every stage at the exported width
+    model.inplanes = base
+    model.bn1 = torch.nn.BatchNorm2d(base)
+    model.layer1 = model._make_layer(block, base, blocks[0])  # pylint: disable=protected-access
+    for i, mult in ((2, 2), (3, 4), (4, 8)):
+      setattr(model, f'layer{i}', model._make_layer(block, base * mult, blocks[i - 1], stride=2))  # pylint: disable=protected-access
+  model.conv1 = torch.nn.Conv2d(3, base, kernel_size=kernel, stride=2 if kernel == 7 else 1,
+                                padding=kernel // 2, bias=False)
+  if kernel == 3:
+    model.maxpool = torch.nn.Identity()
+  if 'fc.weight' in sd:
+    k, c = sd['fc.weight'].shape
+    model.fc = torch.nn.Linear(int(c), int(k))
+  else:
+    model.fc = torch.nn.Identity()
+  model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in sd.items()}, strict=True)
+  model.eval()
+  if not preprocess:
+    return model
+
+  class Preprocess(torch.nn.Module):
+    """uint8 (or [0, 1] float) NCHW RGB -> ``(x - mean) / std``, as the training input."""
+
+    def __init__(self):
+      super().__init__()
+      self.register_buffer('mean', torch.tensor(MEAN_RGB).view(1, 3, 1, 1))
+      self.register_buffer('std', torch.tensor(STDDEV_RGB).view(1, 3, 1, 1))
+
+    def forward(self, x):
+      x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+      return (x - self.mean) / self.std
+
+  return torch.nn.Sequential(Preprocess(), model).eval()
 
 
 def load_resnet(path: str | os.PathLike) -> tuple[dict, dict, dict | None]:

@@ -57,30 +57,7 @@ def jax_logits(model, variables, fc, x_nhwc):
   return np.asarray(pooled) @ fc['kernel'] + fc['bias']
 
 
-def _import_torchvision():
-  """torchvision, or None. The registry's torchvision wheels are CUDA builds: with a CPU torch
-  their C ops don't load and the import fails registering fake kernels for ``torchvision::nms``
-  and ``qnms``; defining those two schemas first lets the (pure-Python) model zoo import."""
-  try:
-    import torchvision
-    return torchvision
-  except ImportError:
-    return None
-  except RuntimeError as e:
-    if 'torchvision::' not in str(e):
-      raise
-  for name in [m for m in sys.modules if m == 'torchvision' or m.startswith('torchvision.')]:
-    del sys.modules[name]
-  global _TV_STUB_LIB
-  _TV_STUB_LIB = torch.library.Library('torchvision', 'DEF')  # noqa: PLW0603 (kept alive)
-  _TV_STUB_LIB.define('nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor')
-  _TV_STUB_LIB.define('qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor')
-  import torchvision
-  return torchvision
-
-
-_TV_STUB_LIB = None
-torchvision = _import_torchvision()
+torchvision = export.import_torchvision()
 assert torchvision is not None, "pip install --no-deps torchvision==0.28.0 (as .ci/run does)"
 
 if torch is not None:
@@ -298,3 +275,50 @@ def test_fallback_torch_resnet_matches_torchvision_layout(name):
   ours = TorchResNet(block == 'bottleneck', layers).state_dict()
   ref = getattr(torchvision.models, name)().state_dict()
   assert [(k, v.shape) for k, v in ours.items()] == [(k, v.shape) for k, v in ref.items()]
+
+
+@pytest.mark.parametrize('name,stem,base,size', [('resnet18', 'cifar', 16, 32),
+                                                 ('resnet18', 'imagenet', None, 64),
+                                                 ('resnet50', 'cifar', 8, 32)])
+def test_torchvision_model_drop_in_gives_our_features_on_raw_uint8(name, stem, base, size,
+                                                                    tmp_path):
+  """``export.torchvision_model``: stock torchvision classes, the preprocessing inside, raw
+  uint8 NCHW in -> exactly our pooled backbone features on the normalised NHWC images."""
+  from ssl_jax.models.normalize import normalize
+  jmodel = resnet.get_backbone(name, stem=stem, base_width=base)
+  variables = np_variables(jmodel, (1, size, size, 3))
+  path = export.export_resnet(variables['params'], variables['batch_stats'], tmp_path / 'b.pth')
+  model = export.torchvision_model(path)
+  assert isinstance(model[1], torchvision.models.ResNet) and not model.training
+  images = np.random.default_rng(3).integers(0, 256, (3, size, size, 3), dtype=np.uint8)
+  ours = np.asarray(jax.jit(lambda v, x: jmodel.apply(v, normalize(x), train=False)['pooled'])(
+      variables, jnp.asarray(images)))
+  with torch.no_grad():
+    theirs = model(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).numpy()
+  assert theirs.shape == ours.shape
+  np.testing.assert_allclose(theirs, ours, rtol=1e-4, atol=1e-4 * np.abs(ours).max())
+  # Without the preprocessing the raw pixels give other features: the helper's step matters.
+  with torch.no_grad():
+    raw = model[1](torch.from_numpy(images.transpose(0, 3, 1, 2).astype(np.float32)))
+  assert not np.allclose(raw.numpy(), ours, rtol=1e-2)
+
+
+def test_load_snippet_runs_on_a_stock_torchvision_resnet18(tmp_path):
+  """The by-hand recipe of export.json / README, executed as written on a CIFAR-stem export."""
+  from ssl_jax.models.normalize import normalize
+  jmodel = resnet.get_backbone('resnet18', stem='cifar')
+  variables = np_variables(jmodel, (1, 32, 32, 3))
+  export.export_resnet(variables['params'], variables['batch_stats'], tmp_path / 'backbone.pth')
+  images = np.random.default_rng(4).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+  scope = {'uint8_images_nchw': torch.from_numpy(images.transpose(0, 3, 1, 2).copy())}
+  import torchvision.transforms.v2  # noqa: F401  (the snippet uses it)
+  cwd = os.getcwd()
+  os.chdir(tmp_path)
+  try:
+    with torch.no_grad():
+      exec(export.load_snippet('resnet18', 'cifar', 64), scope)  # pylint: disable=exec-used
+  finally:
+    os.chdir(cwd)
+  ours = np.asarray(jmodel.apply(variables, normalize(jnp.asarray(images)), train=False)['pooled'])
+  np.testing.assert_allclose(scope['features'].numpy(), ours, rtol=1e-4,
+                             atol=1e-4 * np.abs(ours).max())

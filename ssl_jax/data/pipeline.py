@@ -32,19 +32,11 @@ from ssl_jax.data import views
 log = logging.getLogger('ssl_jax.data')
 
 # ImageNet statistics (RGB, [0, 1] scale), used by the model wrapper on device.
-MEAN_RGB = (0.485, 0.456, 0.406)
-STDDEV_RGB = (0.229, 0.224, 0.225)
+from ssl_jax.models.normalize import MEAN_RGB, STDDEV_RGB, normalize  # noqa: E402,F401
 
 _INT64_MAX = np.iinfo(np.int64).max
 # Tags that separate the independent random streams derived from one seed.
 _TAG_SHUFFLE, _TAG_CROP, _TAG_COLOR, _TAG_EXAMPLE = 1, 2, 3, 4
-
-
-def normalize(images):
-  """uint8 ``[..., 3]`` -> float32 ``(x / 255 - mean) / std`` with ImageNet mean/std (jnp)."""
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  x = jnp.asarray(images).astype(jnp.float32) / 255.0
-  return (x - jnp.asarray(MEAN_RGB, jnp.float32)) / jnp.asarray(STDDEV_RGB, jnp.float32)
 
 
 # ----------------------------------------------------------------------------------------------

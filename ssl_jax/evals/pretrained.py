@@ -357,9 +357,23 @@ def run_export(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str
       out[fmt] = str(path)
       log(f'Exported {pre.model.backbone} ({pre.model.stem} stem) from '
           f'{config.pretrained}/checkpoints/{step} to {path}.')
+  sd_base = int(np.asarray(export.to_torchvision_state_dict(
+      params['backbone'], batch_stats.get('backbone', {}))['conv1.weight']).shape[0])
+  how = {
+      'drop_in': "from ssl_jax.export import torchvision_model; "
+                 "model = torchvision_model('backbone.pth')  # raw uint8 [N,3,H,W] in, features out",
+      'by_hand': export.load_snippet(pre.model.backbone, pre.model.stem, sd_base).split('\n'),
+      'preprocessing': {'scale': '1/255', 'mean': list(export.MEAN_RGB),
+                        'std': list(export.STDDEV_RGB), 'layout': 'RGB'},
+  }
+  if sd_base != 64:
+    how['by_hand'] = [f'base width {sd_base} != 64: use torchvision_model (it rebuilds '
+                      'torchvision.models.ResNet at this width)']
   write_json(workdir, 'export.json', {'pretrained': config.pretrained, 'step': step,
                                       'backbone': pre.model.backbone, 'stem': pre.model.stem,
-                                      'files': out})
+                                      'base_width': sd_base, 'files': out, 'load': how})
+  if jax.process_index() == 0:
+    log('Load it in PyTorch: ' + how['drop_in'] + f' (export.json has the by-hand recipe).')
   return out
 
 
