@@ -9,6 +9,7 @@ import os
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -93,6 +94,81 @@ def test_class_balanced_subset_is_balanced_seeded_and_nested():
   np.testing.assert_array_equal(finetune.match_ids(ids, ['n01_1.JPEG', 'n02_3.JPEG']), [0, 2])
   with pytest.raises(ValueError, match='not in the split'):
     finetune.match_ids(ids, ['missing.JPEG'])
+
+
+def test_finetune_ema_update_matches_numpy_model_ema():
+  """timm ModelEmaV2 on every leaf: ema <- d * ema + (1 - d) * w after each step; a float64
+  numpy loop over a random weight trajectory is the reference."""
+  rng = np.random.default_rng(0)
+  shapes = {'backbone': {'w': (3, 4), 'b': (4,)}, 'head': {'kernel': (4, 2)}}
+  init = jax.tree.map(lambda sh: rng.standard_normal(sh).astype(np.float32), shapes,
+                      is_leaf=lambda x: isinstance(x, tuple))
+  traj = [jax.tree.map(lambda a: (a + rng.standard_normal(a.shape)).astype(np.float32), init)
+          for _ in range(30)]
+  step = jax.jit(finetune.ema_update, static_argnums=2)
+  for decay in (0.9, 0.99996):
+    ema = jax.tree.map(jnp.asarray, init)
+    ref = jax.tree.map(lambda a: a.astype(np.float64), init)
+    for w in traj:
+      ema = step(ema, w, decay)
+      ref = jax.tree.map(lambda e, n: decay * e + (1 - decay) * n.astype(np.float64), ref, w)
+    for got, want in zip(jax.tree.leaves(ema), jax.tree.leaves(ref)):
+      assert got.dtype == jnp.float32
+      np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+  # Closed form for a constant target: ema_t = w + d^t (ema_0 - w).
+  w = jax.tree.map(lambda a: a + 1.0, init)
+  ema = jax.tree.map(jnp.asarray, init)
+  for _ in range(10):
+    ema = step(ema, w, 0.8)
+  np.testing.assert_allclose(ema['head']['kernel'],
+                             w['head']['kernel'] + 0.8 ** 10 * -1.0, rtol=1e-5, atol=1e-6)
+  assert finetune.ema_update({}, {}, 0.5) == {}
+
+
+def test_finetune_summarize_history_last_and_best():
+  hist = [{'epoch': 1, 'step': 10, 'top1': 0.5, 'top5': 0.9, 'ema_top1': 0.4, 'ema_top5': 0.8},
+          {'epoch': 2, 'step': 20, 'top1': 0.7, 'top5': 0.92, 'ema_top1': 0.6, 'ema_top5': 0.85},
+          {'epoch': 3, 'step': 30, 'top1': 0.7, 'top5': 0.95, 'ema_top1': 0.65, 'ema_top5': 0.9},
+          {'epoch': 4, 'step': 40, 'top1': 0.6, 'top5': 0.93, 'ema_top1': 0.66, 'ema_top5': 0.91}]
+  s = finetune.summarize_history(hist)
+  assert (s['top1_last'], s['top5_last'], s['last_epoch']) == (0.6, 0.93, 4)
+  # Best top-1, the earliest on ties (official `acc > acc_best`); top-5 of that evaluation.
+  assert (s['top1_best'], s['top5_best'], s['best_epoch']) == (0.7, 0.92, 2)
+  assert (s['ema_top1_last'], s['ema_top1_best'], s['ema_best_epoch']) == (0.66, 0.66, 4)
+  assert s['num_evals'] == 4
+  text = finetune.format_summary(s)
+  assert 'top-1 last 60.00% (epoch 4) | best 70.00% (epoch 2, of 4 evaluations)' in text
+  assert 'EMA top-1 last 66.00% (epoch 4) | best 66.00% (epoch 4' in text
+  plain = finetune.summarize_history([{k: v for k, v in h.items() if not k.startswith('ema')}
+                                      for h in hist])
+  assert not any(k.startswith('ema') for k in plain) and 'EMA' not in finetune.format_summary(plain)
+  with pytest.raises(ValueError):
+    finetune.summarize_history([])
+
+
+def test_finetune_aps_preset_is_the_released_recipe():
+  for vit, lr in (('vit_tiny', 2e-3), ('vit_small', 1e-3), ('vit_base', 5e-4)):
+    c = _load_config('eval_finetune', f'cifar100,aps,{vit}')
+    # Released lr x B / 512 == our base_lr x B / 256.
+    assert c.optimizer.base_lr * c.batch_size / 256 == pytest.approx(lr * 128 / 512)
+    assert (c.label_fraction, c.epochs, c.batch_size, c.optimizer.name) == ('100%', 100, 128,
+                                                                           'adamw')
+    assert (c.optimizer.weight_decay, c.optimizer.warmup_epochs, c.label_smoothing) == (
+        0.05, 5.0, 0.1)
+    assert (c.drop_path, c.ema_decay, c.eval_every_epochs, c.recipe_backbone) == (
+        0.1, 0.99996, 1, vit)
+  default = _load_config('eval_finetune', 'cifar10,1%')
+  assert (default.drop_path, default.ema_decay, default.epochs) == (0.0, 0.0, 60)
+  for bad in ('cifar10,vit_tiny', 'cifar10,aps,vit_huge'):
+    with pytest.raises(config_lib.ConfigError, match='not recognised'):
+      _load_config('eval_finetune', bad)
+  c = _load_config('eval_finetune', 'cifar10,aps')
+  c.pretrained = '/x'
+  for key, value in (('drop_path', 1.0), ('ema_decay', -0.1), ('ema_decay', 1.0)):
+    bad = c.copy_and_resolve_references()
+    bad[key] = value
+    with pytest.raises(config_lib.ConfigError, match=key):
+      finetune.validate(bad)
 
 
 def test_linear_probe_matches_sklearn_logistic_regression_on_random_features():
@@ -234,16 +310,106 @@ def test_linear_probe_cached_and_streaming(pretrained_dir, tmp_path):
 def test_finetune_on_label_subset(pretrained_dir, tmp_path):
   c = _eval_config('eval_finetune', 'cifar10,10%,runlocal', pretrained_dir)
   c.epochs = 2
+  c.eval_every_epochs = 1
+  c.ema_decay = 0.5   # large, so that the EMA visibly differs from both ends of the run
   res = finetune.run(c, str(tmp_path))
   assert 0.0 <= res['top1'] <= res['top5'] <= 1.0
+  # Last and best, online and EMA, over the per-epoch evaluations.
+  assert [h['epoch'] for h in res['history']] == [1, 2]
+  assert res['top1'] == res['top1_last'] == res['history'][-1]['top1']
+  assert res['top1_best'] == max(h['top1'] for h in res['history']) >= res['top1_last']
+  assert res['best_epoch'] in (1, 2) and res['ema_best_epoch'] in (1, 2)
+  assert 0.0 <= res['ema_top1_last'] <= res['ema_top5_last'] <= 1.0
+  saved = json.loads((tmp_path / 'results.json').read_text())
+  for key in ('top1_last', 'top5_last', 'top1_best', 'top5_best', 'best_epoch', 'ema_top1_last',
+              'ema_top1_best', 'ema_best_epoch', 'history'):
+    assert saved[key] == res[key], key
+  st = res['final_state']
+  k = ('backbone', 'conv1', 'kernel')
+  ema_k = np.asarray(jax.device_get(st.ema_params['backbone']['conv1']['kernel']))
+  online_k = np.asarray(jax.device_get(st.params['backbone']['conv1']['kernel']))
+  assert not np.array_equal(ema_k, online_k), k
+  assert set(jax.device_get(st.ema_batch_stats)['backbone']) == set(st.batch_stats['backbone'])
+  # A rerun resumes the finished run; its history comes back from the checkpoint metadata.
+  again = finetune.run(c, str(tmp_path))
+  assert again['history'] == res['history'] and again['top1_best'] == res['top1_best']
+  # Drop-path is a ViT option.
+  bad = c.copy_and_resolve_references()
+  bad.drop_path = 0.1
+  with pytest.raises(config_lib.ConfigError, match='drop_path=0.1 needs a ViT backbone'):
+    finetune.run(bad, str(tmp_path / 'dp'))
   sub = np.load(tmp_path / 'subset_indices.npy')
   assert res['num_labelled'] == len(sub) and 20 <= len(sub) <= 30   # 10% of 256
   tags = _tags(str(tmp_path))
-  assert {'finetune/loss', 'finetune/test_top1', 'finetune/test_top5'} <= tags, tags
+  assert {'finetune/loss', 'finetune/test_top1', 'finetune/test_top5', 'finetune/test_ema_top1',
+          'finetune/test_top1_best', 'finetune/test_ema_top1_best'} <= tags, tags
   # The backbone was trained, not only the head.
   _, params, _, _ = pretrained.load_pretrained(pretrained_dir)
   new = jax.device_get(res['final_state'].params['backbone']['conv1']['kernel'])
   assert not np.array_equal(new, params['backbone']['conv1']['kernel'])
+
+
+def _fake_aps_run(workdir: str):
+  """An APS (vit_test) "training run" written directly: config.json + one checkpoint of random
+  weights, in the trainer's layout. (Running the APS trainer here would add a minute of
+  compiles; the fine-tuning is what is tested.)"""
+  from ssl_jax import checkpoint as ckpt_lib
+  from ssl_jax.models import ssl_model
+  p = _load_config('aps', 'cifar10,runlocal')
+  p.data.data_dir = TFDS_DATA_DIR
+  net = ssl_model.build_ssl_net(p.model, image_size=32)
+  shapes = jax.eval_shape(net.init, jax.random.key(0), jnp.zeros((2, 32, 32, 3), jnp.uint8))
+  rng = np.random.default_rng(0)
+
+  def fill(path, leaf):
+    name = jax.tree_util.keystr(path)
+    base = 1.0 if name.endswith(("['scale']", "['var']")) else 0.0
+    noise = 0.0 if name.endswith(("['mean']", "['var']")) else 0.05
+    return (base + noise * rng.standard_normal(leaf.shape)).astype(np.float32)
+
+  variables = jax.tree_util.tree_map_with_path(fill, shapes)
+  ckpt_lib.check_workdir_config(workdir, p)
+  ck = ckpt_lib.Checkpointer(workdir, keep=1, async_save=False)
+  ck.save(2, {'step': np.int32(2), 'params': variables['params'],
+              'batch_stats': variables['batch_stats']}, {'step': 2, 'epoch': 0.0}, force=True)
+  ck.close()
+
+
+def test_finetune_aps_vit_with_drop_path_and_ema(tmp_path):
+  """The APS fine-tune preset on an APS (vit_test) checkpoint: drop-path active in the train
+  step only (eval is deterministic), EMA evaluated alongside, last / best reported."""
+  from ssl_jax.models import ssl_model
+  assert TFDS_DATA_DIR, 'set TFDS_DATA_DIR to a data dir with cifar10 (../shared/data/tfds)'
+  pre_dir = str(tmp_path / 'aps')
+  _fake_aps_run(pre_dir)
+  pre, params, _, _ = pretrained.load_pretrained(pre_dir)
+  assert 'bias' not in params['backbone']['block_0']['attn']['qkv']   # the official APS ViT
+  assert (pre.model.qkv_bias, pre.model.layer_norm_eps) == (False, 1e-5)
+
+  c = _eval_config('eval_finetune', 'cifar10,aps,runlocal', pre_dir)
+  c.epochs = 2
+  c.eval_every_epochs = 1
+  c.ema_decay = 0.9
+  assert c.drop_path == 0.1 and c.optimizer.name == 'adamw'
+  res = finetune.run(c, str(tmp_path / 'ft'))
+  assert [h['epoch'] for h in res['history']] == [1, 2]
+  assert res['drop_path'] == 0.1 and res['backbone'] == 'vit_test'
+  for key in ('top1_last', 'top1_best', 'ema_top1_last', 'ema_top1_best'):
+    assert 0.0 <= res[key] <= 1.0, key
+  # The fine-tuning network: drop-path rates 0 .. 0.1 over the 2 blocks; train mode draws
+  # per-sample masks from the 'dropout' rng, eval mode is deterministic.
+  net = finetune.FinetuneNet(ssl_model.build_backbone(pre.model, 32, drop_path_rate=0.1), 10)
+  st = res['final_state']
+  v = {'params': jax.device_get(st.params)}
+  x = jnp.asarray(np.random.default_rng(0).integers(0, 256, (64, 32, 32, 3)), jnp.uint8)
+  ev = net.apply(v, x, train=False)
+  np.testing.assert_array_equal(ev, net.apply(v, x, train=False))
+  tr = [net.apply(v, x, train=True, rngs={'dropout': jax.random.key(i)}) for i in (0, 1)]
+  assert not np.allclose(tr[0], tr[1]) and not np.allclose(tr[0], ev)
+  # With drop_path 0 the train forward equals the eval forward (no other stochastic layer).
+  plain = finetune.FinetuneNet(ssl_model.build_backbone(pre.model, 32), 10)
+  np.testing.assert_allclose(plain.apply(v, x, train=True, rngs={'dropout': jax.random.key(0)}),
+                             ev, atol=1e-5)
 
 
 def test_knn_and_embed_modes(pretrained_dir, tmp_path):

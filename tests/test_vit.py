@@ -75,7 +75,7 @@ def test_unknown_name_and_bad_sizes():
     get_vit('vit_tiny', patch_size=5, image_size=32)
 
 
-# timm VisionTransformer(num_classes=0) parameter counts at 224 / patch 16.
+# timm VisionTransformer(num_classes=0) parameter counts at 224 / patch 16 (qkv_bias=True).
 TIMM_COUNTS = {'vit_tiny': 5_524_416, 'vit_small': 21_665_664, 'vit_base': 85_798_656}
 
 
@@ -83,17 +83,119 @@ TIMM_COUNTS = {'vit_tiny': 5_524_416, 'vit_small': 21_665_664, 'vit_base': 85_79
 def test_preset_param_counts(name):
   d, depth, _ = vit_lib.VIT_PRESETS[name]
 
-  def count(patch, image):
-    model = get_vit(name, patch_size=patch, image_size=image)
+  def count(patch, image, **kw):
+    model = get_vit(name, patch_size=patch, image_size=image, **kw)
     shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, image, image, 3)))
     return _count(shapes['params'])
 
-  assert count(16, 224) == TIMM_COUNTS[name]
-  # APS on CIFAR: patch 2 on 32x32 -> 256 patches. Per block 12 D^2 + 13 D; patch embedding
-  # 3 p^2 D + D; CLS D; position (1 + N) D; final norm 2 D.
+  assert count(16, 224, qkv_bias=True) == TIMM_COUNTS[name]
+  # APS on CIFAR (default: no qkv bias, as timm Block): patch 2 on 32x32 -> 256 patches. Per
+  # block 12 D^2 + 10 D (13 D with the 3 D qkv bias); patch embedding 3 p^2 D + D; CLS D;
+  # position (1 + N) D; final norm 2 D.
   n = 256
-  want = depth * (12 * d * d + 13 * d) + 3 * 4 * d + d + d + (1 + n) * d + 2 * d
+  want = depth * (12 * d * d + 10 * d) + 3 * 4 * d + d + d + (1 + n) * d + 2 * d
   assert count(2, 32) == want
+  assert count(2, 32, qkv_bias=True) == want + depth * 3 * d
+
+
+def test_defaults_follow_the_official_aps_model():
+  """timm Block(dim, heads): qkv_bias=False, nn.LayerNorm (eps 1e-5) — and the config path."""
+  from ssl_jax.models import ssl_model
+  model = get_vit('vit_test', patch_size=PATCH, image_size=IMAGE)
+  assert model.qkv_bias is False and model.layer_norm_eps == 1e-5
+  params = jax.eval_shape(model.init, jax.random.key(0), _images())['params']
+  assert set(params['block_0']['attn']['qkv']) == {'kernel'}
+  assert set(params['block_0']['attn']['proj']) == {'kernel', 'bias'}
+  # configs/aps.py sets both fields; build_backbone passes them on.
+  import importlib.util
+  import os
+  path = os.path.join(os.path.dirname(__file__), '..', 'configs', 'aps.py')
+  spec = importlib.util.spec_from_file_location('aps_cfg_for_vit_test', path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = mod.get_config('cifar10,vit_tiny')
+  assert c.model.qkv_bias is False and c.model.layer_norm_eps == 1e-5
+  built = ssl_model.build_backbone(c.model, 32)
+  assert (built.qkv_bias, built.layer_norm_eps, built.patch_size) == (False, 1e-5, 2)
+  # A config.json written before the fields existed rebuilds the ViT it trained (bias, 1e-6).
+  legacy = c.model.to_dict()
+  del legacy['qkv_bias'], legacy['layer_norm_eps']
+  import ml_collections
+  old = ssl_model.build_backbone(ml_collections.ConfigDict(legacy), 32)
+  assert (old.qkv_bias, old.layer_norm_eps) == (True, 1e-6)
+  fine = ssl_model.build_backbone(c.model, 32, drop_path_rate=0.1)
+  assert fine.drop_path_rate == 0.1
+  with pytest.raises(ValueError, match='only apply to ViT'):
+    ssl_model.build_backbone(ml_collections.ConfigDict(
+        {'backbone': 'resnet_tiny', 'stem': 'cifar', 'width': 1.0, 'dtype': 'float32'}), 32,
+        drop_path_rate=0.1)
+
+
+def _np_layer_norm(x, p, eps):
+  mu = x.mean(-1, keepdims=True)
+  var = ((x - mu) ** 2).mean(-1, keepdims=True)
+  return (x - mu) / np.sqrt(var + eps) * p['scale'] + p['bias']
+
+
+def _np_vit(params, images, *, heads, patch, eps):
+  """Slow float64 reference of the full-token ViT forward (pre-norm blocks, CLS first)."""
+  from scipy.special import erf
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  x = np.asarray(images, np.float64)
+  b, h, w, c = x.shape
+  gh, gw = h // patch, w // patch
+  cols = x.reshape(b, gh, patch, gw, patch, c).transpose(0, 1, 3, 2, 4, 5)
+  cols = cols.reshape(b, gh * gw, patch * patch * c)
+  k = p['patch_embed']['kernel']
+  t = cols @ k.reshape(-1, k.shape[-1]) + p['patch_embed']['bias']
+  pos = p['pos_embedding'][0]
+  t = t + pos[1:]
+  cls = np.broadcast_to(p['cls_token'][0] + pos[:1], (b, 1, t.shape[-1]))
+  z = np.concatenate([cls, t], axis=1)
+  d = z.shape[-1]
+  hd = d // heads
+  i = 0
+  while f'block_{i}' in p:
+    blk = p[f'block_{i}']
+    y = _np_layer_norm(z, blk['norm1'], eps)
+    qkv = y @ blk['attn']['qkv']['kernel'] + blk['attn']['qkv'].get('bias', 0.0)
+    qkv = qkv.reshape(b, -1, 3, heads, hd)
+    q, kk, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]          # [B, T, H, hd]
+    logits = np.einsum('bqhd,bkhd->bhqk', q, kk) / np.sqrt(hd)
+    att = np.exp(logits - logits.max(-1, keepdims=True))
+    att = att / att.sum(-1, keepdims=True)
+    o = np.einsum('bhqk,bkhd->bqhd', att, v).reshape(b, -1, d)
+    z = z + o @ blk['attn']['proj']['kernel'] + blk['attn']['proj']['bias']
+    y = _np_layer_norm(z, blk['norm2'], eps)
+    y = y @ blk['mlp']['fc1']['kernel'] + blk['mlp']['fc1']['bias']
+    y = 0.5 * y * (1.0 + erf(y / np.sqrt(2.0)))
+    z = z + y @ blk['mlp']['fc2']['kernel'] + blk['mlp']['fc2']['bias']
+    i += 1
+  return _np_layer_norm(z, p['norm'], eps)
+
+
+@pytest.mark.parametrize('qkv_bias, eps', [(False, 1e-5), (True, 1e-6)])
+def test_forward_matches_numpy_reference(qkv_bias, eps):
+  """qkv_bias and layer_norm_eps reach every block and the final norm. Low-amplitude images keep
+  the LayerNorm variances small (~1e-3), so the two eps values give measurably different
+  outputs and the check is sensitive to which one is used."""
+  model = get_vit('vit_test', patch_size=PATCH, image_size=IMAGE, qkv_bias=qkv_bias,
+                  layer_norm_eps=eps)
+  x = 0.01 * _images(2, seed=3)
+  params = _params(model, x, seed=4)
+  assert ('bias' in params['block_0']['attn']['qkv']) == qkv_bias
+  out = jax.jit(model.apply)({'params': params}, x)
+  _, heads = vit_lib.VIT_PRESETS['vit_test'][1:]
+  ref = _np_vit(params, x, heads=heads, patch=PATCH, eps=eps)
+  np.testing.assert_allclose(out['cls'], ref[:, 0], atol=2e-5)
+  np.testing.assert_allclose(out['tokens'], ref[:, 1:], atol=2e-5)
+  other = _np_vit(params, x, heads=heads, patch=PATCH, eps=1e-5 if eps == 1e-6 else 1e-6)
+  assert np.max(np.abs(ref - other)) > 1e-3  # the eps really matters at this scale
+  if qkv_bias:  # and so does the qkv bias
+    no_bias = jax.tree.map(lambda a: a, params)
+    no_bias['block_0']['attn']['qkv'] = {'kernel': params['block_0']['attn']['qkv']['kernel']}
+    no_bias['block_1']['attn']['qkv'] = {'kernel': params['block_1']['attn']['qkv']['kernel']}
+    assert np.max(np.abs(_np_vit(no_bias, x, heads=heads, patch=PATCH, eps=eps) - ref)) > 1e-3
 
 
 def test_subset_equals_masked_full_attention(test_model):
@@ -182,6 +284,33 @@ def test_bf16_path(test_model):
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
 
 
+def test_drop_path_identity_at_eval_and_per_sample_in_train():
+  """DropPath: exact identity when deterministic; in train, each sample's whole branch is
+  either dropped (0) or scaled by 1 / keep, with P(kept) = keep, so E[out] = x."""
+  rate, b = 0.3, 4000
+  keep = 1.0 - rate
+  dp = vit_lib.DropPath(rate)
+  x = 1.0 + jax.random.uniform(jax.random.key(0), (b, 3, 5))
+  np.testing.assert_array_equal(dp.apply({}, x, deterministic=True), x)
+  np.testing.assert_array_equal(vit_lib.DropPath(0.0).apply({}, x, deterministic=False), x)
+  y = np.asarray(jax.jit(lambda r: dp.apply({}, x, deterministic=False, rngs={'dropout': r}))(
+      jax.random.key(1)))
+  ratio = y / np.asarray(x)                              # 0 or 1 / keep, constant per sample
+  per_sample = ratio.reshape(b, -1)
+  np.testing.assert_allclose(per_sample, per_sample[:, :1] * np.ones_like(per_sample), atol=1e-6)
+  kept = per_sample[:, 0] > 0
+  np.testing.assert_allclose(per_sample[kept, 0], 1.0 / keep, rtol=1e-6)
+  np.testing.assert_array_equal(per_sample[~kept, 0], 0.0)
+  # P(kept) = keep within 4 binomial standard deviations; the mean ratio is 1 (E[out] = x).
+  sd = np.sqrt(keep * rate / b)
+  assert abs(kept.mean() - keep) < 4 * sd
+  assert abs(per_sample[:, 0].mean() - 1.0) < 4 * sd / keep
+  # A different rng gives a different mask; the same rng the same one.
+  y2 = jax.jit(lambda r: dp.apply({}, x, deterministic=False, rngs={'dropout': r}))(
+      jax.random.key(2))
+  assert not np.array_equal(y, np.asarray(y2))
+
+
 def test_drop_path_train_mode():
   # Per-block drop rates 0 and 0.5 (linear in depth from 0).
   model = get_vit('vit_test', patch_size=PATCH, image_size=IMAGE, drop_path_rate=0.5, depth=2)
@@ -211,7 +340,8 @@ def test_real_init():
   params = jax.jit(model.init)(jax.random.key(0, impl='rbg'), _images())['params']
   pos = np.asarray(params['pos_embedding'])
   assert 0.01 < pos.std() < 0.03 and np.abs(pos).max() <= 0.04 + 1e-6
-  assert np.all(np.asarray(params['block_0']['attn']['qkv']['bias']) == 0)
+  assert 'bias' not in params['block_0']['attn']['qkv']     # official APS: no qkv bias
+  assert np.all(np.asarray(params['block_0']['attn']['proj']['bias']) == 0)
   assert np.all(np.asarray(params['norm']['scale']) == 1)
   limit = np.sqrt(6 / (32 + 96))  # Xavier-uniform bound of the [32, 96] qkv kernel
   assert np.abs(np.asarray(params['block_0']['attn']['qkv']['kernel'])).max() <= limit

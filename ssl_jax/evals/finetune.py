@@ -19,9 +19,29 @@ network is trained with softmax cross-entropy on a labelled fraction of the trai
 Training is sharded like pretraining: one ``jax.jit`` step over the ``'data'`` mesh with the
 global batch as a ``NamedSharding``, BatchNorm statistics over the global batch, parameters
 replicated. Optimizer: SGD with Nesterov momentum (or AdamW), ``lr = base_lr * B / 256``
-(the head's ``head_lr_mult`` times that), linear warm-up + cosine. Evaluation: top-1 / top-5
-on the eval split (centre crop), TensorBoard tags ``finetune/*``, Orbax checkpoints and
-``results.json`` in EVAL_DIR (a rerun resumes).
+(the head's ``head_lr_mult`` times that), linear warm-up + cosine.
+
+Regularisers of ViT fine-tuning recipes (the APS recipe: ``configs/eval_finetune.py:...,aps``):
+
+* ``drop_path``: stochastic depth in the ViT blocks, rate linear in depth from 0 to
+  ``drop_path`` (timm ``linspace(0, drop_path, depth)``); each sample's residual branch is
+  dropped with that probability and the kept ones scaled by ``1 / (1 - rate)``. Only in the
+  train step, driven by the ``'dropout'`` rng ``fold_in(fold_in(key(seed), DROPOUT_STREAM),
+  step)`` (a resume redraws the same masks); evaluation is deterministic. ViT backbones only.
+* ``ema_decay`` (> 0): a model EMA as timm's ``ModelEma`` / ``ModelEmaV2``: initialised to the
+  starting weights (pretrained backbone + new head), and after every optimizer step
+  ``ema <- decay * ema + (1 - decay) * weights`` for every parameter and BatchNorm statistic
+  (:func:`ema_update`). It is evaluated alongside the online weights.
+
+Evaluation: top-1 / top-5 on the eval split (centre crop) every ``eval_every_epochs`` and after
+the last epoch, for the online weights and (with ``ema_decay > 0``) the EMA weights.
+``results.json`` reports the **last** evaluation (``top1_last``, ``top5_last``; ``top1`` /
+``top5`` are the same numbers) and the **best** one (``top1_best``, ``top5_best`` — top-5 of
+that evaluation — and ``best_epoch``), and ``ema_*`` versions of each, plus the whole
+``history``; the log prints them labelled. The best epoch is picked on the eval split itself, as
+the official APS ``main_finetune.py`` (and its paper table) does, so it is an optimistic number;
+the last epoch is the unbiased one. TensorBoard tags ``finetune/*``, Orbax checkpoints (the
+evaluation history travels in their metadata) and ``results.json`` in EVAL_DIR (a rerun resumes).
 """
 from __future__ import annotations
 
@@ -46,6 +66,7 @@ from ssl_jax.evals import pretrained as pre_lib
 
 OPTIMIZERS = ('sgd', 'adamw')
 TAG = 'finetune'
+DROPOUT_STREAM = 0x64726f70  # fold_in constant of the drop-path rng stream ('drop')
 
 
 # =============================================================================================
@@ -167,6 +188,52 @@ class FTState:
   params: Any
   batch_stats: Any
   opt_state: Any
+  ema_params: Any = None       # {} when config.ema_decay == 0
+  ema_batch_stats: Any = None  # {} when config.ema_decay == 0
+
+
+def ema_update(ema: Any, new: Any, decay: float) -> Any:
+  """``ema + (1 - decay)(new - ema)`` (= ``decay·ema + (1 - decay)·new``) leaf by leaf, in the
+  leaf's dtype: one step of timm's ``ModelEmaV2`` (called after each optimizer step)."""
+  return jax.tree.map(lambda e, n: (e + (1.0 - decay) * (n - e)).astype(e.dtype), ema, new)
+
+
+def summarize_history(history: Sequence[dict[str, Any]]) -> dict[str, Any]:
+  """Last and best evaluation of the online (and, when present, EMA) weights.
+
+  ``history``: evaluations in step order, each ``{'epoch', 'step', 'top1', 'top5'[,
+  'ema_top1', 'ema_top5']}``. Best = the highest top-1, the earliest on ties (the official
+  ``acc > acc_best`` rule); its top-5 is that evaluation's. Returns ``top1_last``,
+  ``top5_last``, ``last_epoch``, ``top1_best``, ``top5_best``, ``best_epoch``,
+  ``num_evals`` and the ``ema_`` versions of the first six when the history has EMA numbers.
+  """
+  if not history:
+    raise ValueError('summarize_history needs at least one evaluation')
+  out: dict[str, Any] = {'num_evals': len(history)}
+  prefixes = [''] + (['ema_'] if all('ema_top1' in h for h in history) else [])
+  for pre in prefixes:
+    last = history[-1]
+    best = max(range(len(history)), key=lambda i: (history[i][f'{pre}top1'], -i))
+    out.update({f'{pre}top1_last': float(last[f'{pre}top1']),
+                f'{pre}top5_last': float(last[f'{pre}top5']),
+                f'{pre}last_epoch': last['epoch'],
+                f'{pre}top1_best': float(history[best][f'{pre}top1']),
+                f'{pre}top5_best': float(history[best][f'{pre}top5']),
+                f'{pre}best_epoch': history[best]['epoch']})
+  return out
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+  """``top-1 last 97.10% (epoch 100) | best 97.30% (epoch 88, of 100 evaluations) | ...``."""
+  def one(pre: str, label: str) -> str:
+    return (f'{label}top-1 last {100 * summary[pre + "top1_last"]:.2f}% (epoch '
+            f'{summary[pre + "last_epoch"]:g}) | best {100 * summary[pre + "top1_best"]:.2f}% '
+            f'(epoch {summary[pre + "best_epoch"]:g}, of {summary["num_evals"]} evaluations) | '
+            f'top-5 last {100 * summary[pre + "top5_last"]:.2f}%')
+  text = one('', '')
+  if 'ema_top1_last' in summary:
+    text += '; EMA ' + one('ema_', '')
+  return text
 
 
 def make_optimizer(config: ml_collections.ConfigDict, lr_fn) -> optax.GradientTransformation:
@@ -207,6 +274,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
         'a finite number >= 0')
   req(c.optimizer.base_lr > 0, 'optimizer.base_lr', c.optimizer.base_lr, 'a number > 0')
   req(c.augment in linear_lib.AUGMENTS, 'augment', c.augment, ', '.join(linear_lib.AUGMENTS))
+  dp, ed = c.get('drop_path', 0.0), c.get('ema_decay', 0.0)
+  req(isinstance(dp, (int, float)) and not isinstance(dp, bool) and 0 <= dp < 1, 'drop_path',
+      dp, 'a number in [0, 1) (0 = off; ViT backbones only)')
+  req(isinstance(ed, (int, float)) and not isinstance(ed, bool) and 0 <= ed < 1, 'ema_decay',
+      ed, 'a number in [0, 1) (0 = no model EMA; APS recipe 0.99996)')
   lo, hi = c.crop_scale
   req(0 < lo <= hi <= 1, 'crop_scale', tuple(c.crop_scale), '(lo, hi) with 0 < lo <= hi <= 1')
 
@@ -216,7 +288,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
 # =============================================================================================
 def run(config: ml_collections.ConfigDict, workdir: str, *,
         allow_config_change: bool = False) -> dict[str, Any]:
-  """Fine-tune on the labelled subset; returns ``{'top1', 'top5', 'num_labelled', ...}``."""
+  """Fine-tune on the labelled subset; returns ``{'top1', 'top5', 'top1_best', 'num_labelled',
+  ...}`` (``top1`` / ``top5``: the last evaluation; see the module docstring)."""
   from clu import metric_writers  # pylint: disable=import-outside-toplevel
   from ssl_jax.models import ssl_model  # pylint: disable=import-outside-toplevel
   validate(config)
@@ -235,8 +308,22 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     np.save(os.path.join(workdir, 'subset_indices.npy'), subset)
 
   size = int(data_cfg.image_size)
-  model = FinetuneNet(ssl_model.build_backbone(pre.model, size), num_classes,
+  drop_path = float(config.get('drop_path', 0.0))
+  ema_decay = float(config.get('ema_decay', 0.0))
+  use_ema = ema_decay > 0
+  is_vit = str(pre.model.backbone).startswith('vit')
+  if drop_path > 0 and not is_vit:
+    raise config_lib.ConfigError(
+        f'config.drop_path={drop_path} needs a ViT backbone (stochastic depth in the transformer '
+        f'blocks); the pretrained backbone is {pre.model.backbone!r}. Accepted: drop_path=0.')
+  recipe_backbone = config.get('recipe_backbone', '')
+  if recipe_backbone and recipe_backbone != pre.model.backbone:
+    pre_lib.log(f'WARNING: this fine-tune recipe was set up for {recipe_backbone} (its lr), but '
+                f'the pretrained backbone is {pre.model.backbone}; pass the matching ViT token.')
+  overrides = {'drop_path_rate': drop_path} if drop_path > 0 else {}
+  model = FinetuneNet(ssl_model.build_backbone(pre.model, size, **overrides), num_classes,
                       head_init_std=float(config.head_init_std))
+  dropout_key = jax.random.fold_in(jax.random.key(config.seed), DROPOUT_STREAM)
   bs = config.batch_size
   spe = len(subset) // bs
   if spe < 1:
@@ -257,8 +344,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     if 'batch_stats' in v:
       bstats = dict(v['batch_stats'])
       bstats['backbone'] = jax.tree.map(jnp.asarray, batch_stats['backbone'])
+    copy = lambda t: jax.tree.map(jnp.copy, t)  # noqa: E731 — own buffers (the step donates)
     return FTState(step=jnp.zeros((), jnp.int32), params=p, batch_stats=bstats,
-                   opt_state=tx.init(p))
+                   opt_state=tx.init(p), ema_params=copy(p) if use_ema else {},
+                   ema_batch_stats=copy(bstats) if use_ema else {})
 
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   rep = sharding.replicated(mesh)
@@ -271,9 +360,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     ckpt = ckpt_lib.Checkpointer(workdir, keep=2, async_save=False)
     try:
       restored = ckpt.restore_latest(abstract)
+      history: list[dict[str, Any]] = []
       if restored is not None:
         state, meta = restored
         pre_lib.log(f'Resumed fine-tuning from {ckpt.directory}/{meta["step"]}.')
+        history = [dict(h) for h in meta.get('history', []) if h['step'] <= meta['step']]
       else:
         state = jax.jit(init_state, out_shardings=shardings)(jax.random.key(config.seed))
       start = int(jax.device_get(state.step))
@@ -283,9 +374,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
           start_step=start)
 
       def train_step(st: FTState, batch):
+        rngs = {'dropout': jax.random.fold_in(dropout_key, st.step)}  # drop-path masks
+
         def loss_fn(p):
           logits, mutated = model.apply({'params': p, 'batch_stats': st.batch_stats},
-                                        batch['image'], train=True, mutable=['batch_stats'])
+                                        batch['image'], train=True, mutable=['batch_stats'],
+                                        rngs=rngs)
           labels = batch['label']
           if config.label_smoothing > 0:
             onehot = optax.smooth_labels(jax.nn.one_hot(labels, num_classes),
@@ -298,26 +392,47 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
         (loss, (logits, new_bs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(st.params)
         updates, opt_state = tx.update(grads, st.opt_state, st.params)
         acc = jnp.mean(jnp.argmax(logits, -1) == batch['label'])
-        new = st.replace(step=st.step + 1, params=optax.apply_updates(st.params, updates),
-                         batch_stats=new_bs, opt_state=opt_state)
+        new_params = optax.apply_updates(st.params, updates)
+        new = st.replace(step=st.step + 1, params=new_params, batch_stats=new_bs,
+                         opt_state=opt_state)
+        if use_ema:  # timm ModelEma: after the optimizer step, on the updated weights
+          new = new.replace(ema_params=ema_update(st.ema_params, new_params, ema_decay),
+                            ema_batch_stats=ema_update(st.ema_batch_stats, new_bs, ema_decay))
         return new, {'loss': loss, 'train_top1': acc, 'lr': lr_fn(st.step)}
 
       step_fn = jax.jit(train_step, donate_argnums=(0,), out_shardings=(shardings, None))
 
       @jax.jit
       def logits_fn(st, images):
-        return {'logits': model.apply({'params': st.params, 'batch_stats': st.batch_stats},
-                                      images, train=False)}
+        out = {'logits': model.apply({'params': st.params, 'batch_stats': st.batch_stats},
+                                     images, train=False)}
+        if use_ema:
+          out['ema_logits'] = model.apply(
+              {'params': st.ema_params, 'batch_stats': st.ema_batch_stats}, images, train=False)
+        return out
 
-      def evaluate(st) -> dict[str, float]:
+      def evaluate(st, step: int) -> dict[str, Any]:
+        """One history record: online (and EMA) top-1 / top-5 on the eval split."""
         out = pre_lib.extract(logits_fn, st, data_cfg, split=data_cfg.eval_split, mesh=mesh,
                               batch_size=config.eval_batch_size,
                               max_examples=config.eval_examples)
-        return linear_lib.top1_top5(out['logits'], out['label'])
+        rec: dict[str, Any] = {'epoch': step // spe, 'step': step,
+                               **linear_lib.top1_top5(out['logits'], out['label'])}
+        if use_ema:
+          ema = linear_lib.top1_top5(out['ema_logits'], out['label'])
+          rec.update({'ema_top1': ema['top1'], 'ema_top5': ema['top5']})
+        writer.write_scalars(step, {f'{TAG}/test_{k}': v for k, v in rec.items()
+                                    if k not in ('epoch', 'step')})
+        ema_txt = (f' | EMA top-1 {100 * rec["ema_top1"]:.2f}% top-5 {100 * rec["ema_top5"]:.2f}%'
+                   if use_ema else '')
+        pre_lib.log(f'[finetune epoch {rec["epoch"]}] test top-1 {100 * rec["top1"]:.2f}% top-5 '
+                    f'{100 * rec["top5"]:.2f}%{ema_txt}')
+        return rec
 
       pre_lib.log(f'Fine-tune: {ft_in.num_examples} labelled examples, batch {bs}, {spe} '
                   f'steps/epoch x {config.epochs} epochs = {total_steps} steps, from step '
-                  f'{start}.')
+                  f'{start}; drop-path {drop_path:g}, model EMA '
+                  f'{ema_decay if use_ema else "off"}.')
       every = max(1, int(config.checkpoint_every_epochs)) * spe
       eval_every = int(config.eval_every_epochs) * spe
       log_every = max(1, int(config.log_every_steps))
@@ -342,18 +457,21 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
           pre_lib.log(f'[finetune step {step}/{total_steps}] loss {avg["loss"]:.4f} | train '
                       f'top-1 {100 * avg["train_top1"]:.1f}% | lr {avg["lr"]:.4g}')
         if eval_every > 0 and step % eval_every == 0 and step != total_steps:
-          res = evaluate(state)
-          writer.write_scalars(step, {f'{TAG}/test_{k}': v for k, v in res.items()})
-          pre_lib.log(f'[finetune epoch {step // spe}] test top-1 {100 * res["top1"]:.2f}%')
+          history.append(evaluate(state, step))
         if step % every == 0 or step == total_steps:
-          ckpt.save(step, state, {'step': step, 'epoch': step / spe}, force=True)
-      metrics = evaluate(state)
+          ckpt.save(step, state, {'step': step, 'epoch': step / spe, 'history': history},
+                    force=True)
+      history.append(evaluate(state, total_steps))
     finally:
       ckpt.close()
-  writer.write_scalars(total_steps, {f'{TAG}/test_{k}': v for k, v in metrics.items()})
+  summary = summarize_history(history)
+  writer.write_scalars(total_steps, {f'{TAG}/test_{k}': v for k, v in summary.items()
+                                     if k.endswith('_best')})
   writer.flush()
-  out = dict(metrics)
-  out.update({'pretrained': config.pretrained, 'pretrained_step': pre_step,
+  out = {'top1': summary['top1_last'], 'top5': summary['top5_last'], **summary}
+  out.update({'history': history, 'drop_path': drop_path, 'ema_decay': ema_decay,
+              'best_selected_on': f'{data_cfg.name}/{data_cfg.eval_split}',
+              'pretrained': config.pretrained, 'pretrained_step': pre_step,
               'method': pre.method.name, 'backbone': pre.model.backbone,
               'dataset': data_cfg.name, 'label_fraction': config.label_fraction,
               'subset_file': config.subset_file, 'num_labelled': int(len(subset)),
@@ -361,7 +479,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
               'final_state': state})
   pre_lib.write_json(workdir, 'results.json', {k: v for k, v in out.items()
                                                if k != 'final_state'})
-  pre_lib.log(f'Fine-tuned on {desc}: {data_cfg.name}/{data_cfg.eval_split} top-1 '
-              f'{100 * metrics["top1"]:.2f}% | top-5 {100 * metrics["top5"]:.2f}% '
-              f'({out["time_s"]:.0f}s). Written to {workdir}/results.json.')
+  pre_lib.log(f'Fine-tuned on {desc}: {data_cfg.name}/{data_cfg.eval_split} '
+              f'{format_summary(summary)} ({out["time_s"]:.0f}s; "best" is picked on this '
+              f'split). Written to {workdir}/results.json.')
   return out

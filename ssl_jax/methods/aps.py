@@ -1,8 +1,9 @@
 """APS — Asymmetric Patch Sampling for contrastive learning (Shen et al., arXiv 2306.02854).
 
-Network (official ``module/model.py``): a ViT (CIFAR: patch 2 on 32 px, 256 patches) whose CLS
-output (``features``) feeds a projector ``g`` and a predictor ``q`` of the same
-shape (MoCo v3 heads)::
+Network (official ``module/model.py``): a ViT (CIFAR: patch 2 on 32 px, 256 patches) built from
+timm ``Block(emb_dim, num_head)``, i.e. without a qkv bias and with LayerNorm eps 1e-5
+(``config.model.qkv_bias=False``, ``config.model.layer_norm_eps=1e-5``), whose CLS output
+(``features``) feeds a projector ``g`` and a predictor ``q`` of the same shape (MoCo v3 heads)::
 
   g: Linear(D, 512, no bias)-BN-ReLU-Linear(512, 512, no bias)-BN-ReLU-Linear(512, 128, no bias)
      -BN(affine=False)
@@ -116,6 +117,7 @@ class Method(base.Method):
     self.temperature = float(m.temperature)
     self.chunk_mode = str(m.chunk_mode)
     self.momentum_target = bool(m.momentum_target)
+    self.uses_ema_target = self.momentum_target   # no EMA update and no tau without one
 
   @staticmethod
   def validate_config(config):
@@ -154,6 +156,16 @@ class Method(base.Method):
     if not isinstance(m.momentum_target, bool):
       raise config_lib.ConfigError(
           f'config.method.momentum_target={m.momentum_target!r} is invalid; accepted: True, False')
+    qkv_bias = mc.get('qkv_bias', True)
+    if not isinstance(qkv_bias, bool):
+      raise config_lib.ConfigError(
+          f'config.model.qkv_bias={qkv_bias!r} is invalid; accepted: True, False (official APS: '
+          'False)')
+    eps = mc.get('layer_norm_eps', 1e-6)
+    if not (number(eps) and 0 < eps < 1):
+      raise config_lib.ConfigError(
+          f'config.model.layer_norm_eps={eps!r} is invalid; accepted: a number in (0, 1) '
+          '(official APS: 1e-5)')
     if config.data.views != 'aps':
       raise config_lib.ConfigError(
           f'config.data.views={config.data.views!r} is invalid for APS (it needs the crop boxes '
@@ -224,7 +236,8 @@ class Method(base.Method):
     k = losses.l2_normalize(jax.lax.stop_gradient(z2))
     pos, neg = base.in_batch_scores(q, k)
     metrics = {'aps/loss_12': l12, 'aps/loss_21': l21, 'aps/pos_sim': pos_sim,
-               'aps/ctr_top1': top1, **base.score_summary(pos, neg)}
+               'aps/ctr_top1': top1, **base.score_summary(pos, neg),
+               **base.embedding_summary(o1['proj'])}
     return loss, metrics, batch_stats, o1['features'], {'pos': pos, 'neg': neg}
 
   def loss(self, params, target_params, method_state, batch_stats, batch, rng, step):

@@ -52,12 +52,27 @@ def mlp_from_config(cfg: ml_collections.ConfigDict | None, dtype, **kw) -> nn.Mo
                    last_bn_affine=cfg.get('last_bn_affine', True), dtype=dtype, **kw)
 
 
-def build_backbone(model_cfg: ml_collections.ConfigDict, image_size: int | None = None) -> nn.Module:
+# ViT fields of ``config.model`` and the value assumed when a config lacks them: a config.json
+# written before the field existed comes from a run whose ViT had a qkv bias and LayerNorm eps
+# 1e-6, so its checkpoint is rebuilt as trained. configs/aps.py sets both explicitly (APS
+# reference: no qkv bias, eps 1e-5).
+VIT_LEGACY_DEFAULTS = {'qkv_bias': True, 'layer_norm_eps': 1e-6}
+
+
+def build_backbone(model_cfg: ml_collections.ConfigDict, image_size: int | None = None,
+                   **vit_overrides) -> nn.Module:
+  """The backbone of ``config.model``; ``vit_overrides`` (e.g. ``drop_path_rate``) are ``ViT``
+  fields for fine-tuning and are refused for ResNets."""
   dtype = compute_dtype(model_cfg.dtype)
   if model_cfg.backbone.startswith('vit'):
     from ssl_jax.models import vit
+    kw = {k: model_cfg.get(k, v) for k, v in VIT_LEGACY_DEFAULTS.items()}
+    kw.update(vit_overrides)
     return vit.get_vit(model_cfg.backbone, patch_size=model_cfg.get('patch_size', 16),
-                       image_size=image_size, dtype=dtype)
+                       image_size=image_size, dtype=dtype, **kw)
+  if vit_overrides:
+    raise ValueError(f'{sorted(vit_overrides)} only apply to ViT backbones, not '
+                     f'{model_cfg.backbone!r}')
   return resnet.get_backbone(model_cfg.backbone, stem=model_cfg.stem, dtype=dtype,
                              width=model_cfg.width)
 

@@ -25,6 +25,12 @@ renaming: ``patch_embed`` (conv kernel ``[p, p, C, D]`` + bias), ``cls_token [1,
 redundant with ``cls_token`` (both are added to the same vector) but is kept for that layout; the
 official APS code has no CLS position, which is the same function class.
 
+Defaults follow the official APS model (timm ``Block`` defaults): **no qkv bias** and LayerNorm
+**eps 1e-5** everywhere (``qkv_bias``, ``layer_norm_eps``; ``config.model.qkv_bias`` /
+``config.model.layer_norm_eps``). timm's ``VisionTransformer`` layout is
+``qkv_bias=True, layer_norm_eps=1e-6``; without the qkv bias the ``attn/qkv`` Dense has only a
+``kernel``.
+
 ``pos_embed='sincos'``: fixed 2-D sin-cos embedding (MAE / MoCo v3): the first ``D/2`` channels
 encode the row, the last ``D/2`` the column, each as ``[sin(pos·ω_i), cos(pos·ω_i)]`` with
 ``ω_i = 10000^(−i/(D/4))``, ``i = 0..D/4−1``; the CLS position is zero. No parameters.
@@ -134,10 +140,15 @@ class DropPath(nn.Module):
 
 
 class Attention(nn.Module):
-  """Multi-head self-attention ``proj(softmax(q kᵀ / √d_h + mask) v)``, fused qkv Dense (timm)."""
+  """Multi-head self-attention ``proj(softmax(q kᵀ / √d_h + mask) v)``, fused qkv Dense (timm).
+
+  ``qkv_bias``: whether the fused qkv projection has a bias (timm ``Block`` default: no; timm
+  ``VisionTransformer`` default: yes). ``proj`` always has one, as in timm.
+  """
   num_heads: int
   dtype: Dtype = jnp.float32
   attention_impl: str | None = None
+  qkv_bias: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
@@ -145,7 +156,8 @@ class Attention(nn.Module):
     if d % self.num_heads:
       raise ValueError(f'hidden_dim {d} is not divisible by num_heads {self.num_heads}')
     head_dim = d // self.num_heads
-    qkv = nn.Dense(3 * d, dtype=self.dtype, kernel_init=_dense_init, name='qkv')(x)
+    qkv = nn.Dense(3 * d, use_bias=self.qkv_bias, dtype=self.dtype, kernel_init=_dense_init,
+                   name='qkv')(x)
     qkv = qkv.reshape(b, t, 3, self.num_heads, head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, T, heads, head_dim]
     out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.attention_impl)
@@ -171,16 +183,18 @@ class Block(nn.Module):
   num_heads: int
   mlp_ratio: float = 4.0
   drop_path_rate: float = 0.0
-  layer_norm_eps: float = 1e-6
+  layer_norm_eps: float = 1e-5
   dtype: Dtype = jnp.float32
   attention_impl: str | None = None
+  qkv_bias: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None, train: bool) -> jax.Array:
     d = x.shape[-1]
     drop = DropPath(self.drop_path_rate)
     y = nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype, name='norm1')(x)
-    y = Attention(self.num_heads, self.dtype, self.attention_impl, name='attn')(y, mask)
+    y = Attention(self.num_heads, self.dtype, self.attention_impl, qkv_bias=self.qkv_bias,
+                  name='attn')(y, mask)
     x = x + drop(y, deterministic=not train)
     y = nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype, name='norm2')(x)
     y = Mlp(int(d * self.mlp_ratio), self.dtype, name='mlp')(y)
@@ -199,9 +213,16 @@ class ViT(nn.Module):
     pos_embed: ``'learned'`` (parameter ``[1, 1 + N, D]``, its shape fixed by the image size at
       ``init``) or ``'sincos'`` (fixed, any image size).
     use_cls: prepend a CLS token; without it ``cls`` is the mean of the output patch tokens.
+    qkv_bias: bias on the fused qkv projection. Default False, as the official APS model
+      (``module/model.py`` builds timm ``Block(emb_dim, num_head)``, whose ``qkv_bias`` defaults
+      to False); timm's ``VisionTransformer`` / MoCo v3 / MAE use True.
     drop_path_rate: stochastic-depth rate of the last block, linearly increasing from 0 over
-      depth (timm/DeiT rule); active only with ``train=True`` (needs the ``'dropout'`` rng).
-    layer_norm_eps: epsilon of every LayerNorm (1e-6 as timm ViT; the APS code uses torch's 1e-5).
+      depth (timm/DeiT rule, ``linspace(0, rate, depth)``); active only with ``train=True``
+      (needs the ``'dropout'`` rng).
+    layer_norm_eps: epsilon of every LayerNorm (blocks and final norm). Default 1e-5, as the
+      official APS model (timm ``Block``'s default ``norm_layer=nn.LayerNorm`` and the final
+      ``torch.nn.LayerNorm(emb_dim)``: torch's default 1e-5); timm's ``VisionTransformer`` uses
+      ``partial(nn.LayerNorm, eps=1e-6)``.
     dtype: compute dtype; parameters stay float32 and outputs are float32.
     attention_impl: ``implementation`` of ``jax.nn.dot_product_attention`` (None, 'xla', 'cudnn').
   """
@@ -212,8 +233,9 @@ class ViT(nn.Module):
   mlp_ratio: float = 4.0
   pos_embed: str = 'learned'
   use_cls: bool = True
+  qkv_bias: bool = False
   drop_path_rate: float = 0.0
-  layer_norm_eps: float = 1e-6
+  layer_norm_eps: float = 1e-5
   dtype: Dtype = jnp.float32
   attention_impl: str | None = None
 
@@ -290,8 +312,10 @@ class ViT(nn.Module):
 
     for i in range(self.depth):
       rate = self.drop_path_rate * i / max(self.depth - 1, 1)
-      x = Block(self.num_heads, self.mlp_ratio, rate, self.layer_norm_eps, self.dtype,
-                self.attention_impl, name=f'block_{i}')(x, mask, train)
+      x = Block(self.num_heads, self.mlp_ratio, drop_path_rate=rate,
+                layer_norm_eps=self.layer_norm_eps, dtype=self.dtype,
+                attention_impl=self.attention_impl, qkv_bias=self.qkv_bias,
+                name=f'block_{i}')(x, mask, train)
 
     x = nn.LayerNorm(self.layer_norm_eps, dtype=jnp.float32, name='norm')(x.astype(jnp.float32))
     tokens = x[:, num_extra:]
@@ -315,7 +339,8 @@ def get_vit(name: str,
 
   ``image_size`` is checked against ``patch_size`` (must divide it); any other ``ViT`` field
   (``pos_embed``, ``use_cls``, ``drop_path_rate``, even ``depth``) may be passed in
-  ``overrides`` and replaces the preset's value.
+  ``overrides`` and replaces the preset's value (``qkv_bias=True, layer_norm_eps=1e-6`` gives
+  timm's ``VisionTransformer``).
   APS on CIFAR: ``get_vit('vit_tiny', patch_size=2, image_size=32)`` → 16×16 = 256 patches.
   """
   if name not in VIT_PRESETS:
