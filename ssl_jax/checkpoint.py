@@ -34,6 +34,10 @@ class ConfigMismatchError(RuntimeError):
   pass
 
 
+class WorkdirError(OSError):
+  """The workdir cannot be created or written; the message names it and the reason."""
+
+
 def _flatten(d: Any, prefix: str = '') -> dict[str, Any]:
   out = {}
   if isinstance(d, dict):
@@ -52,12 +56,18 @@ def check_workdir_config(workdir: str, config: ml_collections.ConfigDict, *,
                          allow_config_change: bool = False) -> None:
   """Refuse a workdir written by a different config (unless ``allow_config_change``).
 
-  The first run writes ``WORKDIR/config.json``; later runs compare against it. Keys in
-  ``RESUMABLE_CHANGES`` (logging, eval cadence, data location) may differ.
+  The first run writes ``WORKDIR/config.json``; later runs compare against it when the workdir
+  holds a checkpoint (without one there is nothing to resume and the new config replaces the
+  old). Keys in ``RESUMABLE_CHANGES`` (logging, eval cadence, data location) may differ.
   """
   path = os.path.join(workdir, 'config.json')
   new = _flatten(config_to_dict(config))
-  if os.path.exists(path):
+  if os.path.exists(path) and not has_checkpoints(workdir):
+    # A run that stopped before its first save (a NaN, a crash): nothing to resume, so
+    # nothing to protect; this run starts fresh and its config replaces the old one.
+    logging.warning('%s has a config.json but no checkpoint: starting fresh with this config.',
+                    workdir)
+  elif os.path.exists(path):
     with open(path) as f:
       old = _flatten(json.load(f))
     diff = sorted(k for k in set(old) | set(new)
@@ -72,11 +82,21 @@ def check_workdir_config(workdir: str, config: ml_collections.ConfigDict, *,
     if diff:
       logging.warning('Resuming %s with a changed config (--allow_config_change): %s', workdir, diff)
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-      json.dump(config_to_dict(config), f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    try:
+      os.makedirs(workdir, exist_ok=True)
+      tmp = path + '.tmp'
+      with open(tmp, 'w') as f:
+        json.dump(config_to_dict(config), f, indent=2, sort_keys=True)
+      os.replace(tmp, path)
+    except OSError as e:
+      raise WorkdirError(f'--workdir={workdir} cannot be written ({e.strerror or e}); choose a '
+                         'directory you can write to.') from e
+
+
+def has_checkpoints(workdir: str) -> bool:
+  """True when ``WORKDIR/checkpoints`` holds at least one step directory."""
+  d = os.path.join(workdir, 'checkpoints')
+  return os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d))
 
 
 class Checkpointer:

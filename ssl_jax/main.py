@@ -89,50 +89,150 @@ def _maybe_initialize_distributed() -> None:
     logging.info('jax.distributed: process %d of %d', jax.process_index(), jax.process_count())
 
 
+class _UserError(Exception):
+  """A mistake in the command (config, data, workdir): printed as one line, exit code 2."""
+
+
+def _fail(msg: str, exc: BaseException | None = None) -> None:
+  """Print ``Config error: msg`` (one line) and exit 2; with --verbosity, raise the traceback."""
+  if _VERBOSE and exc is not None:
+    raise exc
+  print(f'Config error: {msg}', file=sys.stderr, flush=True)
+  sys.exit(2)
+
+
+def _chain(exc: BaseException):
+  seen = set()
+  while exc is not None and id(exc) not in seen:
+    seen.add(id(exc))
+    yield exc
+    exc = exc.__cause__ or exc.__context__
+
+
+def _config_arg(argv) -> str | None:
+  for i, a in enumerate(argv):
+    if a.startswith('--config='):
+      return a.split('=', 1)[1]
+    if a == '--config' and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def _explain_flag_error(exc: BaseException, argv) -> str:
+  """One line for an error raised while reading ``--config`` and its overrides."""
+  import glob
+  import re
+  from ssl_jax import config_lib
+  for e in _chain(exc):
+    if isinstance(e, config_lib.ConfigError):
+      return str(e)
+    # config_flags folds get_config's traceback into its message: take the last error line.
+    m = re.search(r'ConfigError: (.+)', str(e))
+    if m:
+      return m.group(1).strip()
+  for e in _chain(exc):
+    text = str(e.args[0]) if isinstance(e, AttributeError) and e.args else ''
+    m = re.search(r'Did you mean "(\w+)" instead of "(\w+)"', text)
+    if m:
+      good, bad = m.groups()
+      flag = next((a.split('=', 1)[0] for a in argv
+                   if a.startswith('--config.') and a.split('=', 1)[0].endswith('.' + bad)), bad)
+      return (f'{flag}: no such config key; did you mean '
+              f'{flag[:len(flag) - len(bad)]}{good}?')
+    if isinstance(e, (AttributeError, KeyError)) and e.args:
+      flag = next((a.split('=', 1)[0] for a in argv if a.startswith('--config.')), '--config.*')
+      return f'{flag}: no such config key ({str(e.args[0]).strip()!s})'
+  arg = _config_arg(argv) or ''
+  path = arg.split(':', 1)[0]
+  if path and not os.path.exists(path):
+    where = os.path.dirname(path) or '.'
+    if not os.path.isdir(where):
+      where = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
+    have = sorted(os.path.relpath(p) for p in glob.glob(os.path.join(where, '*.py'))
+                  if not os.path.basename(p).startswith('_'))
+    return (f'config file {path!r} does not exist; available: {", ".join(have) or "none"} '
+            '(e.g. --config=configs/byol.py:cifar10,runlocal)')
+  last = list(_chain(exc))[-1]
+  return f'--config={arg}: {type(last).__name__}: {str(last).splitlines()[0] if str(last) else ""}'
+
+
+def _parse_flags(argv):
+  """absl's flag parsing, with config-file and override errors as one line (exit 2)."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    if any(a.startswith('--config') for a in argv[1:]) and 'config' in str(e):
+      _fail(_explain_flag_error(e, argv), e)
+    if _VERBOSE:
+      raise
+    print(f'Flag error: {e}', file=sys.stderr)
+    sys.exit(2)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:  # a --config.<key> override
+    _fail(_explain_flag_error(e, argv), e)
+
+
+def _check_workdir_writable(workdir: str) -> None:
+  """The nearest existing parent of a local workdir must be writable (nothing is created)."""
+  if '://' in workdir:
+    return
+  p = os.path.abspath(workdir)
+  while not os.path.exists(p):
+    p = os.path.dirname(p)
+  if not os.path.isdir(p) or not os.access(p, os.W_OK):
+    raise _UserError(f'--workdir={workdir} cannot be written ({p} is not a writable directory); '
+                     'choose a directory you can write to.')
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  if _CONFIG.value is None or _WORKDIR.value is None:
-    raise app.UsageError('--config and --workdir are required, e.g. '
-                         '--config=configs/byol.py:cifar10,runlocal --workdir=/tmp/byol')
   if not _VERBOSE:  # library INFO logs (Orbax, TFDS, absl) off; --verbosity=0|1 turns them on
     logging.set_verbosity(logging.WARNING)
+  try:
+    config = _CONFIG.value
+    if config is not None:
+      config.keys()  # config_flags defers a load error to the first access
+  except Exception as e:  # pylint: disable=broad-except
+    _fail(_explain_flag_error(e, sys.argv), e)
+  if config is None or _WORKDIR.value is None:
+    raise app.UsageError('--config and --workdir are required, e.g. '
+                         '--config=configs/byol.py:cifar10,runlocal --workdir=/tmp/byol')
   _maybe_initialize_distributed()
-  from ssl_jax import config_lib
-  config = _CONFIG.value
-  if _MODE.value == 'train':
-    from ssl_jax import train
-    try:
+  from ssl_jax import checkpoint, config_lib
+  from ssl_jax.data import sources
+  from ssl_jax.evals import pretrained
+  errors = (_UserError, config_lib.ConfigError, checkpoint.WorkdirError, sources.DatasetNotFound, sources.DataConfigError,
+            checkpoint.ConfigMismatchError, pretrained.PretrainedNotFound)
+  try:
+    _check_workdir_writable(_WORKDIR.value)
+    if _MODE.value == 'train':
+      from ssl_jax import train
       config_lib.validate(config)
-    except config_lib.ConfigError as e:
-      sys.exit(f'Config error: {e}')
-    train.train_and_evaluate(config, _WORKDIR.value, allow_config_change=_ALLOW_CHANGE.value)
-    return
-  run_eval(_MODE.value, config, _WORKDIR.value, allow_config_change=_ALLOW_CHANGE.value)
+      train.train_and_evaluate(config, _WORKDIR.value, allow_config_change=_ALLOW_CHANGE.value)
+      return
+    run_eval(_MODE.value, config, _WORKDIR.value, allow_config_change=_ALLOW_CHANGE.value)
+  except errors as e:
+    _fail(str(e), e)
 
 
 def run_eval(mode: str, config, workdir: str, *, allow_config_change: bool = False):
-  """``--mode=<mode>`` for the evaluation modes; clear exits for config and input errors."""
+  """``--mode=<mode>`` for the evaluation modes (errors reach ``main``'s one-line path)."""
   import importlib
-  from ssl_jax import checkpoint, config_lib
-  from ssl_jax.evals import pretrained
+  from ssl_jax import config_lib
   if mode not in EVAL_MODES:
     raise app.UsageError(f'--mode={mode!r} is invalid; accepted: train, {", ".join(EVAL_MODES)}')
   if 'pretrained' not in config:
-    sys.exit(f'Config error: --mode={mode} needs an evaluation config with a `pretrained` field '
-             '(configs/eval_linear.py, eval_finetune.py or eval_knn.py), not a training config.')
+    raise config_lib.ConfigError(
+        f'--mode={mode} needs an evaluation config with a `pretrained` field '
+        '(configs/eval_linear.py, eval_finetune.py or eval_knn.py), not a training config.')
   module = importlib.import_module(EVAL_MODES[mode])
   kwargs = {'allow_config_change': allow_config_change} if mode in ('linear', 'finetune') else {}
-  try:
-    return module.run(config, workdir, **kwargs)
-  except (config_lib.ConfigError, pretrained.PretrainedNotFound,
-          checkpoint.ConfigMismatchError) as e:
-    sys.exit(f'{type(e).__name__}: {e}')
+  return module.run(config, workdir, **kwargs)
 
 
 def cli():
   """The ``ssl-jax`` console script (``pip install -e .``): the same as ``python -m ssl_jax.main``."""
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == '__main__':

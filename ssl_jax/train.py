@@ -181,11 +181,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   mesh = sharding.make_mesh(num_devices)
   n_dev = mesh.shape[sharding.DATA]
   config_lib.validate(config, num_devices=n_dev, process_count=jax.process_count())
+  # The dataset is found (or the run stops) before anything is written to the workdir.
+  steps_per_epoch = data.steps_per_epoch(config.data, config.batch_size)
   ckpt_lib.check_workdir_config(workdir, config, allow_config_change=allow_config_change)
   method = methods.get(config.method.name)(config)
 
   # ------------------------------------------------------------------------- 2.-4. input, model, step
-  steps_per_epoch = data.steps_per_epoch(config.data, config.batch_size)
   total_steps = total_steps_of(config, steps_per_epoch)
   parts = build(config, mesh, method, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
   rng = jax.random.key(config.seed)
@@ -412,10 +413,11 @@ def _check_finite(step: int, metrics: dict[str, Any], ckpt) -> None:
     if not bool(flags[f'finite/{name}']):
       ckpt.wait()  # finish the last good save; nothing after it is written
       good = ckpt.steps()
+      kept = (f'The last good checkpoint ({ckpt.directory}/{good[-1]}) is kept.' if good else
+              'No checkpoint was written before it (a rerun starts fresh).')
       raise NonFiniteError(
-          f'{name} is NaN or Inf at step {step}; stopping. The last good checkpoint '
-          f'({ckpt.directory}/{good[-1] if good else "none"}) is kept. Lower '
-          'config.optimizer.base_lr, add config.optimizer.grad_clip_norm, or check the input.')
+          f'{name} is NaN or Inf at step {step}; stopping. {kept} Lower '
+          '--config.optimizer.base_lr, set --config.optimizer.grad_clip_norm, or check the input.')
 
 
 def _hms(seconds: float) -> str:

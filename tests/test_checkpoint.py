@@ -76,7 +76,33 @@ def _cfg(lr=0.1, log=10):
 
 def test_workdir_of_a_different_config_is_refused(tmp_path):
   checkpoint.check_workdir_config(str(tmp_path), _cfg())
+  os.makedirs(tmp_path / 'checkpoints' / '10')          # a checkpoint: now there is a run to protect
   checkpoint.check_workdir_config(str(tmp_path), _cfg(log=99))  # cadence may change
   with pytest.raises(checkpoint.ConfigMismatchError, match=r'optimizer\.base_lr: 0\.1 -> 0\.5'):
     checkpoint.check_workdir_config(str(tmp_path), _cfg(lr=0.5))
   checkpoint.check_workdir_config(str(tmp_path), _cfg(lr=0.5), allow_config_change=True)
+
+
+def test_a_workdir_without_checkpoints_is_not_locked_by_its_config(tmp_path):
+  """A first run that died before its first save (e.g. lr 1e30) must not lock the workdir."""
+  import json
+  checkpoint.check_workdir_config(str(tmp_path), _cfg(lr=1e30))
+  os.makedirs(tmp_path / 'checkpoints')                   # Orbax made the folder, saved nothing
+  checkpoint.check_workdir_config(str(tmp_path), _cfg(lr=0.1))
+  assert json.load(open(tmp_path / 'config.json'))['optimizer']['base_lr'] == 0.1
+
+
+def test_nan_message_says_plainly_when_no_checkpoint_exists():
+  from ssl_jax import train
+
+  class NoCheckpoints:
+    directory = '/w/checkpoints'
+    def wait(self):
+      pass
+    def steps(self):
+      return []
+
+  bad = {'finite/loss': np.asarray(False), 'finite/grad_norm': np.asarray(True)}
+  with pytest.raises(train.NonFiniteError) as e:
+    train._check_finite(3, bad, NoCheckpoints())
+  assert 'No checkpoint was written before it' in str(e.value) and 'none' not in str(e.value)

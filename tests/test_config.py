@@ -1,6 +1,7 @@
 """Config parsing and validation: every preset builds; bad input names the key and the choices."""
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 
@@ -72,21 +73,45 @@ def test_batch_that_does_not_divide_across_devices():
     config_lib.validate(c, num_devices=4)
 
 
-def test_cli_typo_stops_before_compiling(tmp_path):
+_ENTRY_ERRORS = [
+    # (arguments, what the one line must say)
+    (['--config=configs/byol.pyy:cifar10'],
+     r"^Config error: config file 'configs/byol.pyy' does not exist; available: .*configs/byol.py"),
+    (['--config=configs/byol.py:cifar10,runlocl'],
+     r"^Config error: config arg token 'runlocl' is not recognised; accepted: .*runlocal"),
+    (['--config=configs/byol.py:cifar10,runlocal', '--config.optimizer.bse_lr=0.1'],
+     r'^Config error: --config.optimizer.bse_lr: no such config key; did you mean '
+     r'--config.optimizer.base_lr\?$'),
+    (['--config=configs/byol.py:cifar10,runlocal', '--config.optimizer.name=adam'],
+     r"^Config error: config.optimizer.name='adam' is invalid; accepted: sgd, lars, adamw$"),
+    (['--config=configs/byol.py:cifar10,runlocal', '--config.data.data_dir=/nonexistent'],
+     r"^Config error: TFDS dataset 'cifar10' was not found .* Fix: point --config.data.data_dir"),
+    (['--config=configs/eval_knn.py:cifar10', '--mode=knn',
+      '--config.pretrained=/nonexistent_run'], r'^Config error: .*nonexistent_run'),
+]
+
+
+@pytest.mark.parametrize('args,line', _ENTRY_ERRORS)
+def test_entry_point_errors_are_one_line_exit_2_and_write_nothing(args, line, tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  workdir = tmp_path / 'w'
+  r = subprocess.run([sys.executable, '-m', 'ssl_jax.main', *args, f'--workdir={workdir}'],
+                     cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 2, r.stderr[-3000:]
+  lines = [l for l in r.stderr.splitlines() if l.strip()]
+  assert len(lines) == 1 and 'Traceback' not in r.stderr, r.stderr[-3000:]
+  assert re.search(line, lines[0]), lines[0]
+  assert not workdir.exists()
+
+
+def test_unwritable_workdir_is_one_line(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   r = subprocess.run([sys.executable, '-m', 'ssl_jax.main',
-                      '--config=configs/byol.py:cifar10,runlocal', f'--workdir={tmp_path}',
-                      '--config.optimizer.nmae=lars'], cwd=REPO, env=env,
-                     capture_output=True, text=True, timeout=300)
-  assert r.returncode != 0
-  assert 'nmae' in r.stderr, r.stderr[-2000:]
-  r = subprocess.run([sys.executable, '-m', 'ssl_jax.main',
-                      '--config=configs/byol.py:cifar10,runlocal', f'--workdir={tmp_path}',
-                      '--config.optimizer.name=adam'], cwd=REPO, env=env,
-                     capture_output=True, text=True, timeout=300)
-  assert r.returncode != 0
-  assert "config.optimizer.name='adam' is invalid; accepted: sgd, lars, adamw" in r.stderr, r.stderr[-2000:]
-  assert not os.path.exists(os.path.join(tmp_path, 'checkpoints'))
+                      '--config=configs/byol.py:cifar10,runlocal', '--workdir=/proc/foo'],
+                     cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 2
+  assert r.stderr.strip() == ('Config error: --workdir=/proc/foo cannot be written (No such file '
+                              'or directory); choose a directory you can write to.'), r.stderr
 
 
 @pytest.mark.parametrize('preset', ['cifar10', 'cifar100', 'imagenet', 'cifar10,runlocal',
@@ -103,3 +128,31 @@ def test_runlocal_keeps_a_backbone_the_user_named():
   assert load_config('byol', 'cifar10,resnet18,runlocal').model.backbone == 'resnet18'
   assert load_config('byol', 'cifar10,runlocal').model.backbone == 'resnet_tiny'
   assert load_config('moco', 'resnet34,runlocal').model.backbone == 'resnet34'
+
+
+@pytest.mark.parametrize('vit, base_lr', [('vit_tiny', 1e-3), ('vit_small', 5e-4),
+                                          ('vit_base', 5e-4)])
+def test_aps_cifar_values_are_the_released_ones(vit, base_lr):
+  """config/pretrain/vit_*_pretrain.py lr_base (lr = lr_base x 512 / 256) and the timm Block
+  ViT (no qkv bias, LayerNorm eps 1e-5) of the official APS code."""
+  for dataset in ('cifar10', 'cifar100'):
+    c = _load('aps').get_config(f'{dataset},{vit}')
+    assert c.optimizer.base_lr == base_lr and c.batch_size == 512
+    assert c.optimizer.base_lr * c.batch_size / 256 == pytest.approx(2 * base_lr)
+    assert c.model.qkv_bias is False and c.model.layer_norm_eps == 1e-5
+    assert (c.optimizer.weight_decay, c.optimizer.warmup_epochs, c.total_epochs) == (
+        0.05, 20.0, 1600)
+  for key, value in (('qkv_bias', 'no'), ('layer_norm_eps', 0.0)):
+    bad = _load('aps').get_config(f'cifar10,{vit}')
+    bad.model = type(bad.model)({**bad.model.to_dict(), key: value})  # bypass type-safety
+    with pytest.raises(config_lib.ConfigError, match=rf'model\.{key}='):
+      config_lib.validate(bad, num_devices=1)
+
+
+def test_config_docstrings_table_the_reference():
+  """configs/aps.py and configs/eval_finetune.py carry field | ours | reference | source tables
+  and a Deviations list."""
+  for name in ('aps', 'eval_finetune'):
+    doc = _load(name).__doc__
+    assert 'field' in doc and 'reference' in doc and 'source' in doc, name
+    assert 'Deviations' in doc and 'visresearch/aps' in doc, name

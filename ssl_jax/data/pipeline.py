@@ -73,7 +73,7 @@ def steps_per_epoch(data_cfg, global_batch_size: int) -> int:
   n = num_examples(data_cfg, data_cfg.train_split)
   steps = n // global_batch_size
   if steps < 1:
-    raise ValueError(f'global_batch_size={global_batch_size} exceeds the {n} examples of '
+    raise sources.DataConfigError(f'global_batch_size={global_batch_size} exceeds the {n} examples of '
                      f'{data_cfg.name}/{data_cfg.train_split}.')
   return steps
 

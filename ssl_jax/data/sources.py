@@ -56,6 +56,11 @@ class DatasetNotFound(FileNotFoundError):
   """The dataset's files are not where we looked; the message says how to fix it."""
 
 
+class DataConfigError(ValueError):
+  """A data setting that cannot be used (unknown name, split, source); the message names the
+  ``--config.data.*`` flag."""
+
+
 # ----------------------------------------------------------------------------------------------
 # Source types
 # ----------------------------------------------------------------------------------------------
@@ -133,9 +138,9 @@ def resolve_data_dir(data_cfg) -> str | None:
 def _missing_message(name: str, data_dir: str | None) -> str:
   where = data_dir or '~/tensorflow_datasets (TFDS default; $TFDS_DATA_DIR is unset)'
   return (f'TFDS dataset {name!r} was not found in data_dir={where!r}. Fix: point '
-          f'data_cfg.data_dir (or the TFDS_DATA_DIR environment variable) at a directory that '
+          f'--config.data.data_dir (or the TFDS_DATA_DIR environment variable) at a directory that '
           f'holds {name}/<version>/, or prepare it there: on a machine with network access '
-          f'`tfds build {name} --data_dir=DIR` (or set data_cfg.download=True) downloads it; '
+          f'`tfds build {name} --data_dir=DIR` (or --config.data.download=True) downloads it; '
           f'manual datasets such as imagenet2012 need the archives in DIR/downloads/manual.')
 
 
@@ -145,7 +150,7 @@ def tfds_builder(data_cfg):
   try:
     builder = tfds.builder(data_cfg.name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError as e:
-    raise ValueError(f'Unknown TFDS dataset name {data_cfg.name!r} (data_cfg.name). '
+    raise DataConfigError(f'Unknown TFDS dataset name {data_cfg.name!r} (--config.data.name). '
                      f'See tfds.list_builders() for accepted names.') from e
   if data_cfg.get('download') and not builder.is_prepared():
     builder.download_and_prepare()
@@ -171,7 +176,7 @@ def check_split(builder, split: str) -> None:
   try:
     builder.info.splits[split]
   except (KeyError, ValueError) as e:
-    raise ValueError(f'Unknown split {split!r} for dataset {builder.name!r}; accepted: '
+    raise DataConfigError(f'Unknown split {split!r} for dataset {builder.name!r}; accepted: '
                      f'{sorted(known)} (optionally sliced, e.g. "train[:10%]").') from e
 
 
@@ -281,15 +286,15 @@ def list_image_folder(root: str, split: str) -> tuple[list[str], list[int], tupl
   ``root/<split>`` are then ignored, with a warning); without, every label is -1.
   """
   if not root:
-    raise ValueError('data_cfg.folder_root is not set: point it at a directory holding '
+    raise DataConfigError('--config.data.folder_root is not set: point it at a directory holding '
                      '<split>/<class>/*.jpg (or <split>/*.jpg).')
   split_dir = os.path.join(root, split)
   if not os.path.isdir(split_dir):
     have = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))) \
         if os.path.isdir(root) else None
     if have is None:
-      raise DatasetNotFound(f'Image folder root {root!r} does not exist (data_cfg.folder_root).')
-    raise ValueError(f'Unknown split {split!r}: no directory {split_dir!r}; accepted '
+      raise DatasetNotFound(f'Image folder root {root!r} does not exist (--config.data.folder_root).')
+    raise DataConfigError(f'Unknown split {split!r}: no directory {split_dir!r}; accepted '
                      f'(sub-directories of {root!r}): {have}.')
   entries = sorted(os.listdir(split_dir))
   classes = tuple(d for d in entries if os.path.isdir(os.path.join(split_dir, d)))
@@ -345,7 +350,7 @@ def validate_images(paths: list[str], mode: str = 'decode', num_threads: int | N
   Runs in a thread pool (TF and PIL release the GIL while decoding).
   """
   if mode not in VALIDATE_MODES:
-    raise ValueError(f'Unknown folder_validate mode {mode!r}; accepted: {list(VALIDATE_MODES)}.')
+    raise DataConfigError(f'Unknown folder_validate mode {mode!r}; accepted: {list(VALIDATE_MODES)}.')
   if mode == 'none':
     return np.ones(len(paths), bool)
   check = _check_decode if mode == 'decode' else _check_header
@@ -398,7 +403,7 @@ def build_source(data_cfg, split: str, process_index: int = 0, process_count: in
     return build_tfds_source(data_cfg, split, process_index, process_count)
   if kind == 'folder':
     return build_folder_source(data_cfg, split, process_index, process_count)
-  raise ValueError(f'Unknown data source {kind!r} (data_cfg.source); accepted: {list(SOURCES)}.')
+  raise DataConfigError(f'Unknown data source {kind!r} (--config.data.source); accepted: {list(SOURCES)}.')
 
 
 def num_examples(data_cfg, split: str, process_index: int = 0, process_count: int = 1) -> int:
@@ -408,7 +413,7 @@ def num_examples(data_cfg, split: str, process_index: int = 0, process_count: in
     return tfds_num_examples(data_cfg, split, process_index, process_count)
   if kind == 'folder':
     return build_folder_source(data_cfg, split, process_index, process_count).num_examples
-  raise ValueError(f'Unknown data source {kind!r} (data_cfg.source); accepted: {list(SOURCES)}.')
+  raise DataConfigError(f'Unknown data source {kind!r} (--config.data.source); accepted: {list(SOURCES)}.')
 
 
 def decode_image(encoded: tf.Tensor) -> tf.Tensor:
