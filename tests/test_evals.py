@@ -412,6 +412,26 @@ def test_finetune_aps_vit_with_drop_path_and_ema(tmp_path):
                              ev, atol=1e-5)
 
 
+def test_holdout_split_is_stratified_disjoint_and_seeded():
+  labels = np.repeat(np.arange(5), [10, 20, 30, 1, 40])
+  fit, held = knn_eval.holdout_split(labels, 0.1, seed=0)
+  assert len(np.intersect1d(fit, held)) == 0 and len(fit) + len(held) == len(labels)
+  counts = np.bincount(labels[held], minlength=5)
+  assert counts.tolist() == [1, 2, 3, 0, 4]          # 10% of each class; a singleton stays
+  again = knn_eval.holdout_split(labels, 0.1, seed=0)[1]
+  other = knn_eval.holdout_split(labels, 0.1, seed=1)[1]
+  np.testing.assert_array_equal(again, held)
+  assert not np.array_equal(other, held)
+
+
+def test_knn_grid_sorts_numerically():
+  names = ['weighted_k100_t0.1', 'weighted_k10_t0.5', 'weighted_k10_t0.07', 'unweighted_k20',
+           'unweighted_k1']
+  grid = knn_eval._grid({n: 0.5 for n in names}, {n: 0.9 for n in names})
+  assert [r['setting'] for r in grid] == ['weighted_k10_t0.07', 'weighted_k10_t0.5',
+                                          'weighted_k100_t0.1', 'unweighted_k1', 'unweighted_k20']
+
+
 def test_knn_and_embed_modes(pretrained_dir, tmp_path):
   c = _eval_config('eval_knn', 'cifar10,runlocal', pretrained_dir)
   c.temperatures = (0.07, 0.1)
@@ -420,8 +440,19 @@ def test_knn_and_embed_modes(pretrained_dir, tmp_path):
   assert set(acc) == {f'top{j}_{s}' for j in (1, 5) for s in
                       ('weighted_k20_t0.07', 'weighted_k20_t0.1', 'unweighted_k1',
                        'unweighted_k20')}
-  assert all(0.0 <= v <= 1.0 for v in acc.values()) and res['bank_size'] == 256
+  assert res['bank_size'] == 256
   assert 'offline_knn/top1_unweighted_k20' in _tags(str(tmp_path / 'knn'))
+  # Honest selection: the setting with the best held-out (train-split) top-1, the first in
+  # grid order on ties; its test accuracy is reported; grids come in numeric order.
+  hold = res['holdout_grid']
+  best = max(hold, key=lambda r: (r['top1'], -hold.index(r)))
+  assert res['selected'] == best['setting'] and res['selected_holdout_top1'] == best['top1']
+  assert res['test_top1'] == acc[f'top1_{res["selected"]}']
+  assert [r['setting'] for r in hold] == ['weighted_k20_t0.07', 'weighted_k20_t0.1',
+                                          'unweighted_k1', 'unweighted_k20']
+  assert [r['setting'] for r in res['test_grid_for_reference_only']] == [r['setting'] for r in hold]
+  held = int(res['selected_on'].split()[0])       # ~10% of each class of the 256-image bank
+  assert 20 <= held <= 30 and 'held-out train' in res['selected_on'], res['selected_on']
 
   c.embed.num_examples = 64
   c.embed.score_examples = 32
