@@ -458,6 +458,7 @@ def test_knn_and_embed_modes(pretrained_dir, tmp_path):
   c.embed.score_examples = 32
   res = embedding.run(c, str(tmp_path / 'embed'))
   assert res['embedding_method'] in ('umap', 'tsne')
+  assert res['legend'][:3] == ['airplane', 'automobile', 'bird']   # class names, not ids
   for name in ('embedding.png', 'scores.png'):
     with open(tmp_path / 'embed' / name, 'rb') as f:
       assert f.read(8) == b'\x89PNG\r\n\x1a\n'

@@ -8,7 +8,6 @@ torchvision's module layout. A missing torch or torchvision is an error, not a s
 from __future__ import annotations
 
 import os
-import sys
 import zipfile
 
 import jax

@@ -416,6 +416,20 @@ def num_examples(data_cfg, split: str, process_index: int = 0, process_count: in
   raise DataConfigError(f'Unknown data source {kind!r} (--config.data.source); accepted: {list(SOURCES)}.')
 
 
+def class_names(data_cfg, split: str) -> tuple[str, ...] | None:
+  """Label names of ``split`` (TFDS ``ClassLabel`` names, or an image folder's class folders),
+  or None when the dataset has none."""
+  kind = data_cfg.get('source', 'tfds')
+  if kind == 'folder':
+    return tuple(build_folder_source(data_cfg, split).class_names) or None
+  if kind == 'tfds':
+    features = tfds_builder(data_cfg).info.features
+    label = features['label'] if 'label' in features.keys() else None
+    names = getattr(label, 'names', None)
+    return tuple(names) if names else None
+  raise DataConfigError(f'Unknown data source {kind!r} (--config.data.source); accepted: {list(SOURCES)}.')
+
+
 def decode_image(encoded: tf.Tensor) -> tf.Tensor:
   """Encoded JPEG/PNG/BMP/GIF bytes -> uint8 [H, W, 3]."""
   image = tf.io.decode_image(encoded, channels=3, expand_animations=False)

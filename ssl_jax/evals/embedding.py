@@ -177,7 +177,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, **unused) -> dict[str, 
                             num_threads=None if e.num_threads <= 0 else int(e.num_threads))
     title = (f'{pre.method.name} {pre.model.backbone} step {pre_step}: {used.upper()} of '
              f'{len(coords)} {data_cfg.name}/{data_cfg.eval_split} {config.features} features')
-    img = render_embedding(coords, test['label'], title)
+    from ssl_jax.data import sources  # pylint: disable=import-outside-toplevel
+    names = sources.class_names(data_cfg, data_cfg.eval_split)
+    img = render_embedding(coords, test['label'], title, class_names=names)
+    out['legend'] = list(names) if names else None
     out['embedding_png'] = write_png(os.path.join(workdir, 'embedding.png'), img)
     np.savez(os.path.join(workdir, 'embedding.npz'), coords=coords, labels=test['label'])
     writer.write_images(pre_step, {f'embedding/{used}': img[None]})

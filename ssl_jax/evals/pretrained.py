@@ -113,6 +113,20 @@ def restore_state(workdir: str, *, step: int | None = None,
   raise AssertionError('unreachable')
 
 
+class _ItemMetadataFilter(logging.Filter):
+  """Orbax warns ``Metadata file does not exist: .../<step>/state/_CHECKPOINT_METADATA`` on every
+  item-level restore: that file lives one level up, in the step directory, by design. Only that
+  expected line is dropped; every other Orbax warning is kept."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    msg = record.getMessage()
+    return not (msg.startswith('Metadata file does not exist')
+                and msg.endswith(os.path.join('state', '_CHECKPOINT_METADATA')))
+
+
+logging.getLogger('absl').addFilter(_ItemMetadataFilter())
+
+
 def _restore_step(workdir: str, step: int, items: tuple[str, ...]) -> dict[str, Any]:
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
   path = os.path.join(os.path.abspath(workdir), 'checkpoints', str(step), 'state')
