@@ -21,6 +21,7 @@ from typing import Any
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 # Fields that may change between a run and its resume without changing its results.
 RESUMABLE_CHANGES = ('log_every_steps', 'checkpoint.every_steps', 'checkpoint.keep',
@@ -32,6 +33,10 @@ RESUMABLE_CHANGES = ('log_every_steps', 'checkpoint.every_steps', 'checkpoint.ke
 
 class ConfigMismatchError(RuntimeError):
   pass
+
+
+class CheckpointError(RuntimeError):
+  """A promised checkpoint was not written; the message names the step and the directory."""
 
 
 class WorkdirError(OSError):
@@ -110,8 +115,23 @@ class Checkpointer:
                                          item_names=('state', 'meta'))
 
   def save(self, step: int, state: Any, meta: dict[str, Any], *, force: bool = False) -> bool:
-    return self.manager.save(step, args=ocp.args.Composite(
+    """Start the save of ``step``; a save Orbax declines is an error, never a silent skip."""
+    saved = self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
+    if not saved:
+      existing = step in self.steps()
+      raise CheckpointError(
+          f'the checkpoint of step {step} was not written to {self.directory}'
+          + (f': a checkpoint {step} already exists there (from an earlier run); '
+             'move it away or use a new --workdir.' if existing else
+             ' (Orbax declined the save).'))
+    return True
+
+  def require_saved(self, step: int) -> None:
+    """After ``wait()``: the checkpoint of ``step`` exists, or the run fails loudly."""
+    if step not in self.steps():
+      raise CheckpointError(f'the final checkpoint (step {step}) is missing from '
+                            f'{self.directory} after the run; it was not written.')
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -130,12 +150,32 @@ class Checkpointer:
         _check_finite_step(state, step)
         return state, meta
       except Exception as e:  # noqa: BLE001 — any failure means this checkpoint is unusable
-        logging.warning('Checkpoint %s is damaged or incomplete and is skipped (%s: %s); '
-                        'trying the previous one.', os.path.join(self.directory, str(step)),
-                        type(e).__name__, str(e).splitlines()[0][:300] if str(e) else '')
+        aside = self._move_aside(step)
+        logging.warning('Checkpoint %s is damaged, incomplete or of another config and is '
+                        'skipped (%s: %s); moved to %s; trying the previous one.',
+                        os.path.join(self.directory, str(step)), type(e).__name__,
+                        str(e).splitlines()[0][:300] if str(e) else '', aside)
         print(f'WARNING: skipping damaged checkpoint {os.path.join(self.directory, str(step))} '
-              f'({type(e).__name__})', flush=True)
+              f'({type(e).__name__}); moved aside to {aside} (kept, never deleted)', flush=True)
     return None
+
+  def _move_aside(self, step: int) -> str:
+    """Rename an unrestorable step directory to ``damaged-<step>[-n]`` so that step can be
+    saved again; every process agrees before and after process 0 renames it."""
+    src = os.path.join(self.directory, str(step))
+    dst = os.path.join(self.directory, f'damaged-{step}')
+    n = 1
+    while os.path.exists(dst):
+      dst = os.path.join(self.directory, f'damaged-{step}-{n}')
+      n += 1
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f'ssl_jax_move_aside_{step}')
+    if jax.process_index() == 0 and os.path.exists(src):
+      os.rename(src, dst)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f'ssl_jax_moved_aside_{step}')
+    self.manager.reload()
+    return dst
 
   def close(self) -> None:
     self.manager.wait_until_finished()

@@ -168,6 +168,28 @@ def build(config: ml_collections.ConfigDict, mesh, method, *, steps_per_epoch: i
 # =============================================================================================
 # The whole run
 # =============================================================================================
+class _PreemptionNotice:
+  """SIGTERM (a preemption notice) sets ``received``; installed for the whole run, so a notice
+  during compilation or the start-up evals is seen too (the loop checkpoints and exits 0)."""
+
+  def __init__(self):
+    self.received = False
+    self._old = None
+
+  def _on_sigterm(self, signum, frame):
+    del signum, frame
+    self.received = True
+
+  def __enter__(self):
+    if _main_thread():
+      self._old = signal.signal(signal.SIGTERM, self._on_sigterm)
+    return self
+
+  def __exit__(self, *exc):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        allow_config_change: bool = False,
                        stop_at_step: int | None = None) -> dict[str, Any]:
@@ -176,6 +198,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   ``stop_at_step``: checkpoint and return at that step, as a preemption would (for jobs with a
   wall-clock limit; the next run resumes there with the same batches and random numbers).
   """
+  with _PreemptionNotice() as notice:
+    return _train_and_evaluate(config, workdir, notice, allow_config_change=allow_config_change,
+                               stop_at_step=stop_at_step)
+
+
+def _train_and_evaluate(config, workdir, notice: _PreemptionNotice, *, allow_config_change,
+                        stop_at_step) -> dict[str, Any]:
   # ------------------------------------------------------------------------- 1. config & mesh
   num_devices = None if config.num_devices in (-1, None) else int(config.num_devices)
   mesh = sharding.make_mesh(num_devices)
@@ -247,13 +276,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       results['untrained'] = run_evals(0)
 
     # --------------------------------------------------------------------- 7. the loop
-    preempted = {'flag': False}
-
-    def on_sigterm(signum, frame):  # preemption notice: checkpoint at the next step, then exit
-      del signum, frame
-      preempted['flag'] = True
-
-    old_handler = signal.signal(signal.SIGTERM, on_sigterm) if _main_thread() else None
     batches: Iterator = data.make_train_iterator(
         config.data, global_batch_size=config.batch_size, seed=config.seed,
         start_step=start_step, process_index=jax.process_index(),
@@ -268,6 +290,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     uses_target = bool(getattr(method, 'uses_ema_target', True))
     plotted_epoch = -1
     try:
+      if notice.received:  # the notice came during start-up (compile, initial evals)
+        _log(f'Preemption notice (SIGTERM) before the first step of this run (step {step}): '
+             'nothing new to save; exiting. Rerun the same command to continue.')
+        results['preempted_at'] = step
+        results['state'] = state
+        return results
       while step < total_steps:
         local = next(batches)
         batch = sharding.global_batch(mesh, local)
@@ -336,18 +364,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           save(step)
         if knn_every and step % knn_every == 0 and step != total_steps:
           run_evals(step)
-        if (preempted['flag'] or step == stop_at_step
+        if (notice.received or step == stop_at_step
             or ckpt.manager.reached_preemption(step)):
           _check_finite(*pending, ckpt)
           _log(f'Stopping at step {step} ('
-               f'{"preemption notice (SIGTERM)" if preempted["flag"] else "stop requested"}): '
+               f'{"preemption notice (SIGTERM)" if notice.received else "stop requested"}): '
                'saving a checkpoint and exiting.')
           save(step, force=True)
           ckpt.wait()
+          ckpt.require_saved(step)
           results['preempted_at'] = step
           results['state'] = state
           return results
       ckpt.wait()
+      ckpt.require_saved(step)   # never exit 0 with the last save missing
       if config.knn.at_end:
         results['final'] = run_evals(step)
       writer.flush()
@@ -364,8 +394,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       return results
     finally:
       ckpt.close()
-      if old_handler is not None:
-        signal.signal(signal.SIGTERM, old_handler)
 
 
 def _final_line(config, step: int, results: dict[str, Any]) -> str:

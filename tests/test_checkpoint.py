@@ -106,3 +106,35 @@ def test_nan_message_says_plainly_when_no_checkpoint_exists():
   with pytest.raises(train.NonFiniteError) as e:
     train._check_finite(3, bad, NoCheckpoints())
   assert 'No checkpoint was written before it' in str(e.value) and 'none' not in str(e.value)
+
+
+def test_damaged_step_is_moved_aside_and_its_step_saved_again(tmp_path):
+  """Truncated step 2: restore falls back to 1, step 2 moves to damaged-2 (kept), and a resumed
+  run's save at step 2 is really written (Orbax refuses a step that exists)."""
+  ck = checkpoint.Checkpointer(str(tmp_path), keep=5, async_save=False)
+  for step in (1, 2):
+    ck.save(step, _toy(step), {'step': step, 'epoch': 0.0})
+  ck.wait()
+  for f in _largest_files(os.path.join(ck.directory, '2'))[:3]:
+    with open(f, 'r+b') as fh:
+      fh.truncate(max(os.path.getsize(f) // 3, 1))
+  state, meta = ck.restore_latest(_abstract())
+  assert meta['step'] == 1
+  assert os.path.isdir(os.path.join(ck.directory, 'damaged-2')) and ck.steps() == [1]
+  ck.save(2, _toy(2), {'step': 2, 'epoch': 0.0})
+  ck.wait()
+  ck.require_saved(2)
+  state, meta = ck.restore_latest(_abstract())
+  assert meta['step'] == 2 and float(state.w[0, 0]) == 2.0
+  ck.close()
+
+
+def test_a_declined_save_is_an_error_not_a_silent_skip(tmp_path):
+  ck = checkpoint.Checkpointer(str(tmp_path), keep=5, async_save=False)
+  ck.save(3, _toy(3), {'step': 3, 'epoch': 0.0})
+  ck.wait()
+  with pytest.raises(checkpoint.CheckpointError, match='checkpoint 3 already exists'):
+    ck.save(3, _toy(3), {'step': 3, 'epoch': 0.0})
+  with pytest.raises(checkpoint.CheckpointError, match=r'final checkpoint \(step 4\) is missing'):
+    ck.require_saved(4)
+  ck.close()

@@ -121,3 +121,24 @@ def test_nan_stops_with_step_and_metric_and_keeps_last_good_checkpoint(tmp_path)
   raw = mngr.restore(steps[-1], args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']
   mngr.close()
   assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(raw['params']))
+
+
+def test_sigterm_during_compilation_exits_0_with_a_message(tmp_path):
+  """The handler is installed before start-up: a notice while the step compiles is not a
+  silent exit 143; the run ends 0 saying so, and the rerun continues normally."""
+  work = tmp_path / 'w'
+  p = subprocess.Popen(_cmd(work), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, text=True)
+  log = []
+  for line in p.stdout:
+    log.append(line)
+    if line.startswith('compiling the train step'):
+      p.send_signal(signal.SIGTERM)
+  p.wait(timeout=600)
+  text = ''.join(log)
+  assert p.returncode == 0, text[-3000:]
+  assert ('Preemption notice (SIGTERM) before the first step' in text
+          or 'preemption notice (SIGTERM)' in text), text[-3000:]
+  # Either way the rerun finishes the run.
+  rc, losses, log2 = _run(work)
+  assert rc == 0 and max(losses) == STEPS, log2[-3000:]
