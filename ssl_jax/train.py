@@ -285,6 +285,7 @@ def _train_and_evaluate(config, workdir, notice: _PreemptionNotice, *, allow_con
     history: list[tuple[int, dict[str, Any]]] = []
     pending: tuple[int, dict[str, Any]] | None = None
     t_last, step_last = time.time(), start_step
+    window_start = start_step   # a window that starts off a log boundary (a resume) is partial
     t_start = time.time()
     step = start_step
     uses_target = bool(getattr(method, 'uses_ema_target', True))
@@ -307,7 +308,7 @@ def _train_and_evaluate(config, workdir, notice: _PreemptionNotice, *, allow_con
         if first:
           jax.block_until_ready(metrics['loss'])
           _log(f'first step compiled in {time.time() - t_compile:.0f} s')
-          t_last = time.time()  # the first window's speed excludes compilation
+          t_last, step_last = time.time(), step + 1  # speed excludes compilation
         step += 1
         # Check the previous step's finiteness while this one runs (no pipeline stall).
         if pending is not None:
@@ -330,14 +331,21 @@ def _train_and_evaluate(config, workdir, notice: _PreemptionNotice, *, allow_con
           warning = collapse_monitor.update(step, avg)
           if warning:
             _log(warning)
-          writer.write_scalars(step, avg)
+          # After a resume from step s off the log grid, the first window holds only steps
+          # s+1..step: it is not written, so no TensorBoard step carries two different values
+          # (the uninterrupted run's full window may already be there).
+          partial = window_start % config.log_every_steps != 0
+          window_start = step
+          if not partial:
+            writer.write_scalars(step, avg)
           eta = (total_steps - step) / max(sps, 1e-9)
           tau = f'tau {avg["tau"]:.4f} | ' if uses_target else ''
           _log(f'step {step}/{total_steps} ({100 * step / total_steps:.0f}%) | '
                f'loss {avg["loss"]:.4f} | probe top-1 {100 * avg["online_probe/train_top1"]:.1f}% | '
                f'lr {avg["lr"]:.4g} | {tau}'
                f'{sps:.2f} steps/s, {sps * per_device:.0f} img/s/device | '
-               f'ETA {_hms(eta)}')
+               f'ETA {_hms(eta)}'
+               + (' | partial window after resume: not logged to TensorBoard' if partial else ''))
           results['last_metrics'] = avg
         hist_now = (config.score_hist_every_steps > 0
                     and step % config.score_hist_every_steps == 0)
