@@ -212,6 +212,7 @@ def _train_and_evaluate(config, workdir, notice: _PreemptionNotice, *, allow_con
   config_lib.validate(config, num_devices=n_dev, process_count=jax.process_count())
   # The dataset is found (or the run stops) before anything is written to the workdir.
   steps_per_epoch = data.steps_per_epoch(config.data, config.batch_size)
+  data.check_same_classes(config.data, config.data.train_split, config.data.eval_split)
   ckpt_lib.check_workdir_config(workdir, config, allow_config_change=allow_config_change)
   method = methods.get(config.method.name)(config)
 

@@ -459,3 +459,54 @@ def test_real_cifar10():
   for i in (0, 1, 2047):
     decoded = tf.io.decode_png(full[i][0]).numpy()
     np.testing.assert_array_equal(batches[i // 1024]['image'][i % 1024], decoded)
+
+
+# ------------------------------------------------------------------------------------------------
+# Folder hygiene: hidden folders, class mismatch, balanced eval subsets
+# ------------------------------------------------------------------------------------------------
+
+def _class_folder(root, split, classes, per_class):
+  for i, c in enumerate(classes):
+    d = root / split / c
+    d.mkdir(parents=True)
+    for k in range(per_class):
+      _write_image(d / f'{k}.png', 31 * i + k)
+
+
+def test_hidden_folders_are_never_classes(tmp_path):
+  _class_folder(tmp_path, 'train', ['cat', 'dog'], 2)
+  (tmp_path / 'train' / '.ipynb_checkpoints').mkdir()
+  _write_image(tmp_path / 'train' / 'cat' / '.hidden.png', 1)
+  paths, labels, classes = sources.list_image_folder(str(tmp_path), 'train')
+  assert classes == ('cat', 'dog') and labels == [0, 0, 1, 1]
+  assert not any('/.' in p for p in paths)
+
+
+def test_train_and_test_class_folders_must_match(tmp_path):
+  _class_folder(tmp_path, 'train', ['cat', 'dog', 'emu'], 1)
+  _class_folder(tmp_path, 'val', ['cat', 'dog', 'fox'], 1)
+  cfg = folder_cfg(str(tmp_path))
+  with pytest.raises(data.DataConfigError, match=r"only in train: \['emu'\]; only in val: \['fox'\]"):
+    data.check_same_classes(cfg, 'train', 'val')
+  data.check_same_classes(cfg, 'train', 'train')
+
+
+def test_balanced_subset_covers_classes_and_is_seeded():
+  labels = np.repeat(np.arange(6), [50, 50, 50, 50, 3, 50])   # class 4 has only 3
+  idx = data.balanced_subset(labels, 60, seed=0)
+  counts = np.bincount(labels[idx], minlength=6)
+  assert counts.sum() == 60 and counts[4] == 3 and counts.min() >= 3
+  assert counts[[0, 1, 2, 3, 5]].max() - counts[[0, 1, 2, 3, 5]].min() <= 1
+  np.testing.assert_array_equal(idx, data.balanced_subset(labels, 60, seed=0))
+  assert not np.array_equal(idx, data.balanced_subset(labels, 60, seed=1))
+
+
+def test_eval_subset_of_a_class_ordered_folder_is_balanced_and_process_count_free(tmp_path):
+  """The monitor's first-N-files subset held classes 0-3 of 6; now every class, and the same
+  images for 1 and 2 processes."""
+  _class_folder(tmp_path, 'train', [f'c{i}' for i in range(6)], 8)
+  cfg = folder_cfg(str(tmp_path))
+  one = sources.build_folder_source(cfg, 'train', 0, 1, max_examples=12)
+  assert sorted(np.bincount(one.labels, minlength=6).tolist()) == [2] * 6
+  two = [sources.build_folder_source(cfg, 'train', p, 2, max_examples=12) for p in (0, 1)]
+  assert sorted(np.concatenate([s.paths for s in two]).tolist()) == sorted(one.paths.tolist())

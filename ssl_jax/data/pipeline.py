@@ -280,8 +280,8 @@ def _stream_iterator(plan: _Plan, source: sources.TfdsSource) -> Iterator[dict]:
 
 
 def make_eval_iterator(data_cfg, *, split: str, global_batch_size: int,
-                       process_index: int | None = None, process_count: int | None = None
-                       ) -> Iterator[dict[str, np.ndarray]]:
+                       process_index: int | None = None, process_count: int | None = None,
+                       max_examples: int = -1) -> Iterator[dict[str, np.ndarray]]:
   """One pass over this host's slice of ``split``, in order, no augmentation.
 
   Batches: 'image' uint8 ``[b, S, S, 3]`` (shorter side resized to ``data_cfg.eval_resize``,
@@ -294,7 +294,7 @@ def make_eval_iterator(data_cfg, *, split: str, global_batch_size: int,
   b = local_batch_size(global_batch_size, pc)
   size = int(data_cfg.image_size)
   resize = int(data_cfg.get('eval_resize') or size)
-  source = sources.build_source(data_cfg, split, pi, pc)
+  source = sources.build_source(data_cfg, split, pi, pc, max_examples=max_examples)
   if isinstance(source, sources.ArraySource):
     ds = tf.data.Dataset.from_tensor_slices({'image': source.images, 'label': source.labels})
   elif isinstance(source, sources.FolderSource):
@@ -311,7 +311,11 @@ def make_eval_iterator(data_cfg, *, split: str, global_batch_size: int,
   if pc == 1:
     largest = source.num_examples
   else:
-    largest = max(sources.num_examples(data_cfg, split, p, pc) for p in range(pc))
+    largest = (max(sources.num_examples(data_cfg, split, p, pc) for p in range(pc))
+               if data_cfg.get('source', 'tfds') != 'folder' else
+               max(sources.build_source(data_cfg, split, p, pc,
+                                        max_examples=max_examples).num_examples
+                   for p in range(pc)))
   num_batches = max(1, math.ceil(largest / b))
   pad = tf.data.Dataset.from_tensors({'image': tf.zeros([size, size, 3], tf.uint8),
                                       'label': tf.constant(-1, tf.int32),

@@ -296,7 +296,8 @@ def list_image_folder(root: str, split: str) -> tuple[list[str], list[int], tupl
       raise DatasetNotFound(f'Image folder root {root!r} does not exist (--config.data.folder_root).')
     raise DataConfigError(f'Unknown split {split!r}: no directory {split_dir!r}; accepted '
                      f'(sub-directories of {root!r}): {have}.')
-  entries = sorted(os.listdir(split_dir))
+  # Hidden entries (.ipynb_checkpoints, .DS_Store, ...) are never classes or images.
+  entries = sorted(e for e in os.listdir(split_dir) if not e.startswith('.'))
   classes = tuple(d for d in entries if os.path.isdir(os.path.join(split_dir, d)))
   loose = [f for f in entries if _is_image(f) and os.path.isfile(os.path.join(split_dir, f))]
   paths, labels = [], []
@@ -306,9 +307,9 @@ def list_image_folder(root: str, split: str) -> tuple[list[str], list[int], tupl
                   'exist.', len(loose), split_dir)
     for label, cls in enumerate(classes):
       for dirpath, dirnames, filenames in os.walk(os.path.join(split_dir, cls)):
-        dirnames.sort()
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith('.'))
         for f in sorted(filenames):
-          if _is_image(f):
+          if _is_image(f) and not f.startswith('.'):
             paths.append(os.path.join(dirpath, f))
             labels.append(label)
   else:
@@ -383,10 +384,58 @@ def _folder_all(root: str, split: str, validate: str) -> FolderSource:
                       num_skipped=int((~ok).sum()))
 
 
-def build_folder_source(data_cfg, split: str, process_index: int = 0, process_count: int = 1
-                        ) -> FolderSource:
-  """This host's slice of the validated folder split."""
+def balanced_subset(labels, n: int, seed: int) -> np.ndarray:
+  """Sorted indices of a seeded, class-balanced random draw of ``n`` of ``labels``.
+
+  Each class gets ``n // C`` (the remainder to classes picked by the seed); a class with fewer
+  examples gives its shortfall to the others. Unlabelled data (all -1): a uniform draw. The
+  draw depends only on (labels, n, seed), never on the process count.
+  """
+  labels = np.asarray(labels)
+  if n <= 0 or n >= len(labels):
+    return np.arange(len(labels))
+  rng = np.random.default_rng(seed)
+  classes = np.unique(labels)
+  pools = {c: rng.permutation(np.flatnonzero(labels == c)) for c in classes}
+  quota = {c: 0 for c in classes}
+  left = n
+  while left > 0:
+    open_ = [c for c in classes if quota[c] < len(pools[c])]
+    share, extra = divmod(left, len(open_))
+    lucky = set(rng.permutation(open_)[:extra].tolist())
+    for c in open_:
+      add = min(share + (c in lucky), len(pools[c]) - quota[c])
+      quota[c] += add
+      left -= add
+  return np.sort(np.concatenate([pools[c][:quota[c]] for c in classes]))
+
+
+def check_same_classes(data_cfg, train_split: str, eval_split: str) -> None:
+  """An image folder's train and eval splits must name the same classes (labels index them)."""
+  if data_cfg.get('source', 'tfds') != 'folder':
+    return
+  a = _folder_all(data_cfg.folder_root, train_split, data_cfg.get('folder_validate', 'decode'))
+  b = _folder_all(data_cfg.folder_root, eval_split, data_cfg.get('folder_validate', 'decode'))
+  if a.class_names != b.class_names and a.class_names and b.class_names:
+    only_a = sorted(set(a.class_names) - set(b.class_names))
+    only_b = sorted(set(b.class_names) - set(a.class_names))
+    raise DataConfigError(
+        f'the class folders of {train_split!r} and {eval_split!r} under {data_cfg.folder_root!r} '
+        f'differ, so their labels would not match: only in {train_split}: {only_a or "-"}; only '
+        f'in {eval_split}: {only_b or "-"}' + ('' if only_a or only_b else
+                                               '; same names in a different order') +
+        '. Make both splits hold the same class folders.')
+
+
+def build_folder_source(data_cfg, split: str, process_index: int = 0, process_count: int = 1,
+                        *, max_examples: int = -1, subset_seed: int = 0) -> FolderSource:
+  """This host's slice of the validated folder split; with ``max_examples`` > 0, of a seeded
+  class-balanced subset of it (:func:`balanced_subset`, drawn before the per-host slicing, so
+  every process count evaluates the same images)."""
   full = _folder_all(data_cfg.folder_root, split, data_cfg.get('folder_validate', 'decode'))
+  if 0 < max_examples < full.num_examples:
+    keep = balanced_subset(full.labels, max_examples, subset_seed)
+    full = dataclasses.replace(full, paths=full.paths[keep], labels=full.labels[keep])
   sl = even_slice(full.num_examples, process_index, process_count)
   return dataclasses.replace(full, paths=full.paths[sl], labels=full.labels[sl])
 
@@ -396,13 +445,16 @@ def build_folder_source(data_cfg, split: str, process_index: int = 0, process_co
 # ----------------------------------------------------------------------------------------------
 
 
-def build_source(data_cfg, split: str, process_index: int = 0, process_count: int = 1):
-  """The source of ``split`` for host ``process_index`` of ``process_count``."""
+def build_source(data_cfg, split: str, process_index: int = 0, process_count: int = 1, *,
+                 max_examples: int = -1):
+  """The source of ``split`` for host ``process_index`` of ``process_count``; ``max_examples``
+  draws a class-balanced subset of an image folder (TFDS splits are read as stored)."""
   kind = data_cfg.get('source', 'tfds')
   if kind == 'tfds':
     return build_tfds_source(data_cfg, split, process_index, process_count)
   if kind == 'folder':
-    return build_folder_source(data_cfg, split, process_index, process_count)
+    return build_folder_source(data_cfg, split, process_index, process_count,
+                               max_examples=max_examples, subset_seed=int(data_cfg.get('seed', 0) or 0))
   raise DataConfigError(f'Unknown data source {kind!r} (--config.data.source); accepted: {list(SOURCES)}.')
 
 

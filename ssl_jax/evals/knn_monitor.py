@@ -27,7 +27,8 @@ def extract(feature_fn: Callable, variables: Any, data_cfg, *, split: str, mesh,
   """Run ``feature_fn(variables, images) -> dict`` over a split; return host arrays (mask applied)."""
   it = data_lib.make_eval_iterator(data_cfg, split=split, global_batch_size=batch_size,
                                    process_index=jax.process_index(),
-                                   process_count=jax.process_count())
+                                   process_count=jax.process_count(),
+                                   max_examples=max_examples)
   if max_examples > 0:
     it = itertools.islice(it, -(-max_examples // batch_size))
   chunks: dict[str, list[np.ndarray]] = {}
