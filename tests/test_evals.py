@@ -464,3 +464,24 @@ def test_knn_and_embed_modes(pretrained_dir, tmp_path):
       assert f.read(8) == b'\x89PNG\r\n\x1a\n'
   assert np.load(tmp_path / 'embed' / 'embedding.npz')['coords'].shape == (64, 2)
   assert -1.0 <= res['neg_mean'] <= 1.0 and -1.0 <= res['pos_mean'] <= 1.0
+
+
+def test_eval_data_overrides_that_would_be_ignored_are_errors():
+  """`--config.folder_root` on a TFDS evaluation used to be ignored silently."""
+  import ml_collections
+  from ssl_jax import config_lib, data
+  pre = ml_collections.ConfigDict({'data': data.default_data_config('cifar10').to_dict()})
+  c = _load_config('eval_knn', 'cifar10')
+  c.pretrained = '/runs/x'
+  c.folder_root = '/data/my_folder'
+  with pytest.raises(config_lib.ConfigError, match=r'folder_root=.* is not read: .*TFDS dataset '
+                     r"'cifar10'.*--config.source=folder"):
+    pretrained.eval_data_config(c, pre)
+  c.source = 'folder'
+  d = pretrained.eval_data_config(c, pre)
+  assert d.source == 'folder' and d.folder_root == '/data/my_folder'
+  c2 = _load_config('eval_knn', '')
+  c2.pretrained = '/runs/x'
+  c2.source, c2.data_dir = 'folder', '/tfds'
+  with pytest.raises(config_lib.ConfigError, match=r'data_dir=.* is not read.*folder_root'):
+    pretrained.eval_data_config(c2, pre)

@@ -180,8 +180,9 @@ def base_eval_config(arg: str | None) -> tuple[ml_collections.ConfigDict, list[s
   c.checkpoint_step = -1       # -1: newest
   c.weights = 'online'         # 'online' or 'target' (EMA)
   c.dataset = ''               # '' -> the pretraining dataset; else a preset name
+  c.source = ''                # '' -> the pretraining run's (or preset's); 'tfds' or 'folder'
   c.data_dir = ''              # TFDS data dir ('' -> $TFDS_DATA_DIR)
-  c.folder_root = ''           # image-folder datasets
+  c.folder_root = ''           # image-folder datasets (with source 'folder')
   c.train_split = ''           # '' -> the dataset's train split
   c.eval_split = ''            # '' -> the dataset's eval split
   c.train_examples = -1        # > 0: only the first N train examples (quick runs)
@@ -227,14 +228,33 @@ def validate_common(c: ml_collections.ConfigDict) -> None:
 
 def eval_data_config(c: ml_collections.ConfigDict, pre: ml_collections.ConfigDict
                      ) -> ml_collections.ConfigDict:
-  """The data config of an evaluation: the pretraining run's, or the preset ``c.dataset``."""
+  """The data config of an evaluation: the pretraining run's, or the preset ``c.dataset``, with
+  the eval config's overrides. An override that the resulting source would not read is an error
+  naming the key that would (never silently ignored)."""
   if c.dataset:
     d = data_lib.default_data_config(c.dataset)
+    origin = f'the preset {c.dataset!r} (from the config argument)'
   else:
     d = ml_collections.ConfigDict(pre.data.to_dict())
+    origin = f'the training run {c.pretrained!r}'
+  if c.get('source'):
+    require(c.source in ('tfds', 'folder'), 'source', c.source, "'tfds' or 'folder'")
+    d.source = c.source
+  source = d.get('source', 'tfds')
+  if c.get('folder_root') and source != 'folder':
+    raise config_lib.ConfigError(
+        f'--config.folder_root={c.folder_root!r} is not read: the evaluation data is the TFDS '
+        f'dataset {d.name!r} of {origin}. To evaluate the image folder add --config.source=folder.')
+  if c.get('data_dir') and source == 'folder':
+    raise config_lib.ConfigError(
+        f'--config.data_dir={c.data_dir!r} is not read: the evaluation data is an image folder '
+        f'({origin}); set --config.folder_root instead.')
   for key in ('data_dir', 'folder_root', 'train_split', 'eval_split'):
     if c.get(key):
       d[key] = c[key]
+  if source == 'folder' and not d.get('folder_root'):
+    raise config_lib.ConfigError('the evaluation data is an image folder but no folder is set: '
+                                 'add --config.folder_root=ROOT.')
   return d
 
 
