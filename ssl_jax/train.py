@@ -273,6 +273,10 @@ def _train_and_evaluate(config, workdir, notice: _PreemptionNotice, *, allow_con
       knn_every = 0
 
     results: dict[str, Any] = {'start_step': start_step, 'loss_history': []}
+    skipped = data.num_skipped(config.data, config.data.train_split)
+    if skipped:  # named one by one in the warnings above; counted in the run's own record
+      _log(f'WARNING: {skipped} undecodable training image(s) skipped (data/skipped_files).')
+    writer.write_scalars(start_step, {'data/skipped_files': skipped})
     if config.knn.at_start and start_step == 0:
       results['untrained'] = run_evals(0)
 

@@ -240,6 +240,21 @@ def test_folder_skips_corrupt_jpeg_and_names_it(tmp_path, caplog):
   assert 'Skipped 2 of 8' in text
   labels = np.concatenate([b['label'] for b in take(train_iter(cfg, gbs=2), 3)])
   assert sorted(labels.tolist()) == [0, 0, 0, 1, 1, 1]
+  assert data.num_skipped(cfg, 'train') == 2
+
+
+def test_folder_validate_none_names_the_bad_file(tmp_path):
+  """With validation off, the decoder's TF error used to name no file."""
+  (tmp_path / 'train' / 'a').mkdir(parents=True)
+  for k in range(4):
+    _write_image(tmp_path / 'train' / 'a' / f'{k}.png', k)
+  (tmp_path / 'train' / 'a' / 'noise.jpg').write_bytes(os.urandom(300))
+  cfg = folder_cfg(str(tmp_path))
+  cfg.folder_validate = 'none'
+  data.clear_cache()
+  with pytest.raises(data.DataConfigError, match=r"undecodable image file\(s\).*noise\.jpg.*"
+                     r"folder_validate=decode"):
+    take(train_iter(cfg, gbs=5), 2)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -54,7 +54,7 @@ from ssl_jax.data.pipeline import normalize  # noqa: E402
 from ssl_jax.data.pipeline import num_examples  # noqa: E402
 from ssl_jax.data.pipeline import steps_per_epoch  # noqa: E402
 from ssl_jax.data.sources import DataConfigError, DatasetNotFound  # noqa: E402
-from ssl_jax.data.sources import balanced_subset, check_same_classes  # noqa: E402
+from ssl_jax.data.sources import balanced_subset, check_same_classes, num_skipped  # noqa: E402
 from ssl_jax.data.sources import clear_cache  # noqa: E402
 from ssl_jax.data.views import RECIPES  # noqa: E402
 from ssl_jax.data.views import ViewSpec  # noqa: E402
@@ -91,7 +91,7 @@ def default_data_config(dataset: str) -> ml_collections.ConfigDict:
 
 
 __all__ = [
-    'DataConfigError', 'DatasetNotFound', 'balanced_subset', 'check_same_classes', 'MEAN_RGB', 'PRESETS', 'RECIPES', 'STDDEV_RGB', 'ViewSpec', 'clear_cache',
+    'DataConfigError', 'DatasetNotFound', 'balanced_subset', 'check_same_classes', 'num_skipped', 'MEAN_RGB', 'PRESETS', 'RECIPES', 'STDDEV_RGB', 'ViewSpec', 'clear_cache',
     'default_data_config', 'get_recipe', 'local_batch_size', 'make_eval_iterator',
     'make_train_iterator', 'normalize', 'num_examples', 'resolve_views', 'steps_per_epoch',
 ]

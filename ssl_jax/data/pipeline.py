@@ -261,7 +261,28 @@ def make_train_iterator(data_cfg, *, global_batch_size: int, seed: int, start_st
   else:
     ds = _folder_dataset(plan, source)
   ds = _map(ds, _strip).prefetch(tf.data.AUTOTUNE).with_options(_options(data_cfg))
+  if isinstance(source, sources.FolderSource):
+    return _naming_bad_files(ds.as_numpy_iterator(), source)
   return ds.as_numpy_iterator()
+
+
+def _naming_bad_files(it: Iterator[dict], source) -> Iterator[dict]:
+  """A folder iterator whose decode error names the file(s): with ``folder_validate='none'``
+  a bad image reaches the decoder, whose TF error does not say which file it was."""
+  while True:
+    try:
+      batch = next(it)
+    except StopIteration:
+      return
+    except tf.errors.InvalidArgumentError as e:
+      bad = [p for p, ok in zip(source.paths, sources.validate_images(list(source.paths)))
+             if not ok]
+      raise sources.DataConfigError(
+          f'undecodable image file(s) in the image folder: {bad[:10] or "(not found again)"}'
+          f'{" ..." if len(bad) > 10 else ""} ({len(bad)} in all; TF: '
+          f'{str(e).strip().splitlines()[0][:120]}). Remove them, or set '
+          '--config.data.folder_validate=decode to skip them with a warning.') from e
+    yield batch
 
 
 def _stream_iterator(plan: _Plan, source: sources.TfdsSource) -> Iterator[dict]:

@@ -410,6 +410,14 @@ def balanced_subset(labels, n: int, seed: int) -> np.ndarray:
   return np.sort(np.concatenate([pools[c][:quota[c]] for c in classes]))
 
 
+def num_skipped(data_cfg, split: str) -> int:
+  """Image files of ``split`` skipped as undecodable (image folders; 0 for TFDS)."""
+  if data_cfg.get('source', 'tfds') != 'folder':
+    return 0
+  return _folder_all(data_cfg.folder_root, split,
+                     data_cfg.get('folder_validate', 'decode')).num_skipped
+
+
 def check_same_classes(data_cfg, train_split: str, eval_split: str) -> None:
   """An image folder's train and eval splits must name the same classes (labels index them)."""
   if data_cfg.get('source', 'tfds') != 'folder':
