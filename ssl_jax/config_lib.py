@@ -7,7 +7,8 @@ tokens:
 * a backbone: ``resnet18``, ``resnet34``, ``resnet50``, ``resnet_tiny`` (or a ViT for APS);
 * ``runlocal``: a tiny model and a handful of steps, for a laptop or a smoke test (a backbone
   named in the same argument, e.g. ``cifar10,resnet18,runlocal``, is kept);
-* ``quick``: the README quick start (a small ResNet-18, a few minutes on a CPU);
+* ``quick``: the README quick start's size (ResNet-18 at 1/8 width, batch 128, 2 epochs;
+  ~15 minutes on a 2-core CPU) — a demonstration, not a recipe;
 * ``bs=N`` (global batch), ``epochs=N`` or ``steps=N`` (training length), ``seed=N``.
 
 ``validate(config)`` runs before anything is built or compiled and raises ``ConfigError``
@@ -130,13 +131,13 @@ def base_config(args: Args, *, method: str) -> ml_collections.ConfigDict:
 
 def finish_config(c: ml_collections.ConfigDict, args: Args) -> ml_collections.ConfigDict:
   """Apply the shared arg tokens (``bs=``, ``epochs=``, ``steps=``, ``runlocal``, ``quick``)."""
-  if args.quick:
-    c.model.width = 0.25
+  if args.quick:  # the README quick start's size: ~15 min on a 2-core CPU (not a recipe)
+    c.model.width = 0.125
     c.model.projector.update({'hidden_dim': 1024, 'out_dim': 128})
     if 'predictor' in c.model and c.model.predictor is not None:
       c.model.predictor.update({'hidden_dim': 1024, 'out_dim': 128})
-    c.batch_size = 256
-    c.total_epochs = 1
+    c.batch_size = 128
+    c.total_epochs = 2
     c.optimizer.warmup_epochs = 0.1
     c.knn.update({'every_epochs': -1.0, 'at_start': True, 'train_examples': 10000,
                   'eval_examples': 2000})
