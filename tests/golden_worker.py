@@ -100,7 +100,8 @@ def host(tree):
 
 
 def check_float64(state, metrics) -> dict[str, str]:
-  """Every floating array the step reads or writes, and the loss, must be float64."""
+  """``{dtype: first array of that dtype}`` over the state's floating arrays, plus the loss's
+  dtype; the test requires exactly ``{'float64', 'loss:float64'}``."""
   found = {}
   for group in ('params', 'batch_stats', 'target_params', 'opt_state', 'method_state'):
     for path, leaf in jax.tree_util.tree_leaves_with_path(getattr(state, group)):
@@ -157,13 +158,14 @@ def run_torch(name, c, init, batches):
                               end_factor=o.end_lr_factor)
   if name == 'byol':
     opt = ref.LARS(net.parameters(), lr=0.0, momentum=o.momentum, weight_decay=o.weight_decay,
-                   eta=o.trust_coefficient, clip_lr=o.trust_clip)
+                   nesterov=o.nesterov, eta=o.trust_coefficient, clip_lars_lr=o.trust_clip,
+                   exclude_bias_n_norm_lars=True)
     tau_fn = lambda t: ref.cosine_tau(t, base=c.ema.base, total=c.total_steps,
                                       final=c.ema.final)
     trainer = ref.Byol(net, opt, lr_fn=lr_fn, tau_fn=tau_fn)
   else:
     opt = torch.optim.SGD(net.parameters(), lr=0.0, momentum=o.momentum,
-                          weight_decay=o.weight_decay)
+                          weight_decay=o.weight_decay, nesterov=o.nesterov)
     trainer = ref.MocoV2(net, opt, init['method_state']['queue'], lr_fn=lr_fn, m=c.ema.base,
                          temperature=c.method.temperature)
   metrics = [trainer.step(b['view1'], b['view2']) for b in batches]
@@ -223,7 +225,9 @@ def compare(c, init, final, trainer, counts):
     assert set(ours) == set(theirs), (name, set(ours) ^ set(theirs))
     out[name] = {k: {'err': rel(ours[k], theirs[k]),
                      'delta_err': rel(ours[k] - ours0[k], theirs[k] - theirs0[k]),
-                     'moved': moved(theirs[k], theirs0[k])}
+                     'moved': moved(theirs[k], theirs0[k]),
+                     'abs_change_ours': float(np.max(np.abs(ours[k] - ours0[k]))),
+                     'abs_change_torch': float(np.max(np.abs(theirs[k] - theirs0[k])))}
                  for k in theirs}
 
   group('online', final['params'], init['params'], t_params)
@@ -243,7 +247,10 @@ def compare(c, init, final, trainer, counts):
     tq = trainer.queue.numpy()
     out['queue'] = {'queue': {'err': rel(final['method_state']['queue'], tq),
                               'delta_err': rel(final['method_state']['queue'] - q0, tq - q0),
-                              'moved': moved(tq, q0)}}
+                              'moved': moved(tq, q0),
+                              'abs_change_ours': float(np.max(np.abs(
+                                  final['method_state']['queue'] - q0))),
+                              'abs_change_torch': float(np.max(np.abs(tq - q0)))}}
     out['queue_ptr'] = {'ptr': {'ours': int(final['method_state']['queue_ptr']),
                                 'torch': int(trainer.ptr)}}
   return out

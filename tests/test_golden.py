@@ -1,185 +1,166 @@
-"""Golden trajectories: our jitted train step against a PyTorch reference (``torch_reference.py``).
+"""Golden trajectories: our jitted train step against a PyTorch reference, 5 steps, float64.
 
-Five steps of BYOL (LARS with clip, symmetric loss, EMA with BYOL's cosine tau) and of MoCo v2
-(SGD, queue, temperature 0.2) from the real presets, shrunk (batch 8, 16 px, small heads), with a
-full-width ResNet-18 with the CIFAR stem on both sides. Both start from the same weights (ours,
-loaded into torchvision's resnet18 through ``ssl_jax.export``'s name mapping) and see the same
-uint8 batches. After 5 steps every online parameter, every EMA target parameter, every online BN
-running statistic, the queue and its pointer, and the lr / tau of each step must agree.
+BYOL (configs/byol.py:cifar10 — LARS eta 0.02 with clip, symmetric loss, EMA with BYOL's cosine
+tau) and MoCo v2 (configs/moco.py:imagenet — SGD, queue, temperature 0.2, constant m), shrunk to
+batch 8 at 16 px with small heads, on a full-width ResNet-18 with the CIFAR stem. Both sides start
+from the same weights (ours, loaded into torchvision's resnet18 through ``ssl_jax.export``'s name
+mapping) and see the same uint8 batches. ``golden_worker.py`` runs both in a float64 subprocess
+(why: its docstring); ``torch_reference.py`` is the reference.
 
-This is what the per-loss tests cannot catch: BN train mode and the order of the BN updates,
-weight-decay and LARS masks, the order of loss / optimizer / EMA / enqueue, lr warm-up and decay.
+After 5 steps, compared tensor by tensor:
 
-Precision: the reference runs in float64; ours runs as it trains, in float32 (its parameters,
-BN statistics and normalisations are float32 by construction, so an x64 run would not change
-them). Tolerances below are measured headroom over float32 rounding, not slack for plumbing.
+* every online parameter and every EMA target parameter (backbone and projector): the value to
+  ``TOL`` relative, and the update (value minus the common initial value) to ``TOL_UPDATE``
+  relative. The update check is what makes a tensor that moved little still a strict check;
+* the online network's BN running means and variances (torch's unbiased running variance mapped
+  onto Flax's biased convention, exactly; see ``golden_worker.compare``);
+* the MoCo queue (24 rows, so 5 x 8 keys wrap around it) and its pointer;
+* at each step: lr (independently computed on the torch side from the warm-up + cosine formula),
+  tau and the loss.
 
-Needs a CPU torch and torchvision (``pip install torch==2.13.0`` and
-``pip install --no-deps torchvision==0.28.0``, as .ci/run does); missing ones are an error.
+This catches what the per-loss tests cannot: BN train mode and the order of BN updates,
+weight-decay and LARS masks, the order of loss / optimizer step / EMA / enqueue, lr schedules.
+
+Measured (2-core CPU): every error <= 3e-8 (the largest from the lr, which optax computes in
+float32 even under x64); a test takes ~1.5 min of CPU (jit compile ~30 s, 5 float64 steps on
+each side). Needs a CPU torch and torchvision (``pip install torch==2.13.0`` and ``pip install
+--no-deps torchvision==0.28.0``, as .ci/run does); a missing one is an error, not a skip.
 """
 from __future__ import annotations
 
+import json
 import os
-import time
+import subprocess
+import sys
 
-import jax
 import numpy as np
 import pytest
-import torch
 
-import torch_reference as ref
-from ssl_jax import config_lib, methods, sharding, train
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
 
-import flax.linen as _fnn
-if os.environ.get('SLOWVAR'):  # DEBUG ONLY
-  class _BN(_fnn.BatchNorm):
-    use_fast_variance: bool = False
-  _fnn.BatchNorm = _BN
+TOL = 1e-4            # values: parameters, EMA target, BN statistics, queue, losses
+TOL_UPDATE = 1e-5     # updates (x_5 - x_0); measured <= 3e-8
+TOL_LR = 1e-6         # our lr is float32 (optax), the reference's float64
+STATIC_ABS = 1e-12    # "did not move": float64 rounding of an exactly-zero gradient
 
-REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
-STEPS = 5
-BATCH = 8
-IMAGE = 16
-TOL = 1e-4
-
-
-def _config(name: str, dataset: str):
-  c = config_lib.load_config_file(os.path.join(REPO, 'configs', f'{name}.py'), dataset)
-  c.num_devices = 1
-  c.batch_size = BATCH
-  c.data.image_size = IMAGE
-  c.model.backbone, c.model.stem, c.model.width = 'resnet18', 'cifar', 1.0
-  c.model.dtype = 'float32'
-  c.model.projector.update({'hidden_dim': 64, 'out_dim': 32})
-  if c.model.get('predictor') is not None:
-    c.model.predictor.update({'hidden_dim': 64, 'out_dim': 32})
-  c.total_steps = 8                       # cosine lr and tau over 8 steps; we run 5 of them
-  c.optimizer.warmup_epochs = 0.0
-  c.optimizer.warmup_steps = 2            # lr 0, peak/2, peak, then cosine: changes every step
-  c.optimizer.grad_clip_norm = 0.0
-  return c
+# Tensors whose gradient is exactly zero, so both sides must leave them at their initial value:
+# a Linear bias followed by BatchNorm (BN removes any constant shift), and in BYOL the
+# projector's last bias, whose output the online network reads only through the predictor's
+# Linear -> BN. MoCo v2's projector has no BN: every tensor moves.
+STATIC = {
+    'byol': {
+        'online': {"['projector']['dense_0']['bias']", "['projector']['dense_1']['bias']",
+                   "['predictor']['dense_0']['bias']"},
+        'target': {"['projector']['dense_0']['bias']", "['projector']['dense_1']['bias']"},
+    },
+    'moco': {'online': set(), 'target': set()},
+}
 
 
-def _batches(seed: int = 0):
-  rng = np.random.default_rng(seed)
-  shape = (BATCH, IMAGE, IMAGE, 3)
-  return [{'view1': rng.integers(0, 256, shape, dtype=np.uint8),
-           'view2': rng.integers(0, 256, shape, dtype=np.uint8),
-           'label': rng.integers(0, 10, (BATCH,), dtype=np.int32)} for _ in range(STEPS)]
+def run_worker(method: str, tmp_path) -> dict:
+  out = tmp_path / f'{method}.json'
+  env = dict(os.environ)
+  env.update({
+      'JAX_ENABLE_X64': '1',
+      # One device is all the step needs. This also drops conftest's cheap-compile flags
+      # (--xla_backend_optimization_level=0 ...): with them the float64 steps, whose
+      # convolutions XLA:CPU compiles as generated loops, took 711 s instead of 138 s.
+      'XLA_FLAGS': '--xla_force_host_platform_device_count=1',
+      'JAX_COMPILATION_CACHE_DIR': os.environ.get('SSL_JAX_TEST_CACHE',
+                                                  '/tmp/ssl_jax_test_jax_cache'),
+      'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0.5',
+      'PYTHONPATH': os.pathsep.join([REPO, HERE, env.get('PYTHONPATH', '')]),
+  })
+  proc = subprocess.run([sys.executable, os.path.join(HERE, 'golden_worker.py'), method,
+                         str(out)], env=env, cwd=REPO, capture_output=True, text=True,
+                        timeout=1800)
+  if proc.returncode != 0:
+    pytest.fail(f'golden_worker.py {method} failed (rc {proc.returncode}):\n'
+                f'{proc.stderr[-6000:]}\n{proc.stdout[-2000:]}')
+  with open(out) as f:
+    return json.load(f)
 
 
-def _host(tree):
-  return jax.tree.map(lambda x: np.array(np.asarray(x), copy=True), jax.device_get(tree))
+def _rel(a: float, b: float) -> float:
+  return abs(a - b) / max(abs(b), 1e-300)
 
 
-def run_ours(config, batches):
-  """The real trainer's step (``train.build``) on one device; returns host copies."""
-  config_lib.validate(config, num_devices=1)
-  mesh = sharding.make_mesh(1)
-  method = methods.get(config.method.name)(config)
-  parts = train.build(config, mesh, method, steps_per_epoch=100,
-                      total_steps=int(config.total_steps))
-  keep = lambda s: _host({'params': s.params, 'batch_stats': s.batch_stats,
-                          'target_params': s.target_params, 'method_state': s.method_state})
-  with jax.set_mesh(mesh):
-    state = parts.init(jax.random.key(config.seed))
-    init = keep(state)
-    metrics = []
-    for b in batches:
-      state, m, _ = parts.train_step(state, sharding.global_batch(mesh, b))
-      metrics.append({k: float(m[k]) for k in ('loss', 'lr', 'tau')})
-    final = keep(state)
-  return init, final, metrics
+def check(res: dict, method: str) -> None:
+  failures = []
+  summary = []
+
+  # --- float64 for real: every floating array of the state and the loss, and a step-0 loss
+  # that agrees to float64 precision (float32 would give ~1e-7).
+  if set(res['dtypes']) != {'float64', 'loss:float64'}:
+    failures.append(f'not all float64: {res["dtypes"]}')
+  ours, theirs = res['metrics']['ours'], res['metrics']['torch']
+  if _rel(ours[0]['loss'], theirs[0]['loss']) > 1e-12:
+    failures.append(f'step-0 loss {ours[0]["loss"]!r} vs reference {theirs[0]["loss"]!r}: '
+                    'apart by more than float64 rounding')
+
+  # --- per step: lr, tau, loss
+  lrs = [m['lr'] for m in ours]
+  if len(set(lrs)) != len(lrs):
+    failures.append(f'the lr must change at every step (warm-up, then cosine): {lrs}')
+  for t, (o, r) in enumerate(zip(ours, theirs)):
+    if (r['lr'] == 0 and o['lr'] != 0) or (r['lr'] != 0 and _rel(o['lr'], r['lr']) > TOL_LR):
+      failures.append(f'step {t}: lr {o["lr"]!r} vs reference {r["lr"]!r}')
+    if _rel(o['tau'], r['tau']) > 1e-9:
+      failures.append(f'step {t}: tau {o["tau"]!r} vs reference {r["tau"]!r}')
+    if _rel(o['loss'], r['loss']) > TOL:
+      failures.append(f'step {t}: loss {o["loss"]!r} vs reference {r["loss"]!r}')
+
+  # --- tensors
+  for group, entries in res['groups'].items():
+    if group == 'queue_ptr':
+      p = entries['ptr']
+      if p['ours'] != p['torch']:
+        failures.append(f'queue_ptr {p["ours"]} vs reference {p["torch"]}')
+      summary.append(f'  queue_ptr     ours {p["ours"]}, reference {p["torch"]}')
+      continue
+    expected_static = STATIC[method].get(group, set())
+    static = {k for k, e in entries.items() if e['abs_change_torch'] <= STATIC_ABS}
+    if static != expected_static:
+      failures.append(f'{group}: tensors that did not move in the reference {sorted(static)}; '
+                      f'expected {sorted(expected_static)}')
+    for k, e in entries.items():
+      if k in static:
+        if e['abs_change_ours'] > STATIC_ABS:
+          failures.append(f'{group} {k}: moved by {e["abs_change_ours"]:.3e} in ours, '
+                          f'{e["abs_change_torch"]:.3e} in the reference (zero gradient)')
+        continue
+      if e['err'] > TOL:
+        failures.append(f'{group} {k}: relative error {e["err"]:.3e} > {TOL}')
+      if e['delta_err'] > TOL_UPDATE:
+        failures.append(f'{group} {k}: update relative error {e["delta_err"]:.3e} > '
+                        f'{TOL_UPDATE} (moved {e["moved"]:.3e})')
+    moving = [e for k, e in entries.items() if k not in static]
+    moved = np.array([e['moved'] for e in moving])
+    summary.append(f'  {group:12s}  {len(entries):3d} tensors | max rel err '
+                   f'{max(e["err"] for e in moving):.2e} | max update rel err '
+                   f'{max(e["delta_err"] for e in moving):.2e} | moved median '
+                   f'{np.median(moved):.2e} min {moved.min():.2e}'
+                   + (f' | {len(static)} static' if static else ''))
+    # Not vacuous: the network, its BN statistics and the queue moved far beyond the tolerance.
+    # (The EMA target moves (1 - tau) as much, less than TOL for MoCo's m = 0.999; the update
+    # check above is what tests it.)
+    if group in ('online', 'bn_mean', 'bn_var', 'queue') and np.median(moved) < 100 * TOL:
+      failures.append(f'{group}: median relative movement {np.median(moved):.2e} < {100 * TOL}: '
+                      'the comparison would be vacuous')
+
+  secs = res['seconds']
+  print(f'\n{method}: ours {secs["ours"]:.0f}s (first step incl. compile '
+        f'{secs["ours_first_step"]:.0f}s), reference {secs["torch"]:.0f}s')
+  print('\n'.join(summary))
+  print('  losses ours     ', [f'{m["loss"]:.10f}' for m in ours])
+  print('  losses reference', [f'{m["loss"]:.10f}' for m in theirs])
+  assert not failures, f'{method}: {len(failures)} mismatches:\n' + '\n'.join(failures[:40])
 
 
-def _rel(a, b) -> float:
-  """max |a - b| / max |b| (per tensor, scale-aware: near-zero entries don't blow it up)."""
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+def test_byol_golden_trajectory(tmp_path):
+  check(run_worker('byol', tmp_path), 'byol')
 
 
-def _torch_sd(module, prefix=''):
-  return {prefix + k: v.detach().numpy().copy() for k, v in module.state_dict().items()}
-
-
-def compare(config, init, final, metrics, trainer, counts):
-  """Per-group max relative errors; also the relative movement from init (non-vacuity)."""
-  proj, pred = config.model.projector, config.model.get('predictor')
-  net = trainer.net
-  ours_online = ref.flax_to_torch(final['params'], final['batch_stats'], proj, pred)
-  ours_online0 = ref.flax_to_torch(init['params'], init['batch_stats'], proj, pred)
-  ours_target = ref.flax_to_torch(final['target_params'], final['batch_stats'], proj, pred)
-  theirs = _torch_sd(net)
-  theirs_target = {**_torch_sd(trainer.t_backbone, 'backbone.'),
-                   **_torch_sd(trainer.t_projector, 'projector.')}
-  param_names = {k for k, _ in net.named_parameters()}
-  res: dict[str, dict[str, float]] = {}
-
-  def put(group, key, value):
-    res.setdefault(group, {})[key] = value
-
-  for k in param_names:
-    put('online', k, _rel(ours_online[k], theirs[k]))
-    put('online_delta', k, _rel(ours_online[k] - ours_online0[k], theirs[k] - ours_online0[k]))
-    put('online_moved', k, _rel(theirs[k], ours_online0[k]))
-    if k in theirs_target:
-      put('target', k, _rel(ours_target[k], theirs_target[k]))
-      put('target_delta', k, _rel(ours_target[k] - ours_online0[k],
-                                  theirs_target[k] - ours_online0[k]))
-      put('target_moved', k, _rel(theirs_target[k], ours_online0[k]))
-  # Online BN running statistics. The EMA target's BN runs on batch statistics (train mode)
-  # and its running statistics are never used, so only the online network's are compared.
-  # Running variance: torch averages the unbiased batch variance (x n/(n-1)), Flax the biased
-  # one. With running_var_0 = 1 and T updates of momentum 0.1,
-  #   torch_T - 0.9^T = n/(n-1) * (flax_T - 0.9^T)     (exactly, n = values per channel),
-  # so we map torch's statistic onto Flax's convention before comparing.
-  for k in theirs:
-    if k.endswith('running_mean'):
-      put('bn_mean', k, _rel(ours_online[k], theirs[k]))
-    elif k.endswith('running_var'):
-      mod = k[:-len('.running_var')]
-      n = counts[mod]
-      t = int(theirs[f'{mod}.num_batches_tracked'])
-      decay = 0.9**t
-      mapped = decay + (theirs[k] - decay) * (n - 1) / n
-      put('bn_var', k, _rel(ours_online[k], mapped))
-      put('bn_var_moved', k, _rel(mapped, ours_online0[k]))
-  return res
-
-
-def _summary(res):
-  return {g: (max(v.values()), min(v.values())) for g, v in res.items()}
-
-
-def test_byol_golden_trajectory():
-  t0 = time.time()
-  c = _config('byol', 'cifar10')
-  c.optimizer.update({'name': 'lars', 'trust_coefficient': 0.02, 'trust_clip': True})
-  batches = _batches(0)
-  init, final, metrics = run_ours(c, batches)
-  t1 = time.time()
-
-  torch.manual_seed(0)
-  net = ref.Net(c.model.projector, c.model.predictor).double()
-  counts = ref.record_bn_counts(net)
-  ref.load_flax(net, init['params'], init['batch_stats'], c.model.projector, c.model.predictor)
-  o = c.optimizer
-  opt = ref.LARS(net.parameters(), lr=0.0, momentum=o.momentum, weight_decay=o.weight_decay,
-                 eta=o.trust_coefficient, clip_lr=True)
-  peak = o.base_lr * BATCH / 256
-  lr_fn = lambda t: ref.lr_at(t, peak=peak, warmup=o.warmup_steps, total=c.total_steps,
-                              end_factor=o.end_lr_factor)
-  tau_fn = lambda t: ref.byol_tau(t, base=c.ema.base, total=c.total_steps)
-  trainer = ref.Byol(net, opt, lr_fn=lr_fn, tau_fn=tau_fn)
-  theirs_metrics = [trainer.step(b['view1'], b['view2']) for b in batches]
-  t2 = time.time()
-  res = compare(c, init, final, metrics, trainer, counts)
-  print('ours', metrics)
-  print('torch', theirs_metrics)
-  for g, (mx, mn) in _summary(res).items():
-    print(f'{g:14s} max {mx:.3e} min {mn:.3e}')
-  for g in ('online', 'target', 'bn_mean'):
-    for k, v in sorted(res[g].items(), key=lambda kv: -kv[1])[:12]:
-      print(g, k, f'{v:.3e}', 'moved', f"{res.get(g + '_moved', {}).get(k, 0):.3e}")
-  print(f'times: ours {t1 - t0:.1f}s, torch {t2 - t1:.1f}s')
-  assert False
+def test_moco_v2_golden_trajectory(tmp_path):
+  check(run_worker('moco', tmp_path), 'moco')

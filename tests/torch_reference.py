@@ -6,9 +6,13 @@ export's name mapping is shared, to load the same initial weights):
 * backbone: ``torchvision.models.resnet18`` with the CIFAR stem (``conv1`` 3x3/1 pad 1,
   ``maxpool = Identity``) and ``fc = Identity``;
 * heads: ``Linear - BN1d - ReLU - Linear`` (or ``Linear - ReLU - Linear`` without BN);
-* LARS: a transcription of solo-learn's ``solo/utils/lars.py`` (``exclude_bias_n_norm=True``,
-  ``clip_lr``); SGD: ``torch.optim.SGD(momentum, weight_decay)``;
-* lr: linear warm-up from 0 to ``base_lr * B / 256``, then cosine to ``peak * end_factor``;
+* LARS: a transcription of solo-learn's ``solo/utils/lars.py`` (used with
+  ``exclude_bias_n_norm_lars=True, clip_lars_lr=True``); SGD: ``torch.optim.SGD(momentum,
+  weight_decay)``, weight decay on every parameter (facebookresearch/moco);
+* lr: linear warm-up from 0 to ``base_lr * B / 256``, then cosine to ``peak * end_factor``,
+  set on the optimizer before every step;
+* BatchNorm: torch's, in train mode (batch statistics; running statistics updated per forward
+  with the unbiased variance);
 * EMA: ``target = tau * target + (1 - tau) * online`` over the parameters (not the BN buffers)
   after the optimizer step (solo-learn's ``on_train_batch_end``);
 * MoCo: ``logits = [q.k, q.queue^T] / T``, CE with the positive at 0, then enqueue ``k`` FIFO.
@@ -182,41 +186,48 @@ def record_bn_counts(net: nn.Module) -> dict[str, int]:
 # ------------------------------------------------------------------------------------------------
 
 class LARS(torch.optim.Optimizer):
-  """solo-learn's ``solo/utils/lars.py`` ``LARS.step``, transcribed (exclude_bias_n_norm=True)."""
+  """solo-learn's ``solo/utils/lars.py`` (from Lightning Bolts), ``LARS.step`` transcribed line by
+  line; the test passes ``exclude_bias_n_norm_lars=True`` and ``clip_lars_lr=True`` as solo-learn's
+  BYOL CIFAR recipe does."""
 
-  def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, eta=1e-3, eps=1e-8,
-               clip_lr=False, nesterov=False, dampening=0.0):
-    super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
-                                  dampening=dampening, nesterov=nesterov,
-                                  exclude_bias_n_norm=True))
-    self.eta, self.eps, self.clip_lr = eta, eps, clip_lr
+  def __init__(self, params, lr, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
+               eta=1e-3, eps=1e-8, clip_lars_lr=False, exclude_bias_n_norm_lars=False):
+    super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
+                                  weight_decay=weight_decay, nesterov=nesterov, eta=eta, eps=eps,
+                                  clip_lars_lr=clip_lars_lr,
+                                  exclude_bias_n_norm_lars=exclude_bias_n_norm_lars))
 
   @torch.no_grad()
   def step(self, closure=None):
     for group in self.param_groups:
-      wd, momentum = group['weight_decay'], group['momentum']
+      weight_decay = group['weight_decay']
+      momentum = group['momentum']
+      dampening = group['dampening']
+      nesterov = group['nesterov']
       for p in group['params']:
         if p.grad is None:
           continue
         d_p = p.grad
         p_norm = torch.norm(p.data)
         g_norm = torch.norm(p.grad.data)
-        if p.ndim != 1 or not group['exclude_bias_n_norm']:
+        # lars scaling + weight decay part
+        if p.ndim != 1 or not group['exclude_bias_n_norm_lars']:
           if p_norm != 0 and g_norm != 0:
-            lars_lr = p_norm / (g_norm + p_norm * wd + self.eps)
-            lars_lr *= self.eta
-            if self.clip_lr:
+            lars_lr = p_norm / (g_norm + p_norm * weight_decay + group['eps'])
+            lars_lr *= group['eta']
+            if group['clip_lars_lr']:      # lr 0 (first warm-up step): inf -> clipped to 1
               lars_lr = min(lars_lr / group['lr'], 1)
-            d_p = d_p.add(p, alpha=wd)
+            d_p = d_p.add(p, alpha=weight_decay)
             d_p *= lars_lr
+        # sgd part
         if momentum != 0:
-          state = self.state[p]
-          if 'momentum_buffer' not in state:
-            buf = state['momentum_buffer'] = torch.clone(d_p).detach()
+          param_state = self.state[p]
+          if 'momentum_buffer' not in param_state:
+            buf = param_state['momentum_buffer'] = torch.clone(d_p).detach()
           else:
-            buf = state['momentum_buffer']
-            buf.mul_(momentum).add_(d_p, alpha=1 - group['dampening'])
-          d_p = d_p.add(buf, alpha=momentum) if group['nesterov'] else buf
+            buf = param_state['momentum_buffer']
+            buf.mul_(momentum).add_(d_p, alpha=1 - dampening)
+          d_p = d_p.add(buf, alpha=momentum) if nesterov else buf
         p.add_(d_p, alpha=-group['lr'])
 
 
