@@ -37,25 +37,7 @@ MEAN_RGB = (0.485, 0.456, 0.406)   # ImageNet statistics, as every torchvision r
 STDDEV_RGB = (0.229, 0.224, 0.225)
 
 
-def import_torchvision():
-  """torchvision (the registry's wheels are CUDA builds, installed ``--no-deps`` next to a CPU
-  torch: their C ops don't load and the import fails registering fake kernels for
-  ``torchvision::nms`` / ``qnms``; defining those two schemas first lets the pure-Python model
-  zoo import). Same approach as ``tests/test_export.py``."""
-  try:
-    import torchvision
-    return torchvision
-  except RuntimeError as e:
-    if 'torchvision::' not in str(e):
-      raise
-  for name in [m for m in sys.modules if m == 'torchvision' or m.startswith('torchvision.')]:
-    del sys.modules[name]
-  global _TV_STUB_LIB
-  _TV_STUB_LIB = torch.library.Library('torchvision', 'DEF')  # noqa: PLW0603 (kept alive)
-  _TV_STUB_LIB.define('nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor')
-  _TV_STUB_LIB.define('qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor')
-  import torchvision
-  return torchvision
+import_torchvision = export.import_torchvision   # CUDA-build torchvision beside a CPU torch
 
 
 # ------------------------------------------------------------------------------------------------
