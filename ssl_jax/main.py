@@ -76,13 +76,57 @@ _DISTRIBUTED = flags.DEFINE_enum('distributed', 'auto', ['auto', 'yes', 'no'],
                                  'Call jax.distributed.initialize(): auto = when a cluster '
                                  'environment (TPU pod, SLURM, JAX_COORDINATOR_ADDRESS) is seen.')
 
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None, 'Multi-host without a cluster manager: host:port of process 0 '
+    '(env JAX_COORDINATOR_ADDRESS); needs --num_processes and --process_id.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None,
+                                      'Processes in the run (env JAX_NUM_PROCESSES).')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None,
+                                   'This process, 0..num_processes-1 (env JAX_PROCESS_ID).')
+
 _CLUSTER_ENV = ('JAX_COORDINATOR_ADDRESS', 'SLURM_JOB_ID', 'TPU_WORKER_HOSTNAMES',
                 'MEGASCALE_COORDINATOR_ADDRESS')
+
+
+def _explicit_cluster() -> dict | None:
+  """``--coordinator_address/--num_processes/--process_id`` (or their env variables), all three
+  or none; None when no coordinator is named. Slurm and TPU pods need none of them (JAX reads
+  their environment)."""
+  def pick(flag, env, cast):
+    if flag.value is not None:
+      return flag.value
+    v = os.environ.get(env)
+    return cast(v) if v not in (None, '') else None
+  coord = pick(_COORDINATOR, 'JAX_COORDINATOR_ADDRESS', str)
+  num = pick(_NUM_PROCESSES, 'JAX_NUM_PROCESSES', int)
+  pid = pick(_PROCESS_ID, 'JAX_PROCESS_ID', int)
+  if coord is None and num is None and pid is None:
+    return None
+  managed = any(os.environ.get(k) for k in ('SLURM_JOB_ID', 'TPU_WORKER_HOSTNAMES'))
+  if coord is not None and managed and num is None and pid is None:
+    return None  # Slurm / TPU: JAX derives the process count and id itself
+  missing = [name for name, v in (('--coordinator_address (JAX_COORDINATOR_ADDRESS)', coord),
+                                  ('--num_processes (JAX_NUM_PROCESSES)', num),
+                                  ('--process_id (JAX_PROCESS_ID)', pid)) if v is None]
+  if missing:
+    raise _UserError(f'a multi-host run without Slurm or a TPU pod needs all three of '
+                     f'--coordinator_address, --num_processes, --process_id; missing: '
+                     f'{", ".join(missing)}.')
+  if not (num >= 1 and 0 <= pid < num):
+    raise _UserError(f'--process_id={pid} must be in 0..{num - 1} (--num_processes={num}).')
+  return {'coordinator_address': coord, 'num_processes': num, 'process_id': pid}
 
 
 def _maybe_initialize_distributed() -> None:
   import jax
   mode = _DISTRIBUTED.value
+  explicit = _explicit_cluster() if mode != 'no' else None
+  if explicit is not None:
+    # CPU hosts need a collectives library for cross-process all-reduces (GPU/TPU ignore it).
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(**explicit)
+    logging.info('jax.distributed: process %d of %d', jax.process_index(), jax.process_count())
+    return
   if mode == 'yes' or (mode == 'auto' and any(os.environ.get(k) for k in _CLUSTER_ENV)
                        and int(os.environ.get('SLURM_NTASKS', '2')) > 1):
     jax.distributed.initialize()
@@ -197,7 +241,10 @@ def main(argv):
   if config is None or _WORKDIR.value is None:
     raise app.UsageError('--config and --workdir are required, e.g. '
                          '--config=configs/byol.py:cifar10,runlocal --workdir=/tmp/byol')
-  _maybe_initialize_distributed()
+  try:  # before any module can start a JAX backend
+    _maybe_initialize_distributed()
+  except _UserError as e:
+    _fail(str(e), e)
   from ssl_jax import checkpoint, config_lib
   from ssl_jax.data import sources
   from ssl_jax.evals import pretrained

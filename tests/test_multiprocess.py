@@ -40,3 +40,43 @@ def test_two_processes_match_one_process_four_devices(tmp_path):
     np.testing.assert_allclose(multi[f'p{i}'], p, rtol=1e-5, atol=1e-5)
   # The losses moved: the test compares a real trajectory, not three copies of the init.
   assert len(set(np.round(losses, 6))) == len(losses)
+
+
+def _cli(args, env):
+  return subprocess.Popen([sys.executable, '-m', 'ssl_jax.main', *args], cwd=os.path.dirname(HERE),
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_coordinator_without_process_count_is_one_line(tmp_path):
+  """JAX_COORDINATOR_ADDRESS alone used to end in `Number of processes must be defined`."""
+  env = dict(os.environ, JAX_COORDINATOR_ADDRESS='127.0.0.1:23456')
+  p = _cli(['--config=configs/moco.py:cifar10,runlocal', f'--workdir={tmp_path / "w"}'], env)
+  out = p.communicate(timeout=300)[0]
+  assert p.returncode == 2, out[-3000:]
+  assert out.strip().splitlines()[-1] == (
+      'Config error: a multi-host run without Slurm or a TPU pod needs all three of '
+      '--coordinator_address, --num_processes, --process_id; missing: --num_processes '
+      '(JAX_NUM_PROCESSES), --process_id (JAX_PROCESS_ID).'), out[-3000:]
+
+
+def test_two_processes_from_the_entry_point(tmp_path):
+  """`python -m ssl_jax.main --coordinator_address=... --num_processes=2 --process_id=i`: both
+  processes train the same global run and save one checkpoint together."""
+  port = _free_port()
+  env = dict(os.environ)
+  env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '').replace(
+      '--xla_force_host_platform_device_count=4', '') +
+      ' --xla_force_host_platform_device_count=2')
+  work = tmp_path / 'w'
+  common = ['--config=configs/moco.py:cifar10,runlocal', f'--workdir={work}',
+            '--config.total_steps=4', '--config.batch_size=16', '--config.log_every_steps=2',
+            '--config.checkpoint.every_steps=4', '--config.knn.at_start=False',
+            '--config.knn.at_end=False', "--config.data.train_split=train[:256]",
+            '--config.data.shuffle_buffer=256', f'--coordinator_address=127.0.0.1:{port}',
+            '--num_processes=2']
+  procs = [_cli(common + [f'--process_id={i}'], env) for i in range(2)]
+  logs = [p.communicate(timeout=600)[0] for p in procs]
+  for p, log in zip(procs, logs):
+    assert p.returncode == 0, log[-3000:]
+  assert '2 host(s)' in logs[0] and 'step 4/4' in logs[0], logs[0][-3000:]
+  assert sorted(os.listdir(work / 'checkpoints')) == ['4']
