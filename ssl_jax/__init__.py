@@ -30,3 +30,9 @@ def _xla_cpu_defaults() -> None:
 
 
 _xla_cpu_defaults()
+
+# TensorFlow's oneDNN rewrites serve only the input pipeline's image ops here (the model is JAX),
+# and their start-up banner ignores TF_CPP_MIN_LOG_LEVEL: off for every use of the package (CLI,
+# library, tests alike, so the input's numerics never depend on how a run was started). Set the
+# variable yourself to choose otherwise; it must be set before TensorFlow is imported.
+_os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')

@@ -49,11 +49,7 @@ _VERBOSE = _verbose(sys.argv)
 if not _VERBOSE:
   # TensorFlow's and XLA's C++ INFO/WARNING banners (CPU features), before they load.
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-# TF's oneDNN banner ignores TF_CPP_MIN_LOG_LEVEL. oneDNN only serves TF's own ops here (the
-# input pipeline's image ops; the model is JAX), so it is off for every run, whatever the
-# verbosity, so that the input's numerics never depend on a logging flag. Set the variable to
-# choose otherwise.
-os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
+# (TF's oneDNN banner: ssl_jax/__init__.py turns oneDNN off for every use of the package.)
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags

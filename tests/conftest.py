@@ -12,6 +12,7 @@ _SHARED_TFDS = _REPO.parent / 'shared' / 'data' / 'tfds'
 if 'TFDS_DATA_DIR' not in os.environ and _SHARED_TFDS.exists():
   os.environ['TFDS_DATA_DIR'] = str(_SHARED_TFDS)
 
+import ssl_jax  # noqa: E402,F401  (first: its environment defaults precede TF's import)
 import jax  # noqa: E402  (after XLA_FLAGS)
 
 jax.config.update('jax_threefry_partitionable', True)
