@@ -281,6 +281,13 @@ def test_load_pretrained_and_export(pretrained_dir, tmp_path):
     assert fc is None
     np.testing.assert_array_equal(p['conv1']['kernel'], params['backbone']['conv1']['kernel'])
     np.testing.assert_array_equal(s['bn1']['mean'], batch_stats['backbone']['bn1']['mean'])
+  import json
+  how = json.load(open(tmp_path / 'export.json'))['load']
+  assert str(tmp_path / 'backbone.pth') in how['drop_in']
+  assert how['preprocessing']['mean'] == [0.485, 0.456, 0.406] and how['preprocessing']['scale'] == '1/255'
+  # The model is exported by the file; torchvision_model rebuilds it and matches our features.
+  tv = export.torchvision_model(tmp_path / 'backbone.pth')
+  assert tv[1].conv1.kernel_size == (3, 3)   # the CIFAR stem
 
 
 def test_linear_probe_cached_and_streaming(pretrained_dir, tmp_path):

@@ -394,8 +394,9 @@ def run_export(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str
   sd_base = int(np.asarray(export.to_torchvision_state_dict(
       params['backbone'], batch_stats.get('backbone', {}))['conv1.weight']).shape[0])
   how = {
-      'drop_in': "from ssl_jax.export import torchvision_model; "
-                 "model = torchvision_model('backbone.pth')  # raw uint8 [N,3,H,W] in, features out",
+      'drop_in': "from ssl_jax.export import torchvision_model; model = torchvision_model("
+                 f"{out.get('pth') or out.get('npz') or 'backbone.pth'!r})  # raw uint8 "
+                 "[N,3,H,W] in, features out",
       'by_hand': export.load_snippet(pre.model.backbone, pre.model.stem, sd_base).split('\n'),
       'preprocessing': {'scale': '1/255', 'mean': list(export.MEAN_RGB),
                         'std': list(export.STDDEV_RGB), 'layout': 'RGB'},
