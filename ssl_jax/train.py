@@ -52,7 +52,7 @@ def total_steps_of(config: ml_collections.ConfigDict, steps_per_epoch: int) -> i
 # =============================================================================================
 def make_train_step(method, tx, probe, probe_tx, lr_fn, tau_fn):
   """Returns ``train_step(state, batch) -> (state, metrics, scores)``."""
-  uses_target = bool(getattr(method, 'uses_ema_target', True))
+  uses_target = method.uses_ema_target   # False: no EMA update, no tau (APS by default)
 
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
     rng = jax.random.fold_in(state.rng, state.step)
@@ -293,7 +293,7 @@ def _train_and_evaluate(config, workdir, notice: _PreemptionNotice, *, allow_con
     window_start = start_step   # a window that starts off a log boundary (a resume) is partial
     t_start = time.time()
     step = start_step
-    uses_target = bool(getattr(method, 'uses_ema_target', True))
+    uses_target = method.uses_ema_target   # False: no EMA update, no tau (APS by default)
     plotted_epoch = -1
     try:
       if notice.received:  # the notice came during start-up (compile, initial evals)

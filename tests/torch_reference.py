@@ -244,12 +244,11 @@ def byol_loss(p, z):
   return (2.0 - 2.0 * F.cosine_similarity(p, z.detach(), dim=-1)).mean()
 
 
-class Byol:
-  """Symmetric BYOL, solo-learn's order: online forwards of view 1 then view 2 (train mode),
-  target forwards under no_grad, loss, LARS step, then the EMA with tau(t)."""
+class _WithTarget:
+  """An online ``Net`` with its EMA target (backbone + projector copies, no gradients)."""
 
-  def __init__(self, net: Net, opt, *, lr_fn, tau_fn):
-    self.net, self.opt, self.lr_fn, self.tau_fn = net, opt, lr_fn, tau_fn
+  def __init__(self, net: Net, opt, lr_fn):
+    self.net, self.opt, self.lr_fn = net, opt, lr_fn
     self.t_backbone = copy.deepcopy(net.backbone)
     self.t_projector = copy.deepcopy(net.projector)
     for p in list(self.t_backbone.parameters()) + list(self.t_projector.parameters()):
@@ -261,13 +260,27 @@ class Byol:
     x = (x.to(self.net.mean.dtype) / 255.0 - self.net.mean) / self.net.std
     return self.t_projector(self.t_backbone(x))
 
-  def step(self, x1, x2) -> dict[str, float]:
+  def begin_step(self) -> tuple[int, float]:
+    """Step ``t``'s lr into the optimizer, every module in train mode, zero grads."""
     t = self.step_count
     lr = self.lr_fn(t)
     for g in self.opt.param_groups:
       g['lr'] = lr
     self.net.train(); self.t_backbone.train(); self.t_projector.train()
     self.opt.zero_grad()
+    return t, lr
+
+
+class Byol(_WithTarget):
+  """Symmetric BYOL, solo-learn's order: online forwards of view 1 then view 2 (train mode),
+  target forwards under no_grad, loss, LARS step, then the EMA with tau(t)."""
+
+  def __init__(self, net: Net, opt, *, lr_fn, tau_fn):
+    super().__init__(net, opt, lr_fn)
+    self.tau_fn = tau_fn
+
+  def step(self, x1, x2) -> dict[str, float]:
+    t, lr = self.begin_step()
     _, _, p1 = self.net(x1)
     _, _, p2 = self.net(x2)
     with torch.no_grad():
@@ -281,7 +294,7 @@ class Byol:
     return {'loss': float(loss.detach()), 'lr': lr, 'tau': tau}
 
 
-class MocoV2:
+class MocoV2(_WithTarget):
   """Asymmetric MoCo v2: q = n(online(x1)), k = n(target(x2)); CE over [q.k, q.queue^T] / T;
   SGD step; EMA with constant m; enqueue k at ptr (FIFO).
 
@@ -290,28 +303,17 @@ class MocoV2:
   of the online one), so this is the same trajectory."""
 
   def __init__(self, net: Net, opt, queue: np.ndarray, *, lr_fn, m: float, temperature: float):
-    self.net, self.opt, self.lr_fn, self.m, self.temperature = net, opt, lr_fn, m, temperature
-    self.t_backbone = copy.deepcopy(net.backbone)
-    self.t_projector = copy.deepcopy(net.projector)
-    for p in list(self.t_backbone.parameters()) + list(self.t_projector.parameters()):
-      p.requires_grad_(False)
+    super().__init__(net, opt, lr_fn)
+    self.m, self.temperature = m, temperature
     self.queue = torch.from_numpy(np.asarray(queue, np.float64).copy())   # [K, d]
     self.ptr = 0
-    self.step_count = 0
 
   def step(self, x1, x2) -> dict[str, float]:
-    t = self.step_count
-    lr = self.lr_fn(t)
-    for g in self.opt.param_groups:
-      g['lr'] = lr
-    self.net.train(); self.t_backbone.train(); self.t_projector.train()
-    self.opt.zero_grad()
+    _, lr = self.begin_step()
     _, z1, _ = self.net(x1)
     q = F.normalize(z1, dim=1)
     with torch.no_grad():
-      x = torch.from_numpy(np.ascontiguousarray(x2)).permute(0, 3, 1, 2)
-      x = (x.to(self.net.mean.dtype) / 255.0 - self.net.mean) / self.net.std
-      k = F.normalize(self.t_projector(self.t_backbone(x)), dim=1)
+      k = F.normalize(self.target(x2), dim=1)
     l_pos = (q * k).sum(dim=1, keepdim=True)
     l_neg = q @ self.queue.clone().detach().T
     logits = torch.cat([l_pos, l_neg], dim=1) / self.temperature
