@@ -30,7 +30,7 @@ per 256 images (``lr = base_lr x batch_size / 256``).
 
   Measured (fresh clone, 2-core CPU shared with other jobs): kNN top-1 (k=200, 10,000-image
   bank, 2,000 test images) 24.65% untrained -> 35.90% after 780 steps; online probe 8.4% ->
-  24.4%; 16 min 54 s wall time.
+  24.4%; about 5 min on the idle CPU (16 min 54 s when shared with other jobs).
 
 ``cifar10`` / ``cifar100`` — reference: vturrisi/solo-learn. S = scripts/pretrain/cifar/
 mocov2plus.yaml, A = scripts/pretrain/cifar/augmentations/symmetric_weak.yaml,
