@@ -38,7 +38,7 @@ def build_method(name, args):
   if os.environ.get('TFDS_DATA_DIR'):
     c.data.data_dir = os.environ['TFDS_DATA_DIR']
   mesh = sharding.make_mesh()
-  method = methods.get(c.method.name)(c)
+  method = methods.get(c.method.name)(c, steps_per_epoch=100)
   parts = train.build(c, mesh, method, steps_per_epoch=100, total_steps=10_000)
   it = data.make_train_iterator(c.data, global_batch_size=c.batch_size, seed=0)
   batches = [sharding.global_batch(mesh, next(it)) for _ in range(2)]

@@ -196,8 +196,8 @@ class Ours:
   def __init__(self, config, mesh):
     self.config = config
     self.mesh = mesh
-    self.method = methods.get(config.method.name)(config)
     self.spe = data.steps_per_epoch(config.data, config.batch_size)
+    self.method = methods.get(config.method.name)(config, self.spe)
     self.total = train.total_steps_of(config, self.spe)
     self.parts = train.build(config, mesh, self.method, steps_per_epoch=self.spe,
                              total_steps=self.total)

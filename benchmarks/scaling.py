@@ -100,7 +100,7 @@ def worker(args):
     c.batch_size = args.global_batch
     c.model.dtype = 'bfloat16'
     mesh = sharding.make_mesh()
-    method = methods.get(c.method.name)(c)
+    method = methods.get(c.method.name)(c, steps_per_epoch=1000)
     parts = train.build(c, mesh, method, steps_per_epoch=1000, total_steps=100_000)
     dsh = sharding.data_sharding(mesh)
     batch = {s.key: jax.ShapeDtypeStruct((c.batch_size, s.size, s.size, 3), jnp.uint8,

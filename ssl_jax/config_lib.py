@@ -180,7 +180,8 @@ def load_config_file(path: str, arg: str | None = None) -> ml_collections.Config
   return mod.get_config(arg)
 
 
-def _require(cond: bool, key: str, value: Any, accepted: str) -> None:
+def require(cond: bool, key: str, value: Any, accepted: str) -> None:
+  """The one config validator: raise ``ConfigError('config.KEY=VALUE is invalid; accepted: ...')``."""
   if not cond:
     raise ConfigError(f'config.{key}={value!r} is invalid; accepted: {accepted}')
 
@@ -196,36 +197,36 @@ def validate(c: ml_collections.ConfigDict, *, num_devices: int | None = None,
   from ssl_jax import data
 
   names = methods.names()
-  _require(c.method.name in names, 'method.name', c.method.name, ', '.join(names))
+  require(c.method.name in names, 'method.name', c.method.name, ', '.join(names))
   backbones = RESNETS + VITS
-  _require(c.model.backbone in backbones, 'model.backbone', c.model.backbone, ', '.join(backbones))
+  require(c.model.backbone in backbones, 'model.backbone', c.model.backbone, ', '.join(backbones))
   if c.model.backbone in RESNETS:
-    _require(c.model.stem in ('cifar', 'imagenet'), 'model.stem', c.model.stem, 'cifar, imagenet')
-  _require(_finite_number(c.model.width) and c.model.width > 0, 'model.width', c.model.width,
+    require(c.model.stem in ('cifar', 'imagenet'), 'model.stem', c.model.stem, 'cifar, imagenet')
+  require(_finite_number(c.model.width) and c.model.width > 0, 'model.width', c.model.width,
            'a positive number')
-  _require(c.model.dtype in DTYPES, 'model.dtype', c.model.dtype, ', '.join(DTYPES))
-  _require(c.optimizer.name in OPTIMIZERS, 'optimizer.name', c.optimizer.name, ', '.join(OPTIMIZERS))
+  require(c.model.dtype in DTYPES, 'model.dtype', c.model.dtype, ', '.join(DTYPES))
+  require(c.optimizer.name in OPTIMIZERS, 'optimizer.name', c.optimizer.name, ', '.join(OPTIMIZERS))
   for key in ('base_lr', 'weight_decay', 'momentum', 'end_lr_factor', 'warmup_epochs'):
     v = c.optimizer[key]
-    _require(_finite_number(v) and v >= 0, f'optimizer.{key}', v, 'a finite number >= 0')
-  _require(c.optimizer.base_lr > 0, 'optimizer.base_lr', c.optimizer.base_lr, 'a finite number > 0')
-  _require(c.ema.schedule in EMA_SCHEDULES, 'ema.schedule', c.ema.schedule, ', '.join(EMA_SCHEDULES))
-  _require(_finite_number(c.ema.base) and 0.0 <= c.ema.base <= 1.0, 'ema.base', c.ema.base,
+    require(_finite_number(v) and v >= 0, f'optimizer.{key}', v, 'a finite number >= 0')
+  require(c.optimizer.base_lr > 0, 'optimizer.base_lr', c.optimizer.base_lr, 'a finite number > 0')
+  require(c.ema.schedule in EMA_SCHEDULES, 'ema.schedule', c.ema.schedule, ', '.join(EMA_SCHEDULES))
+  require(_finite_number(c.ema.base) and 0.0 <= c.ema.base <= 1.0, 'ema.base', c.ema.base,
            'a number in [0, 1]')
   if c.ema.schedule == 'cosine':
     final = c.ema.get('final', 1.0)
-    _require(_finite_number(final) and c.ema.base <= final <= 1.0, 'ema.final', final,
+    require(_finite_number(final) and c.ema.base <= final <= 1.0, 'ema.final', final,
              f'a number in [ema.base={c.ema.base}, 1]')
-  _require(isinstance(c.batch_size, int) and c.batch_size > 0, 'batch_size', c.batch_size,
+  require(isinstance(c.batch_size, int) and c.batch_size > 0, 'batch_size', c.batch_size,
            'a positive integer')
-  _require(c.total_steps > 0 or c.total_epochs > 0, 'total_steps/total_epochs',
+  require(c.total_steps > 0 or c.total_epochs > 0, 'total_steps/total_epochs',
            (c.total_steps, c.total_epochs), 'total_steps > 0, or total_epochs > 0')
   recipes = tuple(data.RECIPES)
-  _require(c.data.views in recipes, 'data.views', c.data.views, ', '.join(recipes))
-  _require(c.log_every_steps > 0, 'log_every_steps', c.log_every_steps, 'a positive integer')
-  _require(c.checkpoint.every_steps > 0, 'checkpoint.every_steps', c.checkpoint.every_steps,
+  require(c.data.views in recipes, 'data.views', c.data.views, ', '.join(recipes))
+  require(c.log_every_steps > 0, 'log_every_steps', c.log_every_steps, 'a positive integer')
+  require(c.checkpoint.every_steps > 0, 'checkpoint.every_steps', c.checkpoint.every_steps,
            'a positive integer')
-  _require(c.checkpoint.keep >= 1, 'checkpoint.keep', c.checkpoint.keep, 'an integer >= 1')
+  require(c.checkpoint.keep >= 1, 'checkpoint.keep', c.checkpoint.keep, 'an integer >= 1')
   if num_devices is not None:
     if c.batch_size % num_devices:
       raise ConfigError(

@@ -214,7 +214,7 @@ def _train_and_evaluate(config, workdir, notice: _PreemptionNotice, *, allow_con
   steps_per_epoch = data.steps_per_epoch(config.data, config.batch_size)
   data.check_same_classes(config.data, config.data.train_split, config.data.eval_split)
   ckpt_lib.check_workdir_config(workdir, config, allow_config_change=allow_config_change)
-  method = methods.get(config.method.name)(config)
+  method = methods.get(config.method.name)(config, steps_per_epoch)
 
   # ------------------------------------------------------------------------- 2.-4. input, model, step
   total_steps = total_steps_of(config, steps_per_epoch)

@@ -63,6 +63,7 @@ from ssl_jax import config_lib
 from ssl_jax import sharding
 from ssl_jax.evals import linear as linear_lib
 from ssl_jax.evals import pretrained as pre_lib
+from ssl_jax.models import normalize as normalize_lib
 
 OPTIMIZERS = ('sgd', 'adamw')
 TAG = 'finetune'
@@ -174,8 +175,7 @@ class FinetuneNet(nn.Module):
 
   @nn.compact
   def __call__(self, images, train: bool = True):
-    from ssl_jax import data as data_lib  # pylint: disable=import-outside-toplevel
-    out = self.backbone(data_lib.normalize(images), train=train)
+    out = self.backbone(normalize_lib.normalize(images), train=train)
     f = (out['cls'] if 'cls' in out else out['pooled']).astype(jnp.float32)
     return nn.Dense(self.num_classes, name='head',
                     kernel_init=nn.initializers.normal(self.head_init_std),

@@ -211,9 +211,7 @@ def reject_tokens(tokens: list[str], accepted: list[str]) -> None:
         f'({", ".join(config_lib.DATASETS)}), runlocal, {", ".join(accepted)}')
 
 
-def require(cond: bool, key: str, value: Any, accepted: str) -> None:
-  if not cond:
-    raise config_lib.ConfigError(f'config.{key}={value!r} is invalid; accepted: {accepted}')
+require = config_lib.require
 
 
 def validate_common(c: ml_collections.ConfigDict) -> None:

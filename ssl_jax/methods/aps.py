@@ -105,8 +105,8 @@ class Method(base.Method):
   first_view = 'view1'
   uses_predictor = True
 
-  def __init__(self, config: ml_collections.ConfigDict):
-    super().__init__(config)
+  def __init__(self, config: ml_collections.ConfigDict, steps_per_epoch=None):
+    super().__init__(config, steps_per_epoch)
     m = config.method
     self.patch_size = int(config.model.patch_size)
     self.grid = vit.patch_grid(self.image_size, self.patch_size)

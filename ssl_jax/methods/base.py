@@ -104,7 +104,10 @@ class Method(abc.ABC):
   # False for methods without a momentum encoder (APS by default): no EMA update, no ``tau``.
   uses_ema_target = True
 
-  def __init__(self, config: ml_collections.ConfigDict):
+  def __init__(self, config: ml_collections.ConfigDict, steps_per_epoch: int | None = None):
+    """``steps_per_epoch``: computed once by the trainer; needed only by methods with a
+    schedule given in epochs (CLIM's k-means period), which raise if it is missing."""
+    self.steps_per_epoch = steps_per_epoch
     self.image_size = int(config.data.image_size)
     self.model = ssl_model.build_ssl_net(config.model, image_size=self.image_size,
                                          with_predictor=self.uses_predictor)

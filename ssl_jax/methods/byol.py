@@ -17,8 +17,8 @@ from ssl_jax.ops import losses
 class Method(base.Method):
   name = 'byol'
 
-  def __init__(self, config):
-    super().__init__(config)
+  def __init__(self, config, steps_per_epoch=None):
+    super().__init__(config, steps_per_epoch)
     self.symmetric = bool(config.method.get('symmetric', True))
 
   def loss(self, params, target_params, method_state, batch_stats, batch, rng, step):

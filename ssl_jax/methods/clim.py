@@ -150,8 +150,8 @@ class Method(moco.Method):
   name = 'clim'
   supports_symmetric = False
 
-  def __init__(self, config):
-    super().__init__(config)
+  def __init__(self, config, steps_per_epoch=None):
+    super().__init__(config, steps_per_epoch)
     m = config.method
     self.bank_size = int(m.bank_size)
     self.num_clusters = int(m.num_clusters)
@@ -163,9 +163,10 @@ class Method(moco.Method):
     if int(m.kmeans_every_steps) > 0:
       self.kmeans_every = int(m.kmeans_every_steps)
     else:
-      from ssl_jax import data  # the dataset size is only read when the schedule is in epochs
-      steps = data.steps_per_epoch(config.data, config.batch_size)
-      self.kmeans_every = max(1, int(round(float(m.kmeans_every_epochs) * steps)))
+      if steps_per_epoch is None:
+        raise ValueError('clim: method.kmeans_every_epochs needs steps_per_epoch (the trainer '
+                         'passes it); or set method.kmeans_every_steps')
+      self.kmeans_every = max(1, int(round(float(m.kmeans_every_epochs) * steps_per_epoch)))
     extra = config.data.get('extra_resolutions') or ()
     self.query_views = ('view1',) + (
         tuple(f'view_lr{i}' for i in range(len(extra))) if config.data.views == 'multi_res'

@@ -97,8 +97,8 @@ class Method(moco.Method):
   name = 'csml'
   supports_symmetric = False
 
-  def __init__(self, config):
-    super().__init__(config)
+  def __init__(self, config, steps_per_epoch=None):
+    super().__init__(config, steps_per_epoch)
     m = config.method
     self.levels = tuple(m.levels)
     self.level_weights = tuple(float(w) for w in m.level_weights)

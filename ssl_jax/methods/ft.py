@@ -56,8 +56,8 @@ class Method(moco.Method):
   name = 'ft'
   supports_symmetric = False
 
-  def __init__(self, config):
-    super().__init__(config)
+  def __init__(self, config, steps_per_epoch=None):
+    super().__init__(config, steps_per_epoch)
     m = config.method
     self.extrapolate = bool(m.extrapolate)
     self.interpolate = bool(m.interpolate)

@@ -40,8 +40,8 @@ class Method(base.Method):
   name = 'moco'
   uses_predictor = False
 
-  def __init__(self, config):
-    super().__init__(config)
+  def __init__(self, config, steps_per_epoch=None):
+    super().__init__(config, steps_per_epoch)
     self.queue_size = int(config.method.queue_size)
     self.temperature = float(config.method.temperature)
     self.symmetric = bool(config.method.get('symmetric', False))

@@ -47,8 +47,8 @@ class Method(base.Method):
   name = 'msf'
   first_view = 'strong'
 
-  def __init__(self, config):
-    super().__init__(config)
+  def __init__(self, config, steps_per_epoch=None):
+    super().__init__(config, steps_per_epoch)
     m = config.method
     self.k = int(m.k)
     self.bank_size = int(m.bank_size)

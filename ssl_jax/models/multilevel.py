@@ -19,8 +19,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
-from ssl_jax import data as data_lib
-from ssl_jax.models import heads, ssl_model
+from ssl_jax.models import heads, normalize as normalize_lib, ssl_model
 
 LEVELS = ('stage1', 'stage2', 'stage3', 'stage4')
 
@@ -39,7 +38,7 @@ class MultiLevelSSLNet(nn.Module):
   def __call__(self, images, train: bool = True, with_predictor: bool = True
                ) -> dict[str, Any]:
     del with_predictor
-    out = dict(self.backbone(data_lib.normalize(images), train=train))
+    out = dict(self.backbone(normalize_lib.normalize(images), train=train))
     out['features'] = out['pooled']
     levels = {}
     for level in self.levels:

@@ -14,8 +14,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
-from ssl_jax import data as data_lib
-from ssl_jax.models import heads, resnet
+from ssl_jax.models import heads, normalize as normalize_lib, resnet
 
 
 def compute_dtype(name: str):
@@ -30,7 +29,7 @@ class SSLNet(nn.Module):
   @nn.compact
   def __call__(self, images, train: bool = True, with_predictor: bool = True,
                token_indices=None) -> dict[str, Any]:
-    x = data_lib.normalize(images)
+    x = normalize_lib.normalize(images)
     if token_indices is None:
       out = dict(self.backbone(x, train=train))
     else:
