@@ -12,7 +12,9 @@ The trainer's API::
 Config fields (``default_data_config``):
 
 ==================  =============================================================================
-name                TFDS builder name ('cifar10', 'imagenet2012'), or a label for a folder dataset
+name                TFDS builder name ('cifar10', 'imagenet2012'), or a label for a folder dataset;
+                    'synthetic': random uint8 images of this config's shape, no input pipeline
+                    (step benchmarks; ``data/synthetic.py``, ``synthetic_examples`` per epoch)
 source              'tfds' or 'folder'
 data_dir            TFDS data dir; None -> $TFDS_DATA_DIR, else TFDS's default
 download            let TFDS download and prepare a missing dataset (needs network)
@@ -35,31 +37,41 @@ num_workers         tf.data parallelism (map calls and private thread pool); Non
 """
 from __future__ import annotations
 
+import importlib
+
 import ml_collections
-import tensorflow as tf
 
-# tf.data runs on the host CPU; keep TensorFlow off any accelerator so it reserves no memory
-# there (as big_vision and the Flax examples do).
-try:
-  tf.config.set_visible_devices([], 'GPU')
-except RuntimeError:  # devices already initialised by the caller: leave them
-  pass
+from ssl_jax.data import synthetic
+from ssl_jax.data.recipes import RECIPES, ViewSpec, get_recipe, resolve_views  # noqa: F401 (TF-free)
 
-from ssl_jax.data.pipeline import MEAN_RGB  # noqa: E402
-from ssl_jax.data.pipeline import STDDEV_RGB  # noqa: E402
-from ssl_jax.data.pipeline import local_batch_size  # noqa: E402
-from ssl_jax.data.pipeline import make_eval_iterator  # noqa: E402
-from ssl_jax.data.pipeline import make_train_iterator  # noqa: E402
-from ssl_jax.data.pipeline import normalize  # noqa: E402
-from ssl_jax.data.pipeline import num_examples  # noqa: E402
-from ssl_jax.data.pipeline import steps_per_epoch  # noqa: E402
-from ssl_jax.data.sources import DataConfigError, DatasetNotFound  # noqa: E402
-from ssl_jax.data.sources import balanced_subset, check_same_classes, num_skipped  # noqa: E402
-from ssl_jax.data.sources import clear_cache  # noqa: E402
-from ssl_jax.data.views import RECIPES  # noqa: E402
-from ssl_jax.data.views import ViewSpec  # noqa: E402
-from ssl_jax.data.views import get_recipe  # noqa: E402
-from ssl_jax.data.views import resolve_views  # noqa: E402
+# Everything else loads TensorFlow, so it is imported on first use (PEP 562): importing
+# ``ssl_jax.data`` (and so the trainer, the methods and the synthetic source) needs no TF.
+_LAZY = {
+    'MEAN_RGB': 'pipeline', 'STDDEV_RGB': 'pipeline', 'local_batch_size': 'pipeline',
+    'normalize': 'pipeline',
+    'DataConfigError': 'sources', 'DatasetNotFound': 'sources', 'balanced_subset': 'sources',
+    'clear_cache': 'sources',
+}
+
+
+def _hide_accelerators_from_tf() -> None:
+  """tf.data runs on the host CPU; keep TensorFlow off any accelerator so it reserves no memory
+  there (as big_vision and the Flax examples do)."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  try:
+    tf.config.set_visible_devices([], 'GPU')
+  except RuntimeError:  # devices already initialised by the caller: leave them
+    pass
+
+
+def __getattr__(name: str):
+  if name not in _LAZY:
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+  _hide_accelerators_from_tf()
+  value = getattr(importlib.import_module(f'ssl_jax.data.{_LAZY[name]}'), name)
+  globals()[name] = value
+  return value
+
 
 _COMMON = dict(
     source='tfds', data_dir=None, download=False, folder_root=None, folder_validate='decode',
@@ -80,6 +92,76 @@ PRESETS: dict[str, dict] = {
                      eval_resize=256, num_classes=1000, blur=True,
                      extra_resolutions=(160, 128, 96), shuffle_buffer=16_384, cache=False),
 }
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer's entry points: the synthetic source (TF-free) or the tf.data pipeline.
+# ---------------------------------------------------------------------------------------------
+def _pipeline():
+  _hide_accelerators_from_tf()
+  return importlib.import_module('ssl_jax.data.pipeline')
+
+
+def _sources():
+  _hide_accelerators_from_tf()
+  return importlib.import_module('ssl_jax.data.sources')
+
+
+def make_train_iterator(data_cfg, *, global_batch_size: int, seed: int, start_step: int = 0,
+                        process_index: int | None = None, process_count: int | None = None,
+                        **kwargs):
+  """This host's slices of the global train batches (``pipeline.make_train_iterator``)."""
+  if synthetic.is_synthetic(data_cfg):
+    pi, pc = _process(process_index, process_count)
+    return synthetic.make_train_iterator(data_cfg, local_batch=global_batch_size // pc,
+                                         seed=seed, process_index=pi)
+  return _pipeline().make_train_iterator(
+      data_cfg, global_batch_size=global_batch_size, seed=seed, start_step=start_step,
+      process_index=process_index, process_count=process_count, **kwargs)
+
+
+def make_eval_iterator(data_cfg, *, split: str, global_batch_size: int,
+                       process_index: int | None = None, process_count: int | None = None,
+                       max_examples: int = -1, **kwargs):
+  """One pass over this host's slice of ``split`` (``pipeline.make_eval_iterator``)."""
+  if synthetic.is_synthetic(data_cfg):
+    pi, pc = _process(process_index, process_count)
+    n = synthetic.num_examples(data_cfg) if max_examples <= 0 else max_examples
+    return synthetic.make_eval_iterator(data_cfg, local_batch=global_batch_size // pc,
+                                        num_batches=-(-n // global_batch_size), process_index=pi)
+  return _pipeline().make_eval_iterator(
+      data_cfg, split=split, global_batch_size=global_batch_size, process_index=process_index,
+      process_count=process_count, max_examples=max_examples, **kwargs)
+
+
+def num_examples(data_cfg, split: str) -> int:
+  if synthetic.is_synthetic(data_cfg):
+    return synthetic.num_examples(data_cfg)
+  return _pipeline().num_examples(data_cfg, split)
+
+
+def steps_per_epoch(data_cfg, global_batch_size: int) -> int:
+  """Train examples // global batch (the remainder is dropped each epoch)."""
+  if synthetic.is_synthetic(data_cfg):
+    return max(1, synthetic.num_examples(data_cfg) // global_batch_size)
+  return _pipeline().steps_per_epoch(data_cfg, global_batch_size)
+
+
+def check_same_classes(data_cfg, train_split: str, eval_split: str) -> None:
+  if not synthetic.is_synthetic(data_cfg):
+    _sources().check_same_classes(data_cfg, train_split, eval_split)
+
+
+def num_skipped(data_cfg, split: str) -> int:
+  return 0 if synthetic.is_synthetic(data_cfg) else _sources().num_skipped(data_cfg, split)
+
+
+def _process(process_index, process_count) -> tuple[int, int]:
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=import-outside-toplevel
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  return int(process_index), int(process_count)
 
 
 def default_data_config(dataset: str) -> ml_collections.ConfigDict:

@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 
 from ssl_jax import sharding
+from ssl_jax import writers
 from ssl_jax.evals import pretrained as pre_lib
 from ssl_jax.evals import score_plots
 
@@ -152,7 +153,6 @@ def validate(c: ml_collections.ConfigDict) -> None:
 def run(config: ml_collections.ConfigDict, workdir: str, **unused) -> dict[str, Any]:
   """``--mode=embed``: writes embedding.png/.npz and scores.png (+ TensorBoard images)."""
   del unused
-  from clu import metric_writers  # pylint: disable=import-outside-toplevel
   validate(config)
   mesh = pre_lib.eval_mesh(config)
   pre, data_cfg, net, pre_step = pre_lib.load_for_eval(config)
@@ -160,7 +160,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, **unused) -> dict[str, 
   t0 = time.time()
   out: dict[str, Any] = {'pretrained': config.pretrained, 'pretrained_step': pre_step,
                          'features': config.features}
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  writer = writers.create(workdir, just_logging=jax.process_index() > 0)
   with jax.set_mesh(mesh):
     variables = net.variables(mesh)
     fn = jax.jit(net.feature_fn(config.features, l2=True))

@@ -61,6 +61,7 @@ import optax
 from ssl_jax import checkpoint as ckpt_lib
 from ssl_jax import config_lib
 from ssl_jax import sharding
+from ssl_jax import writers
 from ssl_jax.evals import linear as linear_lib
 from ssl_jax.evals import pretrained as pre_lib
 from ssl_jax.models import normalize as normalize_lib
@@ -290,7 +291,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
         allow_config_change: bool = False) -> dict[str, Any]:
   """Fine-tune on the labelled subset; returns ``{'top1', 'top5', 'top1_best', 'num_labelled',
   ...}`` (``top1`` / ``top5``: the last evaluation; see the module docstring)."""
-  from clu import metric_writers  # pylint: disable=import-outside-toplevel
   from ssl_jax.models import ssl_model  # pylint: disable=import-outside-toplevel
   validate(config)
   mesh = pre_lib.eval_mesh(config, ('batch_size', 'eval_batch_size'))
@@ -349,7 +349,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
                    opt_state=tx.init(p), ema_params=copy(p) if use_ema else {},
                    ema_batch_stats=copy(bstats) if use_ema else {})
 
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  writer = writers.create(workdir, just_logging=jax.process_index() > 0)
   rep = sharding.replicated(mesh)
   t0 = time.time()
   with jax.set_mesh(mesh):

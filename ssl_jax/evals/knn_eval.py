@@ -33,6 +33,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ssl_jax import sharding
+from ssl_jax import writers
 from ssl_jax.evals import linear as linear_lib
 from ssl_jax.evals import pretrained as pre_lib
 from ssl_jax.ops import knn as knn_ops
@@ -204,7 +205,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, **unused) -> dict[str, 
   setting, plus the whole grid on the test split for reference (labelled, never used to choose).
   Also in ``EVAL_DIR/results.json`` and TensorBoard."""
   del unused
-  from clu import metric_writers  # pylint: disable=import-outside-toplevel
   validate(config)
   frac = float(config.get('selection_holdout', 0.1))
   pre_lib.require(0.0 < frac < 1.0, 'selection_holdout', frac, 'a fraction in (0, 1)')
@@ -234,7 +234,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, **unused) -> dict[str, 
   acc = accuracies(scores, test['label'])
   names = list(scores)
   selected = max(names, key=lambda n: (val_acc[f'top1_{n}'], -names.index(n)))
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  writer = writers.create(workdir, just_logging=jax.process_index() > 0)
   writer.write_scalars(pre_step, {f'{TAG}/{k}': v for k, v in acc.items()})
   writer.write_scalars(pre_step, {f'{TAG}/selected_top1': acc[f'top1_{selected}'],
                                   f'{TAG}/selected_top5': acc[f'top5_{selected}']})

@@ -54,6 +54,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ssl_jax import checkpoint as ckpt_lib
 from ssl_jax import config_lib
 from ssl_jax import sharding
+from ssl_jax import writers
 from ssl_jax.evals import pretrained as pre_lib
 
 FEATURE_NORMS = ('none', 'l2', 'l2_standardize')
@@ -534,13 +535,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
 def run(config: ml_collections.ConfigDict, workdir: str, *,
         allow_config_change: bool = False) -> dict[str, Any]:
   """Train and evaluate the offline linear probe; returns ``{'top1', 'top5', ...}``."""
-  from clu import metric_writers  # pylint: disable=import-outside-toplevel
   validate(config)
   mesh = pre_lib.eval_mesh(config, ('batch_size', 'eval_batch_size'))
   ckpt_lib.check_workdir_config(workdir, config, allow_config_change=allow_config_change)
   pre, data_cfg, net, pre_step = pre_lib.load_for_eval(config)
   num_classes = int(data_cfg.num_classes)
-  writer = metric_writers.create_default_writer(workdir,
+  writer = writers.create(workdir,
                                                 just_logging=jax.process_index() > 0)
   t0 = time.time()
   o = config.optimizer
