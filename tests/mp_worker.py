@@ -3,8 +3,8 @@
     python tests/mp_worker.py PROCESS_ID NUM_PROCESSES PORT OUT.npz
 
 Each process has 2 CPU devices (XLA_FLAGS set by the caller); together they form one 'data'
-mesh of 4 global devices. Every process feeds only its rows of the same deterministic global
-batches; process 0 writes the per-step losses and the final parameters.
+mesh of 4 global devices. Every process feeds the rows the input pipeline gives it for its
+process index (real CIFAR-10); process 0 writes the per-step losses and the final parameters.
 """
 import os
 import sys

@@ -525,3 +525,125 @@ def test_eval_subset_of_a_class_ordered_folder_is_balanced_and_process_count_fre
   assert sorted(np.bincount(one.labels, minlength=6).tolist()) == [2] * 6
   two = [sources.build_folder_source(cfg, 'train', p, 2, max_examples=12) for p in (0, 1)]
   assert sorted(np.concatenate([s.paths for s in two]).tolist()) == sorted(one.paths.tolist())
+
+
+# ------------------------------------------------------------------------------------------------
+# Process-count independence: global batches and subsets
+# ------------------------------------------------------------------------------------------------
+
+
+def global_batches(cfg, gbs, pc, steps, start_step=0, seed=0):
+  """Global batches ``start_step, ...`` as ``pc`` hosts feed them: each simulated host's iterator
+  (``process_index=p``), rows concatenated in process order."""
+  its = [train_iter(cfg, gbs=gbs, seed=seed, start_step=start_step, pi=p, pc=pc)
+         for p in range(pc)]
+  out = []
+  for _ in range(steps):
+    parts = [next(it) for it in its]
+    out.append({k: np.concatenate([part[k] for part in parts]) for k in parts[0]})
+  return out
+
+
+def test_global_batches_do_not_depend_on_process_count_real_cifar10():
+  """A faked 2-process run used to differ from one process from its first step: each host
+  shuffled its own slice and drew augmentations by host-local row."""
+  assert HAVE_CIFAR, 'set TFDS_DATA_DIR to a data dir with cifar10 (../shared/data/tfds)'
+  # Blur on: every colour op runs. Global batch 128 = 2 augmentation groups of 64: one process
+  # runs both, two processes one each, four processes pad half a group each.
+  cfg = cifar_cfg('byol', data_dir=REAL_TFDS, train_split='test[:640]', blur=True)
+  assert data.steps_per_epoch(cfg, 128) == 5
+  one = global_batches(cfg, 128, 1, steps=6)  # crosses into epoch 1
+  for pc in (2, 4):
+    assert_batches_equal(global_batches(cfg, 128, pc, steps=6), one)
+  assert_batches_equal(global_batches(cfg, 128, 2, steps=2, start_step=4), one[4:])  # resume
+  # Epoch 0 is a permutation of the 640 images (their labels), epoch 1 another order.
+  split_labels = sources.build_source(cfg, 'test[:640]').labels
+  epoch0 = np.concatenate([b['label'] for b in one[:5]])
+  assert sorted(epoch0.tolist()) == sorted(split_labels.tolist())
+  assert not np.array_equal(one[5]['label'], epoch0[:128])
+  assert not np.array_equal(one[0]['view1'], one[0]['view2'])
+
+
+def test_global_batches_do_not_depend_on_process_count_folder(labelled_folder):
+  """Image folders: per-example crops seeded by the global position, colour by groups."""
+  cfg = folder_cfg(labelled_folder, 'aps')
+  one = global_batches(cfg, 4, 1, steps=5)  # 3 steps per epoch
+  for pc in (2, 4):
+    assert_batches_equal(global_batches(cfg, 4, pc, steps=5), one)
+  assert_batches_equal(global_batches(cfg, 4, 4, steps=2, start_step=3), one[3:])  # resume
+  assert sorted(np.concatenate([b['label'] for b in one[:3]]).tolist()) == list(range(12))
+
+
+def test_augment_group_size():
+  from ssl_jax.data import pipeline
+  assert [pipeline.augment_group_size(b) for b in (8, 48, 128, 512, 4096, 96, 100, 97)] == [
+      8, 48, 64, 64, 64, 48, 50, 1]
+
+
+def test_tfds_array_subsets_are_balanced_seeded_and_process_count_free():
+  """The kNN monitor's TFDS subsets used to be each host's first examples: a different set of
+  images for every process count."""
+  assert HAVE_CIFAR, 'set TFDS_DATA_DIR to a data dir with cifar10 (../shared/data/tfds)'
+  cfg = cifar_cfg(data_dir=REAL_TFDS)
+  one = sources.build_source(cfg, 'test', max_examples=100, subset_seed=0)
+  assert np.bincount(one.labels, minlength=10).tolist() == [10] * 10
+  full = sources.build_source(cfg, 'test')
+  keep = data.balanced_subset(full.labels, 100, 0)
+  np.testing.assert_array_equal(one.images, full.images[keep])
+  other = sources.build_source(cfg, 'test', max_examples=100, subset_seed=1)
+  assert not np.array_equal(one.images, other.images)
+  parts = [sources.build_source(cfg, 'test', p, 3, max_examples=100) for p in range(3)]
+  np.testing.assert_array_equal(np.concatenate([p.images for p in parts]), one.images)
+  assert [sources.num_examples(cfg, 'test', p, 3, max_examples=100) for p in range(3)] == [
+      len(p.labels) for p in parts]
+  # The eval iterator reads exactly that subset, padded, for 1 and 2 processes.
+  for pc in (1, 2):
+    hosts = [list(data.make_eval_iterator(cfg, split='test', global_batch_size=32,
+                                          process_index=p, process_count=pc, max_examples=100))
+             for p in range(pc)]
+    assert len({len(h) for h in hosts}) == 1
+    images = np.concatenate([b['image'][b['mask']] for h in hosts for b in h])
+    np.testing.assert_array_equal(images, one.images)
+
+
+def test_streamed_tfds_subset_is_a_seeded_window_for_every_process_count(monkeypatch):
+  assert HAVE_CIFAR, 'set TFDS_DATA_DIR to a data dir with cifar10 (../shared/data/tfds)'
+  cfg = cifar_cfg(data_dir=REAL_TFDS, cache=False)
+
+  def records(pi, pc, seed, split='test[1000:3000]'):
+    source = sources.build_source(cfg, split, pi, pc, max_examples=300, subset_seed=seed)
+    assert isinstance(source, sources.TfdsSource)
+    got = list(source.dataset(shuffle_seed=None).as_numpy_iterator())
+    return [e['image'] for e in got], np.array([e['label'] for e in got])
+
+  images, labels = records(0, 1, seed=0)
+  assert len(images) == 300 and sources.num_examples(cfg, 'test[1000:3000]', max_examples=300,
+                                                      subset_seed=0) == 300
+  # A window of the stored order of the sliced split, at the seeded offset.
+  split = sources.stream_subset_split(sources.tfds_builder(cfg), 'test[1000:3000]', 300, 0)
+  lo = int(split.split('[')[1].split(':')[0])
+  assert split == f'test[{lo}:{lo + 300}]' and 1000 <= lo <= 2700
+  stored = list(sources.build_source(cfg, 'test').dataset(None).skip(lo).take(300)
+                .as_numpy_iterator())
+  assert [e['image'] for e in stored] == images
+  # TFDS stores CIFAR shuffled: the window holds every class.
+  assert np.bincount(labels, minlength=10).min() >= 10
+  halves = [records(p, 2, seed=0) for p in range(2)]
+  assert halves[0][0] + halves[1][0] == images
+  assert records(0, 1, seed=1)[0] != images
+  # A dataset stored unshuffled has no random window: one clear error, never a class-order subset.
+  monkeypatch.setattr(type(sources.tfds_builder(cfg).info), 'disable_shuffling',
+                      property(lambda self: True))
+  with pytest.raises(data.DataConfigError, match=r'stored unshuffled.*use the whole split'):
+    sources.build_source(cfg, 'test', max_examples=300)
+
+
+def test_monitor_warns_when_the_bank_misses_a_test_class():
+  import warnings
+  from ssl_jax.evals import features
+  with pytest.warns(features.MonitorSubsetWarning,
+                    match=r"6 examples of 'train'.*test class\(es\) \[4, 5\]"):
+    features.check_bank_classes(np.array([0, 1, 2, 3, 3, 0]), np.array([0, 5, 4, -1]), 'train')
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')
+    features.check_bank_classes(np.arange(6), np.array([0, 5, 4, -1]), 'train')

@@ -1,20 +1,30 @@
 """Train and eval iterators: per-host, deterministic given (seed, step), resumable exactly.
 
-Train stream (host ``p`` of ``P``, local batch ``b = global_batch // P``, ``E`` = steps per
-epoch = train examples // global batch):
+Train stream: global batch ``B``, ``P`` processes; host ``p`` feeds rows ``[p * b, (p + 1) * b)``
+of every global batch (``b = B // P``); ``E`` = steps per epoch = train examples // ``B``. Row
+``r`` of global batch ``s`` has the global position ``s * B + r``.
 
-* Epoch ``e`` reads this host's slice in the order of a permutation seeded by (seed, e) and uses
-  its first ``E * b`` examples (drop remainder), so every host runs exactly ``E`` steps per epoch
-  and each epoch is reshuffled. Step ``s`` is batch ``s mod E`` of epoch ``s // E``.
-* Random-access sources (decoded arrays, image folders) compute the permutation on the fly
-  with ``tf.random.experimental.index_shuffle``: resuming at step ``s`` starts the stream at
-  position ``s * b`` — no skipping at all. Streamed TFDS sources shuffle files and a buffer with
-  integer seeds of (seed, epoch) and ``skip`` the within-epoch offset on the still-encoded
-  records (nothing is decoded or augmented for skipped examples).
-* All augmentation randomness is stateless, from (seed, process index, step) for batch-level
-  draws (one row per example) and (seed, process index, position) for per-example crops of
-  decoded-per-example sources. Hence ``make_train_iterator(..., start_step=s)`` yields exactly
-  the batches an iterator from step 0 yields from its s-th batch on.
+* Random-access sources (decoded arrays, image folders) are read whole on every host. The
+  example at global position ``s * B + r`` is entry ``(s mod E) * B + r`` of a permutation of the
+  whole split seeded by (seed, epoch ``s // E``), computed on the fly with
+  ``tf.random.experimental.index_shuffle`` (each epoch uses the first ``E * B`` entries: drop
+  remainder, reshuffled every epoch). Resuming at step ``s`` starts there: no skipping at all.
+* Augmentation randomness depends on (seed, global position) only. Per-example crops (image
+  folders, streams) are seeded by the example's global position. Batched draws (the crops of
+  decoded arrays, the colour stage of every source) are made per *group* of ``G`` consecutive
+  rows of the global batch (:func:`augment_group_size`: the largest divisor of ``B`` up to 64),
+  seeded by (seed, step, group index); a host whose rows cover only part of a group pads that
+  part to ``G`` rows (extra augmentation work only when ``G`` does not divide ``b``).
+* Hence, for random-access sources, each global batch — its examples, their order and every
+  pixel of every view — is the same for every process count (hosts' batches concatenated in
+  process order), and ``make_train_iterator(..., start_step=s)`` yields exactly the batches an
+  iterator from step 0 yields from its s-th batch on.
+* Streamed TFDS sources (no random access) are read per host: host ``p`` reads its
+  ``tfds.split_for_jax_process`` slice, files and a shuffle buffer shuffled with integer seeds
+  of (seed, epoch), and uses the first ``E * b`` examples of it per epoch; a resume skips the
+  within-epoch offset on the still-encoded records. Which examples form a global batch, and
+  in which order, therefore depends on the process count (the augmentation of a given position
+  does not); resume is exact for a fixed process count.
 """
 from __future__ import annotations
 
@@ -37,6 +47,8 @@ from ssl_jax.models.normalize import MEAN_RGB, STDDEV_RGB, normalize  # noqa: E4
 _INT64_MAX = np.iinfo(np.int64).max
 # Tags that separate the independent random streams derived from one seed.
 _TAG_SHUFFLE, _TAG_CROP, _TAG_COLOR, _TAG_EXAMPLE = 1, 2, 3, 4
+# Largest number of rows of one batched augmentation draw (see augment_group_size).
+AUGMENT_GROUP = 64
 
 
 # ----------------------------------------------------------------------------------------------
@@ -124,6 +136,21 @@ def _parallel(data_cfg) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
+def augment_group_size(global_batch_size: int) -> int:
+  """Rows of one batched augmentation draw: the largest divisor of the global batch that is at
+  most ``AUGMENT_GROUP`` (a function of the global batch only, so of no process count)."""
+  return max(d for d in range(1, min(AUGMENT_GROUP, global_batch_size) + 1)
+             if global_batch_size % d == 0)
+
+
+def _pad_rows(x: tf.Tensor, before: int, after: int) -> tf.Tensor:
+  """``x`` with ``before``/``after`` rows of zeros (False for bool) around it."""
+  if not before and not after:
+    return x
+  zeros = lambda n: tf.zeros(tf.concat([[n], tf.shape(x)[1:]], 0), x.dtype)  # noqa: E731
+  return tf.concat([zeros(before), x, zeros(after)], 0)
+
+
 class _Plan:
   """Everything the train dataset builders share."""
 
@@ -132,40 +159,71 @@ class _Plan:
     self.cfg = data_cfg
     self.specs = views.resolve_views(data_cfg)
     self.process_index, self.process_count = _processes(process_index, process_count)
+    self.global_batch = int(global_batch_size)
     self.local_batch = local_batch_size(global_batch_size, self.process_count)
+    self.row0 = self.process_index * self.local_batch  # this host's first row of a batch
     self.steps_per_epoch = steps_per_epoch(data_cfg, global_batch_size)
-    self.per_epoch = self.steps_per_epoch * self.local_batch  # examples per host per epoch
+    self.per_epoch = self.steps_per_epoch * self.global_batch   # examples per epoch (all hosts)
+    self.local_per_epoch = self.steps_per_epoch * self.local_batch  # streamed: per host
     if start_step < 0:
       raise ValueError(f'start_step={start_step} must be >= 0.')
     self.start_step = int(start_step)
     self.seed = int(seed)
     root = _root_seed(seed)
     self.shuffle_root = augment.fold_in(root, _TAG_SHUFFLE)
-    aug_root = augment.fold_in(root, self.process_index)
-    self.crop_root = augment.fold_in(aug_root, _TAG_CROP)
-    self.color_root = augment.fold_in(aug_root, _TAG_COLOR)
-    self.example_root = augment.fold_in(aug_root, _TAG_EXAMPLE)
+    self.group_root = augment.fold_in(root, _TAG_COLOR)
+    self.example_root = augment.fold_in(root, _TAG_EXAMPLE)
+    # This host's rows [row0, row0 + b) cut at the augmentation-group boundaries:
+    # (group index in the batch, rows lo:hi of the local batch, zero rows to pad before/after).
+    g = augment_group_size(self.global_batch)
+    b, r0 = self.local_batch, self.row0
+    self.segments = []
+    for k in range(r0 // g, (r0 + b - 1) // g + 1):
+      lo, hi = max(r0, k * g), min(r0 + b, (k + 1) * g)
+      self.segments.append((k, lo - r0, hi - r0, lo - k * g, (k + 1) * g - hi))
+    self.group = g
 
-  def check_source(self, source) -> None:
-    if source.num_examples < self.per_epoch:
+  def check_source(self, source, streamed: bool) -> None:
+    need = self.local_per_epoch if streamed else self.per_epoch
+    if source.num_examples < need:
       raise ValueError(
           f'Process {self.process_index}/{self.process_count} holds {source.num_examples} '
-          f'examples of {self.cfg.name}/{self.cfg.train_split} but an epoch needs '
-          f'{self.per_epoch} ({self.steps_per_epoch} steps x {self.local_batch}).')
+          f'examples of {self.cfg.name}/{self.cfg.train_split} but an epoch needs {need}.')
+
+  def global_position(self, local: tf.Tensor) -> tf.Tensor:
+    """Global position(s) of this host's stream counter(s) ``local`` (``step * b + i``)."""
+    b = self.local_batch
+    return local // b * self.global_batch + self.row0 + local % b
 
   def shuffled_index(self, position: tf.Tensor, num: int) -> tf.Tensor:
-    """Index into this host's slice of stream position(s) ``position`` (int64 scalar, or a
-    vector within one epoch: a batch)."""
+    """Index into the whole split of global position(s) ``position`` (int64 scalar, or a vector
+    within one epoch: a batch)."""
     first = position if position.shape.rank == 0 else position[0]
-    seed = augment.fold_in(self.shuffle_root, first // self.per_epoch)
-    return tf.random.experimental.index_shuffle(position % self.per_epoch, seed=seed,
+    epoch = first // self.per_epoch
+    seed = augment.fold_in(self.shuffle_root, epoch)
+    return tf.random.experimental.index_shuffle(position - epoch * self.per_epoch, seed=seed,
                                                 max_index=num - 1)
 
+  def by_group(self, fn, batch: dict, step: tf.Tensor) -> dict:
+    """``fn(rows, seed)`` (a batched augmentation) over this host's rows of global batch
+    ``step``, one call per augmentation group, seeded by (seed, step, group)."""
+    step_seed = augment.fold_in(self.group_root, step)
+    parts = []
+    for k, lo, hi, before, after in self.segments:
+      rows = {key: _pad_rows(v[lo:hi], before, after) for key, v in batch.items()}
+      out = fn(rows, augment.fold_in(step_seed, k))
+      parts.append({key: v[before:before + hi - lo] for key, v in out.items()})
+    if len(parts) == 1:
+      return parts[0]
+    return {key: tf.concat([p[key] for p in parts], 0) for key in parts[0]}
+
   def finish(self, batch: dict) -> dict:
-    """Colour stage of a batch that carries its stream positions in '_pos'."""
-    step = batch['_pos'][0] // self.local_batch
-    return views.traced_finish_views_batch(self.specs)(
-        batch, augment.fold_in(self.color_root, step))
+    """Colour stage of a local batch that carries its global positions in '_pos'."""
+    step = batch['_pos'][0] // self.global_batch
+    finish = views.traced_finish_views_batch(self.specs)
+    rows = {k: v for k, v in batch.items() if k != '_pos'}
+    return self.by_group(lambda r, seed: finish(r, augment.fold_in(seed, _TAG_COLOR)), rows,
+                         step)
 
 
 def _array_dataset(plan: _Plan, source: sources.ArraySource) -> tf.data.Dataset:
@@ -174,15 +232,19 @@ def _array_dataset(plan: _Plan, source: sources.ArraySource) -> tf.data.Dataset:
   labels = tf.constant(source.labels)
   num = source.num_examples
   b = plan.local_batch
+  crop = views.traced_crop_views_batch(plan.specs)
+  finish = views.traced_finish_views_batch(plan.specs)
+
+  def augment_rows(rows, seed):
+    out = crop(rows['image'], augment.fold_in(seed, _TAG_CROP))
+    out['label'] = rows['label']
+    return finish(out, augment.fold_in(seed, _TAG_COLOR))
 
   def make_batch(step):
-    positions = step * b + tf.range(b, dtype=tf.int64)
+    positions = plan.global_position(step * b + tf.range(b, dtype=tf.int64))
     idx = plan.shuffled_index(positions, num)
-    batch = views.traced_crop_views_batch(plan.specs)(
-        tf.gather(images, idx), augment.fold_in(plan.crop_root, step))
-    batch['label'] = tf.gather(labels, idx)
-    batch['_pos'] = positions
-    return plan.finish(batch)
+    batch = {'image': tf.gather(images, idx), 'label': tf.gather(labels, idx)}
+    return plan.by_group(augment_rows, batch, step)
 
   ds = tf.data.Dataset.range(plan.start_step, _INT64_MAX)
   return _map(ds, make_batch, _parallel(plan.cfg))
@@ -205,12 +267,13 @@ def _per_example_dataset(plan: _Plan, ds: tf.data.Dataset) -> tf.data.Dataset:
 
 
 def _folder_dataset(plan: _Plan, source: sources.FolderSource) -> tf.data.Dataset:
-  """Random access by path: position -> shuffled index -> file bytes."""
+  """Random access by path: this host's stream counter -> global position -> index -> file."""
   paths = tf.constant(source.paths.astype(str))
   labels = tf.constant(source.labels)
   num = source.num_examples
 
-  def read(position):
+  def read(local):
+    position = plan.global_position(local)
     idx = plan.shuffled_index(position, num)
     return {'image': tf.io.read_file(tf.gather(paths, idx)), 'label': tf.gather(labels, idx),
             '_pos': position}
@@ -222,14 +285,16 @@ def _folder_dataset(plan: _Plan, source: sources.FolderSource) -> tf.data.Datase
 
 def _stream_epoch(plan: _Plan, source: sources.TfdsSource, epoch: int,
                   offset: int) -> tf.data.Dataset:
-  """One epoch of a streamed TFDS source from example ``offset`` of the epoch on."""
+  """One epoch of a streamed TFDS source (this host's slice) from example ``offset`` of the
+  host's epoch on."""
   ds = source.dataset(shuffle_seed=_py_seed(plan.seed, epoch, 0))
   buffer = min(int(plan.cfg.get('shuffle_buffer') or 0), source.num_examples)
   if buffer > 1:
     ds = ds.shuffle(buffer, seed=_py_seed(plan.seed, epoch, 1), reshuffle_each_iteration=False)
-  ds = ds.take(plan.per_epoch).skip(offset)  # skip before any decoding
-  ds = ds.enumerate(start=epoch * plan.per_epoch + offset)
-  ds = _map(ds, lambda pos, e: {'image': e['image'], 'label': e['label'], '_pos': pos})
+  ds = ds.take(plan.local_per_epoch).skip(offset)  # skip before any decoding
+  ds = ds.enumerate(start=epoch * plan.local_per_epoch + offset)
+  ds = _map(ds, lambda local, e: {'image': e['image'], 'label': e['label'],
+                                  '_pos': plan.global_position(local)})
   return _per_example_dataset(plan, ds)
 
 
@@ -247,13 +312,19 @@ def make_train_iterator(data_cfg, *, global_batch_size: int, seed: int, start_st
   ``[b, 4]``) and 'flip1'/'flip2' (bool ``[b]``). See the module docstring for determinism.
   """
   plan = _Plan(data_cfg, global_batch_size, seed, start_step, process_index, process_count)
-  source = sources.build_source(data_cfg, data_cfg.train_split, plan.process_index,
-                                plan.process_count)
-  plan.check_source(source)
-  log.info('Train input: %s/%s, %d examples on process %d/%d, local batch %d, %d steps/epoch, '
-           'views %s, from step %d.', data_cfg.name, data_cfg.train_split, source.num_examples,
-           plan.process_index, plan.process_count, plan.local_batch, plan.steps_per_epoch,
-           [s.key for s in plan.specs], plan.start_step)
+  # Random-access sources: the whole split on every host; streams: this host's slice.
+  source = sources.build_source(data_cfg, data_cfg.train_split)
+  streamed = isinstance(source, sources.TfdsSource)
+  if streamed and plan.process_count > 1:
+    source = sources.build_source(data_cfg, data_cfg.train_split, plan.process_index,
+                                  plan.process_count)
+  plan.check_source(source, streamed)
+  log.info('Train input: %s/%s, %d examples %s, process %d/%d (rows %d:%d of each global '
+           'batch), %d steps/epoch, views %s, augmentation groups of %d rows, from step %d.',
+           data_cfg.name, data_cfg.train_split, source.num_examples,
+           'in this host\'s slice' if streamed else 'read by every host', plan.process_index,
+           plan.process_count, plan.row0, plan.row0 + plan.local_batch, plan.steps_per_epoch,
+           [s.key for s in plan.specs], plan.group, plan.start_step)
   if isinstance(source, sources.TfdsSource):
     return _stream_iterator(plan, source)
   if isinstance(source, sources.ArraySource):
@@ -302,8 +373,14 @@ def _stream_iterator(plan: _Plan, source: sources.TfdsSource) -> Iterator[dict]:
 
 def make_eval_iterator(data_cfg, *, split: str, global_batch_size: int,
                        process_index: int | None = None, process_count: int | None = None,
-                       max_examples: int = -1) -> Iterator[dict[str, np.ndarray]]:
-  """One pass over this host's slice of ``split``, in order, no augmentation.
+                       max_examples: int = -1, subset_seed: int = 0
+                       ) -> Iterator[dict[str, np.ndarray]]:
+  """One pass over this host's slice of ``split`` (or of its subset), in order, no augmentation.
+
+  ``max_examples`` > 0 reads a subset drawn from ``subset_seed`` over the whole split before
+  the per-host slicing (``sources.build_source``: class-balanced for arrays and folders, a
+  seeded window of the stored order for streamed TFDS), so the union of the hosts' examples is
+  the same for every process count.
 
   Batches: 'image' uint8 ``[b, S, S, 3]`` (shorter side resized to ``data_cfg.eval_resize``,
   centre crop ``data_cfg.image_size``), 'label' int32 ``[b]``, 'mask' bool ``[b]``. The last
@@ -315,7 +392,8 @@ def make_eval_iterator(data_cfg, *, split: str, global_batch_size: int,
   b = local_batch_size(global_batch_size, pc)
   size = int(data_cfg.image_size)
   resize = int(data_cfg.get('eval_resize') or size)
-  source = sources.build_source(data_cfg, split, pi, pc, max_examples=max_examples)
+  subset = dict(max_examples=max_examples, subset_seed=subset_seed)
+  source = sources.build_source(data_cfg, split, pi, pc, **subset)
   if isinstance(source, sources.ArraySource):
     ds = tf.data.Dataset.from_tensor_slices({'image': source.images, 'label': source.labels})
   elif isinstance(source, sources.FolderSource):
@@ -329,14 +407,8 @@ def make_eval_iterator(data_cfg, *, split: str, global_batch_size: int,
               _parallel(data_cfg))
   ds = _map(ds, lambda e: {'image': augment.resize_shorter_center_crop(e['image'], resize, size),
                            'label': e['label'], 'mask': tf.constant(True)}, _parallel(data_cfg))
-  if pc == 1:
-    largest = source.num_examples
-  else:
-    largest = (max(sources.num_examples(data_cfg, split, p, pc) for p in range(pc))
-               if data_cfg.get('source', 'tfds') != 'folder' else
-               max(sources.build_source(data_cfg, split, p, pc,
-                                        max_examples=max_examples).num_examples
-                   for p in range(pc)))
+  largest = source.num_examples if pc == 1 else max(
+      sources.num_examples(data_cfg, split, p, pc, **subset) for p in range(pc))
   num_batches = max(1, math.ceil(largest / b))
   pad = tf.data.Dataset.from_tensors({'image': tf.zeros([size, size, 3], tf.uint8),
                                       'label': tf.constant(-1, tf.int32),

@@ -3,8 +3,8 @@
 Three kinds, chosen by :func:`build_source`:
 
 * :class:`ArraySource` — a TFDS split whose images all have one fixed shape (CIFAR) with
-  ``data_cfg.cache`` on: this host's slice decoded once into memory (numpy), memoised per
-  process, and read by random access (exact shuffles and O(1) resume).
+  ``data_cfg.cache`` on: the whole split decoded once into memory (numpy) on every host,
+  memoised per process, and read by random access (exact shuffles and O(1) resume).
 * :class:`FolderSource` — ``root/<split>/<class>/*.jpg|png`` (labels = index of the sorted
   class directories) or ``root/<split>/*.jpg|png`` (no labels: label -1). Random access by path;
   every file is validated once when the source is built (see :func:`validate_images`) and
@@ -12,8 +12,20 @@ Three kinds, chosen by :func:`build_source`:
 * :class:`TfdsSource` — any other TFDS split, streamed from its record files with per-epoch
   file shuffling and a shuffle buffer; images are decoded after the resume skip.
 
-Each host reads only its slice: ``tfds.split_for_jax_process`` for TFDS, the same contiguous
-even split (sizes differ by at most one) for folders.
+:func:`build_source` gives one host's slice: a contiguous even split (:func:`even_slice`, sizes
+differ by at most one) of the arrays or the file list, ``tfds.split_for_jax_process`` of a
+streamed split. The train iterator instead reads random-access sources whole on every host
+(``process_count=1``) and takes its rows of each global batch (see ``pipeline``).
+
+Subsets (``max_examples`` > 0: the kNN monitor's bank and test set, quick evals) are drawn from
+the whole split *before* the per-host slicing, so every process count sees the same examples:
+
+* arrays and image folders: :func:`balanced_subset` (seeded by ``subset_seed``, class-balanced);
+* streamed TFDS: a seeded window ``split[o:o + max_examples]`` of the stored order (TFDS writes
+  records in a key-hash shuffled order, so the window is a random, roughly class-proportional
+  sample; an exactly balanced draw would need a pass over every record for its label, ~0.35 ms
+  per record here: minutes for ImageNet). A dataset stored unshuffled (TFDS
+  ``disable_shuffling``) has no such window: the request is an error.
 """
 from __future__ import annotations
 
@@ -68,7 +80,8 @@ class DataConfigError(ValueError):
 
 @dataclasses.dataclass
 class ArraySource:
-  """This host's slice, decoded in memory: uint8 images [n, H, W, 3], int32 labels [n]."""
+  """Decoded in memory (a whole split, or one host's slice of it): uint8 images [n, H, W, 3],
+  int32 labels [n]."""
   images: np.ndarray
   labels: np.ndarray
 
@@ -203,10 +216,50 @@ def _count(builder, split) -> int:
   return int(ds.reduce(np.int64(0), _no_autograph(lambda c, _: c + 1)).numpy())
 
 
-def tfds_num_examples(data_cfg, split: str, process_index: int = 0, process_count: int = 1) -> int:
-  """Examples of ``split`` on host ``process_index`` of ``process_count``."""
+def _is_cached_arrays(data_cfg, builder) -> bool:
+  """Whether the dataset's splits are decoded into memory (:class:`ArraySource`) rather than
+  streamed: ``data_cfg.cache`` on and images of one fixed shape."""
+  return bool(data_cfg.get('cache')) and _fixed_image_shape(builder) is not None
+
+
+def stream_subset_split(builder, split: str, max_examples: int, subset_seed: int) -> str:
+  """The split string of a streamed subset: ``split`` itself when ``max_examples`` <= 0 or
+  covers it, else the window ``name[o:o + max_examples]`` of its stored order at an offset
+  ``o`` drawn from ``subset_seed`` (the same on every host: slice it per host afterwards).
+
+  TFDS stores records in a key-hash shuffled order, so a window is a random sample; a dataset
+  prepared with ``disable_shuffling`` may be stored in class order, so it raises.
+  """
+  total = _count(builder, split)
+  if not 0 < max_examples < total:
+    return split
+  if getattr(builder.info, 'disable_shuffling', False):
+    raise DataConfigError(
+        f'{builder.name} is stored unshuffled (TFDS disable_shuffling), so a subset of '
+        f'{max_examples} of its {total} {split!r} records would follow the stored (possibly '
+        f'class) order; use the whole split (max_examples/train_examples/eval_examples = -1) '
+        f'or a cached source (--config.data.cache=True, fixed-shape images).')
+  instructions = tfds.core.ReadInstruction.from_spec(split).to_absolute(builder.info.splits)
+  if len(instructions) != 1:
+    raise DataConfigError(f'a subset of the streamed split {split!r} needs a single split '
+                          f'(e.g. "train" or "train[:50%]"), not a union.')
+  start = instructions[0].from_ or 0
+  offset = int(np.random.default_rng(subset_seed).integers(0, total - max_examples + 1))
+  return f'{instructions[0].splitname}[{start + offset}:{start + offset + max_examples}]'
+
+
+def tfds_num_examples(data_cfg, split: str, process_index: int = 0, process_count: int = 1,
+                      *, max_examples: int = -1, subset_seed: int = 0) -> int:
+  """Examples of ``split`` (or of its subset, see :func:`build_tfds_source`) on host
+  ``process_index`` of ``process_count``."""
   builder = tfds_builder(data_cfg)
   check_split(builder, split)
+  if _is_cached_arrays(data_cfg, builder):
+    total = _count(builder, split)
+    n = min(total, max_examples) if max_examples > 0 else total
+    part = even_slice(n, process_index, process_count)
+    return part.stop - part.start
+  split = stream_subset_split(builder, split, max_examples, subset_seed)
   return _count(builder, process_split(split, process_index, process_count))
 
 
@@ -219,15 +272,13 @@ def _fixed_image_shape(builder) -> tuple[int, ...] | None:
 
 
 @functools.lru_cache(maxsize=4)
-def _load_arrays(name: str, data_dir: str | None, split: str, process_index: int,
-                 process_count: int, download: bool) -> ArraySource:
-  """Decodes one host's slice into numpy once per process (memoised)."""
+def _load_arrays(name: str, data_dir: str | None, split: str, download: bool) -> ArraySource:
+  """Decodes the whole ``split`` into numpy once per process (memoised)."""
   cfg = {'name': name, 'data_dir': data_dir, 'download': download}
   builder = tfds_builder(_Cfg(cfg))
   has_labels = 'label' in builder.info.features
-  ds = _as_dataset(builder, process_split(split, process_index, process_count),
-                   shuffle_files=False, read_config=tfds.ReadConfig(
-                       options=deterministic_options()))
+  ds = _as_dataset(builder, split, shuffle_files=False, read_config=tfds.ReadConfig(
+      options=deterministic_options()))
   ds = ds.map(_no_autograph(lambda e: _image_label(e, has_labels)),
               num_parallel_calls=tf.data.AUTOTUNE)
   images, labels = [], []
@@ -235,13 +286,12 @@ def _load_arrays(name: str, data_dir: str | None, split: str, process_index: int
     images.append(batch['image'])
     labels.append(batch['label'])
   if not images:
-    raise ValueError(f'Split {split!r} of {name!r} is empty on process {process_index}/'
-                     f'{process_count}.')
+    raise ValueError(f'Split {split!r} of {name!r} is empty.')
   images = np.concatenate(images)
   if images.shape[-1] == 1:
     images = np.repeat(images, 3, axis=-1)
-  log.info('Cached %d decoded images of %s/%s (process %d/%d) in memory: %.0f MB.',
-           len(images), name, split, process_index, process_count, images.nbytes / 2**20)
+  log.info('Cached %d decoded images of %s/%s in memory: %.0f MB.', len(images), name, split,
+           images.nbytes / 2**20)
   return ArraySource(images=images, labels=np.concatenate(labels).astype(np.int32))
 
 
@@ -252,20 +302,34 @@ class _Cfg(dict):
     return self[key]
 
 
-def build_tfds_source(data_cfg, split: str, process_index: int, process_count: int
+def build_tfds_source(data_cfg, split: str, process_index: int = 0, process_count: int = 1,
+                      *, max_examples: int = -1, subset_seed: int = 0
                       ) -> ArraySource | TfdsSource:
-  """An :class:`ArraySource` when caching a fixed-shape dataset, else a :class:`TfdsSource`."""
+  """An :class:`ArraySource` when caching a fixed-shape dataset, else a :class:`TfdsSource`.
+
+  Arrays: the whole split is decoded (once per process); ``max_examples`` > 0 keeps a
+  :func:`balanced_subset` of it; then host ``process_index`` gets its :func:`even_slice`.
+  Streams: ``max_examples`` > 0 reads the seeded window :func:`stream_subset_split`; then
+  ``tfds.split_for_jax_process``. Either way the union over hosts is the same for every
+  process count.
+  """
   builder = tfds_builder(data_cfg)
   check_split(builder, split)
-  fixed = _fixed_image_shape(builder)
-  if data_cfg.get('cache') and fixed is not None:
+  if _is_cached_arrays(data_cfg, builder):
     load = _load_arrays.__wrapped__ if tfds_is_mocked() else _load_arrays
-    return load(data_cfg.name, resolve_data_dir(data_cfg), split, process_index,
-                        process_count, bool(data_cfg.get('download')))
+    full = load(data_cfg.name, resolve_data_dir(data_cfg), split, bool(data_cfg.get('download')))
+    if 0 < max_examples < full.num_examples:
+      keep = balanced_subset(full.labels, max_examples, subset_seed)
+      full = ArraySource(images=full.images[keep], labels=full.labels[keep])
+    if process_count == 1:
+      return full
+    part = even_slice(full.num_examples, process_index, process_count)
+    return ArraySource(images=full.images[part], labels=full.labels[part])
   if data_cfg.get('cache'):
     log.warning('data_cfg.cache is on but %s images have no fixed shape; streaming instead.',
                 data_cfg.name)
-  psplit = process_split(split, process_index, process_count)
+  psplit = process_split(stream_subset_split(builder, split, max_examples, subset_seed),
+                         process_index, process_count)
   return TfdsSource(builder=builder, split=psplit, num_examples=_count(builder, psplit),
                     has_labels='label' in builder.info.features)
 
@@ -454,25 +518,35 @@ def build_folder_source(data_cfg, split: str, process_index: int = 0, process_co
 
 
 def build_source(data_cfg, split: str, process_index: int = 0, process_count: int = 1, *,
-                 max_examples: int = -1):
-  """The source of ``split`` for host ``process_index`` of ``process_count``; ``max_examples``
-  draws a class-balanced subset of an image folder (TFDS splits are read as stored)."""
+                 max_examples: int = -1, subset_seed: int = 0):
+  """The source of ``split`` for host ``process_index`` of ``process_count``.
+
+  ``max_examples`` > 0 reads a subset of ``split`` drawn from ``subset_seed`` before the per-host
+  slicing (the union over hosts does not depend on the process count): a class-balanced random
+  draw for arrays and image folders, a seeded window of the (hash-shuffled) stored order for
+  streamed TFDS (see :func:`build_tfds_source`, :func:`build_folder_source`).
+  """
   kind = data_cfg.get('source', 'tfds')
   if kind == 'tfds':
-    return build_tfds_source(data_cfg, split, process_index, process_count)
+    return build_tfds_source(data_cfg, split, process_index, process_count,
+                             max_examples=max_examples, subset_seed=subset_seed)
   if kind == 'folder':
     return build_folder_source(data_cfg, split, process_index, process_count,
-                               max_examples=max_examples, subset_seed=int(data_cfg.get('seed', 0) or 0))
+                               max_examples=max_examples, subset_seed=subset_seed)
   raise DataConfigError(f'Unknown data source {kind!r} (--config.data.source); accepted: {list(SOURCES)}.')
 
 
-def num_examples(data_cfg, split: str, process_index: int = 0, process_count: int = 1) -> int:
-  """Examples of ``split`` on one host (all hosts with the defaults)."""
+def num_examples(data_cfg, split: str, process_index: int = 0, process_count: int = 1, *,
+                 max_examples: int = -1, subset_seed: int = 0) -> int:
+  """Examples of ``split`` (or of its subset, as :func:`build_source`) on one host (all hosts
+  with the defaults)."""
   kind = data_cfg.get('source', 'tfds')
   if kind == 'tfds':
-    return tfds_num_examples(data_cfg, split, process_index, process_count)
+    return tfds_num_examples(data_cfg, split, process_index, process_count,
+                             max_examples=max_examples, subset_seed=subset_seed)
   if kind == 'folder':
-    return build_folder_source(data_cfg, split, process_index, process_count).num_examples
+    return build_folder_source(data_cfg, split, process_index, process_count,
+                               max_examples=max_examples, subset_seed=subset_seed).num_examples
   raise DataConfigError(f'Unknown data source {kind!r} (--config.data.source); accepted: {list(SOURCES)}.')
 
 
