@@ -18,14 +18,21 @@ Where we differ, it is numerical detail:
   (always at 32 px), but border pixels of the crop may blend in the pixel just outside it
   (torchvision crops, then resizes). :func:`crop_resize` (any size) is antialiased like
   torchvision v2.
-* Everything stays float32 until :func:`to_uint8` at the end; torchvision v2 on uint8 tensors
-  rounds after every op.
+* Batched crops (:func:`crop_resize_batch`) stay float32 until :func:`to_uint8` at the end;
+  per-example crops (any image size) are rounded to uint8 once after resampling, as torchvision
+  on PIL images is, then the colour stage runs in float32 and rounds once at the end;
+  torchvision rounds after every op.
 * The blur kernel side is ~10% of the image (23 at 224 px, as BYOL/SimCLR); torchvision's
   ``GaussianBlur`` takes a fixed kernel size.
-* HSV conversions are TF's (same formulas; float error on gray pixels).
+* The hue rotation is the HSV round trip in closed form (:func:`hue_rotate_planes`; the
+  reference :func:`adjust_hue` uses TF's HSV conversions): same formulas, float error only.
+* The colour stage runs fused per example under XLA (:func:`colour_views`); the batched ops it
+  replaces remain as its reference (:func:`colour_views_reference`), same draws, same pixels up
+  to float rounding.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -149,11 +156,17 @@ def crop_resize(image: tf.Tensor, box: tf.Tensor, size: int) -> tf.Tensor:
   Bilinear with antialiasing (``tf.image.resize(..., antialias=True)``), like torchvision v2's
   default ``antialias=True``; used for decoded images of any size (ImageNet, folders).
   Returns float32 in the input's value range.
+
+  A crop enlarged on both axes takes the plain bilinear kernel (``antialias=False``, ~3x
+  cheaper): antialiasing widens the kernel by the shrink factor only, so the two are the same
+  resampling there (half-pixel centres, edge clamping).
   """
   b = tf.cast(box, tf.int32)
-  crop = image[b[0]:b[0] + b[2], b[1]:b[1] + b[3], :]
-  return tf.image.resize(tf.cast(crop, tf.float32), [size, size], method='bilinear',
-                         antialias=True)
+  crop = image[b[0]:b[0] + b[2], b[1]:b[1] + b[3], :]  # uint8 into resize: no float copy
+  return tf.cond(
+      tf.logical_and(b[2] <= size, b[3] <= size),
+      lambda: tf.image.resize(crop, [size, size], method='bilinear', antialias=False),
+      lambda: tf.image.resize(crop, [size, size], method='bilinear', antialias=True))
 
 
 def random_resized_crop(image: tf.Tensor, seed: tf.Tensor, size: int,
@@ -216,11 +229,16 @@ def to_grayscale(images: tf.Tensor) -> tf.Tensor:
   return tf.tensordot(images, tf.constant(GRAY_WEIGHTS, images.dtype), axes=[[-1], [0]])[..., None]
 
 
+def sample_apply(seed: tf.Tensor, n, p: float) -> tf.Tensor:
+  """Bool ``[n]``: apply an op to each example with probability ``p`` (``U[0, 1) < p``)."""
+  return tf.random.stateless_uniform(tf.reshape(n, [1]), seed) < p
+
+
 def random_grayscale(images: tf.Tensor, seed: tf.Tensor, p: float) -> tf.Tensor:
   """torchvision ``RandomGrayscale(p)``: gray replicated to 3 channels, per example."""
   if p <= 0:
     return images
-  apply = tf.random.stateless_uniform(tf.shape(images)[:1], seed) < p
+  apply = sample_apply(seed, tf.shape(images)[0], p)
   return _blend(images, to_grayscale(images), apply)
 
 
@@ -245,6 +263,33 @@ def _apply_to_subset(images: tf.Tensor, mask: tf.Tensor, fn, *args: tf.Tensor) -
   return tf.cond(tf.shape(idx)[0] > 0, run, lambda: images)
 
 
+def sample_jitter(seed: tf.Tensor, n, brightness: float, contrast: float, saturation: float,
+                  hue: float, p: float = 1.0
+                  ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+  """The per-example draws of ``RandomApply([ColorJitter(b, c, s, h)], p)`` for ``n`` examples.
+
+  Returns ``(apply, factors, hue_delta, order)``: bool ``[n]`` (``U[0, 1) < p``); float32
+  ``[n, 4]`` blend factors (brightness, contrast, saturation ``~ U[max(0, 1 - a), 1 + a]``, and
+  1 in the hue column; all 1 where not applied); float32 ``[n]`` ``hue_delta ~ U[-hue, hue]``
+  (0 where not applied); int32 ``[n, 4]`` a random order of the ops ``{0: brightness,
+  1: contrast, 2: saturation, 3: hue}`` (``argsort`` of 4 uniforms: a uniform permutation, as
+  ``torch.randperm(4)``).
+  """
+  n = tf.reshape(n, [1])
+  s_apply, s_fac, s_order = split_seed(seed, 3)
+  apply = tf.random.stateless_uniform(n, s_apply) < p
+  u = tf.random.stateless_uniform(tf.concat([n, [4]], 0), s_fac)
+
+  def factor(k, amount):
+    lo = max(0.0, 1.0 - amount)
+    return tf.where(apply, lo + u[:, k] * (1.0 + amount - lo), 1.0)
+  fac = tf.stack([factor(0, brightness), factor(1, contrast), factor(2, saturation),
+                  tf.ones_like(u[:, 0])], axis=1)  # [B, 4]; hue has no blend factor
+  hue_delta = tf.where(apply, (2.0 * u[:, 3] - 1.0) * hue, 0.0)
+  order = tf.argsort(tf.random.stateless_uniform(tf.concat([n, [4]], 0), s_order), axis=1)
+  return apply, fac, hue_delta, tf.cast(order, tf.int32)
+
+
 def color_jitter(images: tf.Tensor, seed: tf.Tensor, brightness: float, contrast: float,
                  saturation: float, hue: float, p: float = 1.0) -> tf.Tensor:
   """torchvision ``RandomApply([ColorJitter(b, c, s, h)], p)`` on a batch ``[B, H, W, 3]``.
@@ -263,18 +308,8 @@ def color_jitter(images: tf.Tensor, seed: tf.Tensor, brightness: float, contrast
   hue or jitter is not applied: the identity on [0, 1] images); the hue stage runs only on the
   examples whose op at that stage is hue.
   """
-  n = tf.shape(images)[:1]
-  s_apply, s_fac, s_order = split_seed(seed, 3)
-  apply = tf.random.stateless_uniform(n, s_apply) < p
-  u = tf.random.stateless_uniform(tf.concat([n, [4]], 0), s_fac)
-
-  def factor(k, amount):
-    lo = max(0.0, 1.0 - amount)
-    return tf.where(apply, lo + u[:, k] * (1.0 + amount - lo), 1.0)
-  fac = tf.stack([factor(0, brightness), factor(1, contrast), factor(2, saturation),
-                  tf.ones_like(u[:, 0])], axis=1)  # [B, 4]; hue has no blend factor
-  hue_delta = tf.where(apply, (2.0 * u[:, 3] - 1.0) * hue, 0.0)
-  order = tf.argsort(tf.random.stateless_uniform(tf.concat([n, [4]], 0), s_order), axis=1)
+  apply, fac, hue_delta, order = sample_jitter(seed, tf.shape(images)[0], brightness, contrast,
+                                               saturation, hue, p)
   for stage in range(4):
     op = order[:, stage]  # [B] in {0: brightness, 1: contrast, 2: saturation, 3: hue}
     if brightness > 0 or contrast > 0 or saturation > 0:
@@ -321,6 +356,18 @@ def gaussian_blur(images: tf.Tensor, sigma: tf.Tensor, kernel_size: int) -> tf.T
   return tf.transpose(tf.reshape(out, tf.stack([h, w, b, c])), [2, 0, 1, 3])
 
 
+def sample_blur(seed: tf.Tensor, n, p: float, sigma_range: Sequence[float] = (0.1, 2.0)
+                ) -> tuple[tf.Tensor, tf.Tensor]:
+  """Per-example blur draws: bool ``[n]`` apply (``U[0, 1) < p``), float32 ``[n]``
+  ``sigma ~ U(sigma_range)``."""
+  n = tf.reshape(n, [1])
+  s_apply, s_sigma = split_seed(seed, 2)
+  apply = tf.random.stateless_uniform(n, s_apply) < p
+  sigma = sigma_range[0] + tf.random.stateless_uniform(n, s_sigma) * (
+      sigma_range[1] - sigma_range[0])
+  return apply, sigma
+
+
 def random_gaussian_blur(images: tf.Tensor, seed: tf.Tensor, p: float,
                          sigma_range: Sequence[float] = (0.1, 2.0)) -> tf.Tensor:
   """Blur each example with probability ``p``, ``sigma ~ U(sigma_range)`` (BYOL, MoCo v2).
@@ -330,11 +377,7 @@ def random_gaussian_blur(images: tf.Tensor, seed: tf.Tensor, p: float,
   """
   if p <= 0:
     return images
-  n = tf.shape(images)[:1]
-  s_apply, s_sigma = split_seed(seed, 2)
-  apply = tf.random.stateless_uniform(n, s_apply) < p
-  sigma = sigma_range[0] + tf.random.stateless_uniform(n, s_sigma) * (
-      sigma_range[1] - sigma_range[0])
+  apply, sigma = sample_blur(seed, tf.shape(images)[0], p, sigma_range)
   ksize = gaussian_kernel_size(int(images.shape[1]))
   return _apply_to_subset(images, apply, lambda x, s: gaussian_blur(x, s, ksize), sigma)
 
@@ -351,13 +394,198 @@ def random_solarize(images: tf.Tensor, seed: tf.Tensor, p: float,
   """Solarize each example with probability ``p`` (BYOL's second view: p = 0.2)."""
   if p <= 0:
     return images
-  apply = tf.random.stateless_uniform(tf.shape(images)[:1], seed) < p
+  apply = sample_apply(seed, tf.shape(images)[0], p)
   return _apply_to_subset(images, apply, lambda x: solarize(x, threshold))
 
 
 def to_uint8(images: tf.Tensor) -> tf.Tensor:
-  """``[0, 1]`` float -> uint8 with rounding (``round(clip(x) * 255)``)."""
+  """``[0, 1]`` float -> uint8 with rounding (``round(clip(x) * 255)``); uint8 passes through."""
+  if images.dtype == tf.uint8:
+    return images
   return tf.cast(tf.round(tf.clip_by_value(images, 0.0, 1.0) * 255.0), tf.uint8)
+
+
+def to_unit_float(images: tf.Tensor) -> tf.Tensor:
+  """uint8 ``[0, 255]`` -> float32 ``[0, 1]`` (``x / 255``); float images pass through."""
+  if images.dtype == tf.uint8:
+    return tf.cast(images, tf.float32) * (1.0 / 255.0)
+  return tf.cast(images, tf.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# The colour stage fused per example (XLA)
+# ----------------------------------------------------------------------------------------------
+# The batched ops above each make one pass over the whole batch; at 224 px a view batch of 64 is
+# 38 MB of float32, so the colour stage is memory-bound (and the hue stage runs TF's HSV
+# kernels). :func:`colour_views` computes the same thing with one XLA program per call that
+# walks the batch one example at a time: each example (600 KB at 224 px) stays in cache, XLA
+# fuses the per-pixel arithmetic, and per-example branches skip the work of ops that are not
+# applied (hue runs only at its stage, blur only on blurred examples). The random draws are the
+# same as the batched ops' (``sample_*``), so :func:`colour_views_reference` (the batched ops in
+# sequence) is its reference.
+
+
+def _gray_planes(x: tf.Tensor) -> tf.Tensor:
+  """Luma of a ``[3, H, W]`` image as ``[1, H, W]`` (:data:`GRAY_WEIGHTS`)."""
+  return (GRAY_WEIGHTS[0] * x[0:1] + GRAY_WEIGHTS[1] * x[1:2]) + GRAY_WEIGHTS[2] * x[2:3]
+
+
+def hue_rotate_planes(x: tf.Tensor, delta: tf.Tensor) -> tf.Tensor:
+  """Hue rotation by ``delta`` (fraction of the circle) of a ``[3, H, W]`` image in [0, 1].
+
+  The HSV round trip of :func:`adjust_hue` in closed form: with ``v = max(r, g, b)``,
+  ``c = v - min(r, g, b)`` and the hexcone hue ``h6`` (``(g - b) / c`` if ``v = r``,
+  ``(b - r) / c + 2`` if ``v = g``, ``(r - g) / c + 4`` otherwise; 0 if ``c = 0``; 6 x HSV's
+  hue, mod 6), the rotated hue is ``h' = h6 + 6 delta`` and channel ``n`` (5 for red, 3 for
+  green, 1 for blue) is ``v - c * clip(min(k, 4 - k), 0, 1)`` with ``k = (n + h') mod 6`` — the
+  standard HSV -> RGB formula with ``s v = c``. Value and saturation are unchanged, as in HSV.
+  """
+  r, g, b = x[0], x[1], x[2]
+  v = tf.maximum(tf.maximum(r, g), b)
+  c = v - tf.minimum(tf.minimum(r, g), b)
+  inv = 1.0 / tf.maximum(c, 1e-12)  # c = 0 (gray): every difference below is 0 too
+  h6 = tf.where(v == r, (g - b) * inv, tf.where(v == g, (b - r) * inv + 2.0,
+                                                (r - g) * inv + 4.0))
+  h6 = h6 + 6.0 * delta
+
+  def channel(n):
+    k = n + h6
+    k = k - 6.0 * tf.floor(k * (1.0 / 6.0))  # mod 6 (floor: vectorises, floormod does not)
+    return v - c * tf.clip_by_value(tf.minimum(k, 4.0 - k), 0.0, 1.0)
+  return tf.stack([channel(5.0), channel(3.0), channel(1.0)])
+
+
+def _jitter_planes(x: tf.Tensor, factors: tf.Tensor, hue_delta: tf.Tensor,
+                   order: tf.Tensor) -> tf.Tensor:
+  """The four ColorJitter ops of one ``[3, H, W]`` image in ``order`` (see :func:`color_jitter`);
+  a loop over the 4 stages whose body runs only the op of that stage."""
+  def stage(k, x):
+    ops = [lambda: tf.clip_by_value(factors[0] * x, 0.0, 1.0),
+           lambda: tf.clip_by_value(factors[1] * x + (1.0 - factors[1]) *
+                                    tf.reduce_mean(_gray_planes(x)), 0.0, 1.0),
+           lambda: tf.clip_by_value(factors[2] * x + (1.0 - factors[2]) * _gray_planes(x),
+                                    0.0, 1.0),
+           lambda: hue_rotate_planes(x, hue_delta)]
+    return k + 1, tf.switch_case(order[k], ops)
+  return tf.while_loop(lambda k, _: k < 4, stage, (tf.constant(0), x))[1]
+
+
+def _reflect_pad(x: tf.Tensor, radius: int, axis: int) -> tf.Tensor:
+  """``radius`` pixels of reflect padding (edge not repeated, as ``tf.pad(mode='REFLECT')``)."""
+  n = x.shape[axis]
+
+  def part(start, stop):
+    index = [slice(None)] * x.shape.rank
+    index[axis] = slice(start, stop)
+    return tf.reverse(x[tuple(index)], [axis])
+  return tf.concat([part(1, radius + 1), x, part(n - radius - 1, n - 1)], axis)
+
+
+def gaussian_blur_planes(x: tf.Tensor, sigma: tf.Tensor, kernel_size: int) -> tf.Tensor:
+  """:func:`gaussian_blur` of one ``[C, H, W]`` image: the same normalised kernel and reflect
+  padding, as a sum of shifted copies (``k_0 x + sum_i k_i (x_{+i} + x_{-i})``, the kernel is
+  symmetric) along W, then along H."""
+  radius = kernel_size // 2
+  t = tf.range(-radius, radius + 1, dtype=tf.float32)
+  kern = tf.exp(-tf.square(t) / (2.0 * tf.square(sigma)))
+  kern = kern / tf.reduce_sum(kern)
+  for axis in (2, 1):
+    padded = _reflect_pad(x, radius, axis)
+
+    def shifted(offset):
+      begin = [0, 0, 0]
+      begin[axis] = radius + offset
+      size = list(x.shape)
+      return tf.slice(padded, begin, size)
+    out = kern[radius] * x
+    for i in range(1, radius + 1):
+      out = out + kern[radius + i] * (shifted(i) + shifted(-i))
+    x = out
+  return x
+
+
+def _colour_one(args, *, jitter: bool, gray: bool, blur_size: int, solarize_threshold):
+  """Colour stage of one ``[H, W, 3]`` image with its draws -> uint8 ``[H, W, 3]``."""
+  (x, jit_on, factors, hue_delta, order, gray_on, blur_on, sigma, sol_on) = args
+  x = tf.transpose(to_unit_float(x), [2, 0, 1])  # channel planes: contiguous rows
+  if jitter:
+    x = tf.cond(jit_on, lambda: _jitter_planes(x, factors, hue_delta, order), lambda: x)
+  if gray:
+    x = tf.cond(gray_on, lambda: tf.tile(_gray_planes(x), [3, 1, 1]), lambda: x)
+  if blur_size:
+    x = tf.cond(blur_on, lambda: gaussian_blur_planes(x, sigma, blur_size), lambda: x)
+  if solarize_threshold is not None:
+    x = tf.cond(sol_on, lambda: solarize(x, solarize_threshold), lambda: x)
+  x = tf.round(tf.clip_by_value(x, 0.0, 1.0) * 255.0)
+  return tf.cast(tf.transpose(x, [1, 2, 0]), tf.uint8)
+
+
+@functools.lru_cache(maxsize=None)
+def _fused_colour_fn(jitter: bool, gray: bool, blur_size: int, solarize_threshold):
+  """The XLA-compiled per-example loop for one combination of enabled ops (compiled once per
+  input shape and process)."""
+  one = functools.partial(_colour_one, jitter=jitter, gray=gray, blur_size=blur_size,
+                          solarize_threshold=solarize_threshold)
+
+  def run(images, *draws):
+    spec = tf.TensorSpec(images.shape[1:], tf.uint8)
+    return tf.map_fn(one, (images, *draws), fn_output_signature=spec)
+  # No reduce_retracing: the per-example code needs the static image shape.
+  return tf.function(run, jit_compile=True, autograph=False)
+
+
+def sample_colour(seeds: Sequence[tf.Tensor], n, *, jitter: Sequence[float], jitter_p: float,
+                  gray_p: float, blur_p: float, solarize_p: float,
+                  blur_sigma: Sequence[float] = (0.1, 2.0)) -> dict[str, tf.Tensor]:
+  """Every per-example draw of the colour stage, from ``seeds`` = (jitter, grayscale, blur,
+  solarize) seeds — the draws :func:`color_jitter`, :func:`random_grayscale`,
+  :func:`random_gaussian_blur` and :func:`random_solarize` make from the same seeds."""
+  s_jit, s_gray, s_blur, s_sol = seeds
+  apply, fac, hue_delta, order = sample_jitter(s_jit, n, *jitter, p=jitter_p)
+  blur_on, sigma = sample_blur(s_blur, n, blur_p, blur_sigma)
+  return {'jitter': apply, 'factors': fac, 'hue_delta': hue_delta, 'order': order,
+          'gray': sample_apply(s_gray, n, gray_p), 'blur': blur_on, 'sigma': sigma,
+          'solarize': sample_apply(s_sol, n, solarize_p)}
+
+
+def colour_views(images: tf.Tensor, seeds: Sequence[tf.Tensor], *, jitter: Sequence[float],
+                 jitter_p: float, gray_p: float, blur_p: float, solarize_p: float,
+                 solarize_threshold: float = 0.5) -> tf.Tensor:
+  """Colour jitter, grayscale, blur, solarize of a batch ``[B, H, W, 3]`` (float in [0, 1], or
+  uint8) -> uint8, fused per example with XLA.
+
+  The result is :func:`colour_views_reference` (same draws from the same ``seeds``) up to float
+  rounding: each op computes the same formula (see :func:`hue_rotate_planes` for the hue,
+  :func:`gaussian_blur_planes` for the blur), in a different order of float operations. The
+  blur kernel side is :func:`gaussian_kernel_size` of the image height.
+  """
+  if not images.shape[1:].is_fully_defined():
+    raise ValueError(f'colour_views needs a static image shape (XLA); got {images.shape}.')
+  use_jitter = jitter_p > 0 and any(jitter)
+  d = sample_colour(seeds, tf.shape(images)[0], jitter=jitter, jitter_p=jitter_p if use_jitter
+                    else 0.0, gray_p=gray_p, blur_p=blur_p, solarize_p=solarize_p)
+  blur_size = gaussian_kernel_size(int(images.shape[1])) if blur_p > 0 else 0
+  fn = _fused_colour_fn(use_jitter, gray_p > 0, blur_size,
+                        float(solarize_threshold) if solarize_p > 0 else None)
+  return fn(images, d['jitter'], d['factors'], d['hue_delta'],
+            d['order'], d['gray'], d['blur'], d['sigma'], d['solarize'])
+
+
+def colour_views_reference(images: tf.Tensor, seeds: Sequence[tf.Tensor], *,
+                           jitter: Sequence[float], jitter_p: float, gray_p: float,
+                           blur_p: float, solarize_p: float,
+                           solarize_threshold: float = 0.5) -> tf.Tensor:
+  """:func:`colour_views` as the batched ops in sequence: :func:`color_jitter`,
+  :func:`random_grayscale`, :func:`random_gaussian_blur`, :func:`random_solarize`,
+  :func:`to_uint8` (the obvious implementation, kept as the fused stage's reference)."""
+  s_jit, s_gray, s_blur, s_sol = seeds
+  x = to_unit_float(images)
+  if jitter_p > 0 and any(jitter):
+    x = color_jitter(x, s_jit, *jitter, p=jitter_p)
+  x = random_grayscale(x, s_gray, gray_p)
+  x = random_gaussian_blur(x, s_blur, blur_p)
+  x = random_solarize(x, s_sol, solarize_p, solarize_threshold)
+  return to_uint8(x)
 
 
 # ----------------------------------------------------------------------------------------------

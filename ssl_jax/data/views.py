@@ -44,7 +44,12 @@ def crop_views_batch(images: tf.Tensor, seed: tf.Tensor, specs: Sequence[ViewSpe
 
 def crop_views_example(image: tf.Tensor, seed: tf.Tensor, specs: Sequence[ViewSpec]
                        ) -> dict[str, tf.Tensor]:
-  """Random resized crops + flips of one decoded image (any size), every view (antialiased)."""
+  """Random resized crops + flips of one decoded image (any size), every view (antialiased).
+
+  Returns ``{key: uint8 [S, S, 3]}`` (the resampled pixels rounded, as torchvision on PIL or
+  uint8 tensors: a quarter of the memory of float crops to batch, and the colour stage reads
+  uint8) plus ``'_box_<key>'`` and ``'_flip_<key>'`` entries.
+  """
   shape = tf.shape(image)
   out = {}
   for v, spec in enumerate(specs):
@@ -52,7 +57,7 @@ def crop_views_example(image: tf.Tensor, seed: tf.Tensor, specs: Sequence[ViewSp
     box = augment.sample_crop_boxes(s_box, shape[:1], shape[1:2], spec.crop_scale,
                                     spec.crop_ratio)[0]
     flip = augment.sample_flips(s_flip, 1, spec.flip_p)[0]
-    crop = augment.crop_resize(image, box, spec.size) * (1 / 255)
+    crop = tf.saturate_cast(tf.round(augment.crop_resize(image, box, spec.size)), tf.uint8)
     crop = tf.cond(flip, lambda c=crop: tf.reverse(c, axis=[1]), lambda c=crop: c)
     out[spec.key] = tf.ensure_shape(crop, [spec.size, spec.size, 3])
     out['_box_' + spec.key] = augment.normalize_box(box, shape[0], shape[1])
@@ -66,24 +71,29 @@ def crop_views_example(image: tf.Tensor, seed: tf.Tensor, specs: Sequence[ViewSp
 
 
 def finish_views_batch(batch: dict[str, tf.Tensor], seed: tf.Tensor,
-                       specs: Sequence[ViewSpec]) -> dict[str, tf.Tensor]:
+                       specs: Sequence[ViewSpec], fused: bool = True) -> dict[str, tf.Tensor]:
   """Colour jitter, grayscale, blur, solarize each view of a batch; cast to uint8.
 
-  ``batch`` holds the outputs of a ``crop_views_*`` function (batched). Returns the view images
-  (uint8), the geometry keys the specs ask for, and every other entry of ``batch`` that does not
-  start with ``'_'``.
+  ``batch`` holds the outputs of a ``crop_views_*`` function (batched; views float in [0, 1] or
+  uint8). Returns the view images (uint8), the geometry keys the specs ask for, and every other
+  entry of ``batch`` that does not start with ``'_'``. ``fused``: :func:`augment.colour_views`
+  (XLA, per example); else :func:`augment.colour_views_reference` (the batched ops; same draws,
+  same result up to float rounding).
   """
   out = {k: v for k, v in batch.items() if not k.startswith('_') and
          k not in {s.key for s in specs}}
   for v, spec in enumerate(specs):
-    s_jit, s_gray, s_blur, s_sol = augment.split_seed(augment.fold_in(seed, v), 4)
-    x = batch[spec.key]
-    if spec.jitter_p > 0 and any(spec.jitter):
-      x = augment.color_jitter(x, s_jit, *spec.jitter, p=spec.jitter_p)
-    x = augment.random_grayscale(x, s_gray, spec.gray_p)
-    x = augment.random_gaussian_blur(x, s_blur, spec.blur_p)
-    x = augment.random_solarize(x, s_sol, spec.solarize_p)
-    out[spec.key] = augment.to_uint8(x)
+    seeds = augment.split_seed(augment.fold_in(seed, v), 4)
+    colour = dict(jitter=spec.jitter, jitter_p=spec.jitter_p, gray_p=spec.gray_p,
+                  blur_p=spec.blur_p, solarize_p=spec.solarize_p)
+    x = tf.ensure_shape(batch[spec.key], [None, spec.size, spec.size, 3])  # static for XLA
+    if not (spec.jitter_p > 0 and any(spec.jitter)) and max(
+        spec.gray_p, spec.blur_p, spec.solarize_p) <= 0:
+      out[spec.key] = augment.to_uint8(x)  # no colour op (MSF's weak view)
+    elif fused:
+      out[spec.key] = augment.colour_views(x, seeds, **colour)
+    else:
+      out[spec.key] = augment.colour_views_reference(x, seeds, **colour)
     if spec.box_key:
       out[spec.box_key] = tf.cast(batch['_box_' + spec.key], tf.float32)
     if spec.flip_key:
