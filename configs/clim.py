@@ -30,6 +30,16 @@ Choices and why:
   by the centre rule; one survivor is drawn uniformly, else the instance positive. Watch
   ``clim/selected_frac``: at ImageNet scale (C = 1,000, B = 256) only ~20% of anchors find a
   same-cluster candidate; raise the batch or lower ``num_clusters`` to raise it.
+* **Partner pool** ``method.partner_pool = 0``: the candidates are the keys of the anchor's
+  *device* (its share of the global batch), so on a pod neither the search nor the partner's
+  pixels leave the chip. On one device that is the whole global batch (the behaviour above); on
+  ``n`` devices each anchor sees ``B / n`` candidates, so keep ``B / n`` (not ``B``) in the
+  range the rule needs (>= 256 at C = 1,000 for ~20% selected). ``-1`` searches the whole
+  global batch on any device count, which all-gathers the image batch every step (633 MB at 8
+  chips, 1.26 GB at 64 for the ImageNet preset at batch 4096; a ``CrossDeviceTrafficWarning``
+  says so); ``N > 0`` uses consecutive groups of N images, the same partners on every device
+  count (nothing moves when N divides the per-device batch; a 1-device run reproduces a pod's
+  ``partner_pool=0`` run with N = B / n).
 * **Mixing**: CutMix of the two query views (``view1``), ``lam ~ Beta(1, 1)`` per anchor
   (``method.mix_alpha``); the loss weights are the exact kept-area ratios after clipping.
 * **Multi-resolution**: ``data.views = 'multi_res'``; the extra query crops are the dataset
@@ -85,8 +95,8 @@ Deviations, with reasons:
 * CIFAR: asymmetric loss and one queue (solo-learn's MoCo v2+ is symmetric): the CLIM term is
   built on one query/key pair per anchor. solo-learn's symmetric loss is the mean of its two
   terms, so its lr is the same step size here.
-* Candidates are the global batch, not the whole dataset: the bank holds features, not pixels
-  (see "Choices and why").
+* Candidates are the anchor's pool of the batch (its device's images by default), not the whole
+  dataset: the bank holds features, not pixels (see "Choices and why").
 * The MoCo v2 base's own deviations (global BatchNorm instead of shuffling BN, lr cosine per
   step) are listed in ``configs/moco.py``.
 """
@@ -116,6 +126,7 @@ def get_config(arg: str | None = None):
       'k': 10,                      # in-batch neighbours screened by the centre rule
       'mix_alpha': 1.0,             # lam ~ Beta(mix_alpha, mix_alpha)
       'mix_weight': 1.0,            # L = L_moco + mix_weight * L_mix
+      'partner_pool': 0,            # 0: the images of one device; -1: the global batch; N: groups
   })
   if args.runlocal:
     c.method.update({'bank_size': 256, 'num_clusters': 8, 'kmeans_every_steps': 5, 'k': 5})

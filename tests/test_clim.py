@@ -1,21 +1,23 @@
-"""CLIM: the center-wise selection rule vs brute force, the mixing loss vs numpy, sharded =
-unsharded, and a tiny run on 4 devices (k-means refreshes inside the jitted step, one compiled
-shape, cluster ids consistent with the bank, the loss decreases)."""
+"""CLIM: the center-wise selection rule vs brute force (global and per pool), the pool of the
+mixing partner (a pod's per-device pools reproduced on one device; no image crosses devices),
+and a tiny run of the trainer's step on 4 devices (k-means refreshes inside the jitted step,
+one compiled shape, cluster ids consistent with the bank, the loss decreases)."""
 from __future__ import annotations
 
-import importlib.util
-import os
+import re
+import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
+import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ssl_jax import config_lib, sharding
-from ssl_jax.methods import clim
-
-_CONFIGS = os.path.join(os.path.dirname(__file__), '..', 'configs')
+import method_steps
+from harness import load_config
+from hlo_utils import compiled_text
+from ssl_jax import config_lib, sharding, train
+from ssl_jax.methods import base, clim
 
 
 def _unit(rs, *shape):
@@ -23,15 +25,17 @@ def _unit(rs, *shape):
   return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
-def _ref_select(z, cand, a_z, a_c, cents, k, exclude=None, valid=None):
-  """Brute force: sort every candidate by (-cos, index), drop excluded/invalid, keep the rule."""
+def _ref_select(z, cand, a_z, a_c, cents, k, exclude=None, valid=None, pool=None):
+  """Brute force: sort every candidate by (-cos, index), drop excluded/invalid/other pools,
+  keep the rule."""
   b, n = len(z), len(cand)
   idx = np.full((b, k), -1, np.int64)
   keep = np.zeros((b, k), bool)
   for i in range(b):
     s = cand.astype(np.float64) @ z[i].astype(np.float64)
     order = [j for j in sorted(range(n), key=lambda j: (-s[j], j))
-             if (exclude is None or j != exclude[i]) and (valid is None or valid[j])][:k]
+             if (exclude is None or j != exclude[i]) and (valid is None or valid[j])
+             and (pool is None or j // pool == i // pool)][:k]
     c = cents[a_z[i]].astype(np.float64)
     for m, j in enumerate(order):
       idx[i, m] = j
@@ -64,27 +68,23 @@ def test_center_wise_select_matches_brute_force():
   np.testing.assert_array_equal(np.asarray(keep), ref_keep)
   assert not np.any(np.asarray(idx) == self_idx[:, None])
 
-  # sample_selected: always a kept index, uniform over the kept set; fallback when none.
-  picks = np.stack([np.asarray(clim.sample_selected(jax.random.key(s), idx, keep, self_idx)[0])
-                    for s in range(40)])
-  for i in range(24):
-    kept = set(ref_idx[i][ref_keep[i]].tolist())
-    assert set(picks[:, i].tolist()) == (kept or {i}), (i, kept, set(picks[:, i].tolist()))
 
-
-def test_mixed_info_nce_matches_numpy():
-  rs = np.random.RandomState(1)
-  b, d, kq, tau = 6, 8, 20, 0.2
-  q, ka, kb, queue = _unit(rs, b, d), _unit(rs, b, d), _unit(rs, b, d), _unit(rs, kq, d)
-  w = rs.rand(b).astype(np.float32)
-
-  def nce(q, k):
-    logits = np.concatenate([[q @ k], queue @ q]) / tau
-    return np.log(np.sum(np.exp(logits))) - logits[0]
-
-  ref = np.mean([w[i] * nce(q[i], ka[i]) + (1 - w[i]) * nce(q[i], kb[i]) for i in range(b)])
-  got = jax.jit(clim.mixed_info_nce, static_argnums=5)(q, ka, kb, w, queue, tau)
-  np.testing.assert_allclose(float(got), ref, rtol=1e-5)
+@pytest.mark.parametrize('pool', [24, 8, 4])
+def test_center_wise_select_in_pools_matches_brute_force(pool):
+  rs = np.random.RandomState(pool)
+  d, c, k = 8, 2, 5
+  z, cents = _unit(rs, 24, d), _unit(rs, c, d)
+  a = np.argmax(z @ cents.T, axis=1).astype(np.int32)
+  fn = jax.jit(clim.center_wise_select_in_pools, static_argnames=('k', 'pool'))
+  idx, keep, _ = fn(z, a, cents, k=k, pool=pool)
+  ref_idx, ref_keep = _ref_select(z, z, a, a, cents, k, exclude=np.arange(24), pool=pool)
+  np.testing.assert_array_equal(np.asarray(idx), ref_idx)
+  np.testing.assert_array_equal(np.asarray(keep), ref_keep)
+  assert ref_keep.any()
+  if pool == 24:   # one pool: the global search
+    g = jax.jit(clim.center_wise_select, static_argnames='k')(z, z, a, a, cents, k=k,
+                                                             exclude=np.arange(24))
+    np.testing.assert_array_equal(np.asarray(g[0]), np.asarray(idx))
 
 
 def test_selection_on_four_sharded_devices_equals_unsharded():
@@ -93,84 +93,117 @@ def test_selection_on_four_sharded_devices_equals_unsharded():
   z, cents = _unit(rs, b, d), _unit(rs, c, d)
   a = np.argmax(z @ cents.T, axis=1).astype(np.int32)
   fn = jax.jit(clim.center_wise_select, static_argnames='k')
+  pooled = jax.jit(clim.center_wise_select_in_pools, static_argnames=('k', 'pool'))
   want = fn(z, z, a, a, cents, k=k, exclude=np.arange(b))
+  want_pooled = pooled(z, a, cents, k=k, pool=4)
   mesh = sharding.make_mesh(4)
   with jax.set_mesh(mesh):
     zs = jax.device_put(z, NamedSharding(mesh, P('data')))
     as_ = jax.device_put(a, NamedSharding(mesh, P('data')))
     got = fn(zs, zs, as_, as_, cents, k=k, exclude=jnp.arange(b))
-  np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))     # indices
-  np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))     # keep
-  np.testing.assert_allclose(np.asarray(got[2]), np.asarray(want[2]), atol=1e-6)
+    got_pooled = pooled(zs, as_, cents, k=k, pool=4)
+  for g, w in ((got, want), (got_pooled, want_pooled)):
+    np.testing.assert_array_equal(np.asarray(g[0]), np.asarray(w[0]))     # indices
+    np.testing.assert_array_equal(np.asarray(g[1]), np.asarray(w[1]))     # keep
+    np.testing.assert_allclose(np.asarray(g[2]), np.asarray(w[2]), atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
-def _tiny_config():
-  spec = importlib.util.spec_from_file_location('clim_cfg', os.path.join(_CONFIGS, 'clim.py'))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config('cifar10,runlocal')
+def _tiny_config(**method):
+  c = load_config('clim')
   c.batch_size = 16
   c.data.image_size = 16
   c.data.extra_resolutions = (8,)
   c.model.projector.update({'hidden_dim': 32, 'out_dim': 16})
   c.method.update({'queue_size': 256, 'bank_size': 32, 'num_clusters': 4,
                    'kmeans_every_steps': 3, 'k': 4})
-  config_lib.validate(c, num_devices=4)
+  c.method.update(method)
+  c.optimizer.update({'name': 'sgd', 'base_lr': 0.8, 'warmup_steps': 0, 'warmup_epochs': 0.0})
   return c
 
 
-def _batch(rs, b=16, size=16, low=8):
-  img = lambda s: rs.randint(0, 256, (b, s, s, 3)).astype(np.uint8)   # noqa: E731
-  return {'view1': img(size), 'view2': img(size), 'view_lr0': img(low),
-          'label': rs.randint(0, 3, (b,)).astype(np.int32)}
-
-
 def test_tiny_run_on_four_devices_compiles_once_and_loss_decreases():
-  from ssl_jax import methods
-  method = methods.get('clim')(_tiny_config())
-  assert method.query_views == ('view1', 'view_lr0')
-  variables = method.init_variables(jax.random.key(0))
-  tx = optax.sgd(0.05, momentum=0.9)
-  mesh = sharding.make_mesh(4)
-  rep = NamedSharding(mesh, P())
-
-  def step_fn(params, opt, target, ms, bs, batch, rng, step):
-    (loss, aux), g = jax.value_and_grad(method.loss, has_aux=True)(
-        params, target, ms, bs, batch, rng, step)
-    upd, opt = tx.update(g, opt, params)
-    params = optax.apply_updates(params, upd)
-    target = jax.tree.map(lambda t, p: 0.9 * t + 0.1 * p, target, params)
-    return params, opt, target, aux.method_state, aux.batch_stats, loss, aux.metrics
-
+  c = _tiny_config()
+  parts, mesh = method_steps.build(c, 4)
+  assert parts.method.query_views == ('view1', 'view_lr0')
+  batch = method_steps.random_batch(c, np.random.RandomState(0))
+  compiles = []
+  jax.monitoring.register_event_duration_secs_listener(
+      lambda event, _, **kw: compiles.append(event) if event.endswith('backend_compile_duration')
+      else None)
   with jax.set_mesh(mesh):
-    ms = method.init_state(jax.random.key(1))
-    ms_sh = jax.tree.map(lambda x: NamedSharding(mesh, sharding.leading_axis_spec(x, 4)), ms)
-    ms = jax.device_put(ms, ms_sh)
-    params, bs = jax.device_put((variables['params'], variables['batch_stats']), rep)
-    opt, target = jax.device_put(tx.init(params), rep), params
-    batch = jax.device_put(_batch(np.random.RandomState(0)), NamedSharding(mesh, P('data')))
-    step = jax.jit(step_fn, out_shardings=(rep, rep, rep, ms_sh, rep, None, None))
+    state = parts.init(jax.random.key(0))
+    gb = sharding.global_batch(mesh, batch)
     refreshes = set()
-    for s in range(8):     # the bank (32 rows) is full after 2 steps; k-means at steps 2, 5
-      params, opt, target, ms, bs, loss, met = step(params, opt, target, ms, bs, batch,
-                                                   jax.random.key(s), jnp.int32(s))
-      refreshes.add(int(ms['kmeans_step']))
-      assert np.isfinite(float(loss))
+    compiles.clear()
+    for _ in range(8):     # the bank (32 rows) is full after 2 steps; k-means at steps 2, 5
+      state, met, _ = parts.train_step(state, gb)
+      refreshes.add(int(state.method_state['kmeans_step']))
+      assert np.isfinite(float(met['loss']))
+    assert len(compiles) == 1, compiles     # one program, with and without k-means
     assert refreshes == {-1, 2, 5}, refreshes
     assert float(met['clim/has_clusters']) == 1.0
     assert 0.0 < float(met['clim/selected_frac']) <= 1.0
     # Cluster ids of the bank rows = argmax under the current centroids (rows written before
     # and after the last clustering alike).
-    bank, cents = np.asarray(ms['bank']), np.asarray(ms['centroids'])
-    np.testing.assert_array_equal(np.asarray(ms['bank_clusters']),
-                                  np.argmax(bank @ cents.T, axis=1))
-    # With the method state frozen (a fixed objective) the optimizer lowers the loss.
-    frozen = ms
+    ms = jax.device_get(state.method_state)
+    np.testing.assert_array_equal(ms['bank_clusters'], np.argmax(ms['bank'] @ ms['centroids'].T,
+                                                                 axis=1))
+    # The centroids are declared replicated, the bank sharded.
+    assert state.method_state['centroids'].sharding.spec == P()
+    assert state.method_state['bank'].sharding.spec == P('data')
+    # With the method state and the step frozen (a fixed objective), the optimizer lowers the
+    # loss (step 6: no clustering is due; the last one was at step 5).
+    # (The step donates its state: each step gets fresh copies of the frozen entries.)
+    frozen, step6 = jax.device_get(state.method_state), int(state.step)
+    shardings = parts.shardings
     losses_ = []
-    for _ in range(6):    # step 6: no clustering due (the last one was at step 5)
-      params, opt, target, _, bs, loss, _ = step(params, opt, target, frozen, bs, batch,
-                                                 jax.random.key(0), jnp.int32(6))
-      losses_.append(float(loss))
+    for _ in range(6):
+      fixed = jax.device_put(frozen, shardings.method_state)
+      state, met, _ = parts.train_step(
+          state.replace(method_state=fixed, step=jax.device_put(jnp.int32(step6),
+                                                                shardings.step)), gb)
+      losses_.append(float(met['loss']))
   assert losses_[-1] < losses_[0] - 0.1, losses_
-  assert step._cache_size() == 1
+
+
+@pytest.mark.slow   # compiles the step on 1 and 4 devices
+def test_per_device_pools_on_four_devices_equal_one_device_and_move_no_image():
+  """partner_pool=0 on 4 devices (4 images per device) is partner_pool=4 on one device; the
+  compiled 4-device step has no collective carrying images; partner_pool=-1 (the whole batch)
+  on 4 devices says that it gathers images."""
+  rs = np.random.RandomState(1)
+  batches = [method_steps.random_batch(_tiny_config(), rs) for _ in range(3)]
+  one, m1, _ = method_steps.run(_tiny_config(partner_pool=4), 1, batches)
+  four, m4, _ = method_steps.run(_tiny_config(), 4, batches)
+  np.testing.assert_allclose(four, one, rtol=2e-5)
+  for a, b in zip(m1, m4):
+    np.testing.assert_allclose(b['clim/selected_frac'], a['clim/selected_frac'])
+    np.testing.assert_allclose(b['clim/area_ratio'], a['clim/area_ratio'], rtol=1e-6)
+
+  def image_collectives(c):
+    parts, mesh = method_steps.build(c, 4)
+    b = sharding.global_batch(mesh, batches[0])
+    with jax.set_mesh(mesh), warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter('always')
+      text = compiled_text(parts.train_step, parts.abstract, b)
+    ops = [l for l in text.splitlines()
+           if re.search(r'(all-gather|all-reduce|all-to-all|collective-permute)(-start)?\(', l)
+           and re.search(r'\[[0-9]+,16,16,3\]', l.split('(')[0] + l.split(')')[0])]
+    traffic = [w for w in caught if issubclass(w.category, base.CrossDeviceTrafficWarning)]
+    return ops, traffic
+
+  ops, traffic = image_collectives(_tiny_config())
+  assert not ops and not traffic, (ops, traffic)
+  ops, traffic = image_collectives(_tiny_config(partner_pool=-1))
+  assert ops and traffic, 'the whole-batch pool on 4 devices must gather images and say so'
+
+
+def test_partner_pool_is_validated():
+  c = _tiny_config(partner_pool=5)
+  with pytest.raises(config_lib.ConfigError,
+                     match=r'config\.method\.partner_pool=5 is invalid; accepted: 0 .*'):
+    train.validate_config(c)
+  c = _tiny_config(k=16)
+  with pytest.raises(config_lib.ConfigError, match=r'config\.method\.k=16 is invalid'):
+    train.validate_config(c)

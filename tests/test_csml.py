@@ -1,21 +1,19 @@
 """CsMl: the multi-positive loss vs numpy and vs the shared op, neighbour retrieval sharded =
-unsharded, per-level queues, and a tiny run (compiles once, the loss decreases)."""
+unsharded, per-level queues, the mixing partner's pool (a pod's per-device pools reproduced on
+one device), and a tiny run of the trainer's step (compiles once, the loss decreases)."""
 from __future__ import annotations
-
-import importlib.util
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
+import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ssl_jax import config_lib, methods, sharding
+import method_steps
+from harness import load_config
+from ssl_jax import sharding
 from ssl_jax.methods import csml
 from ssl_jax.ops import losses
-
-_CONFIGS = os.path.join(os.path.dirname(__file__), '..', 'configs')
 
 
 def _unit(rs, *shape):
@@ -74,63 +72,69 @@ def test_neighbour_retrieval_on_four_sharded_devices_equals_unsharded():
 
 
 # ---------------------------------------------------------------------------------------------
-def _tiny_config():
-  spec = importlib.util.spec_from_file_location('csml_cfg', os.path.join(_CONFIGS, 'csml.py'))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config('cifar10,runlocal')
+def _tiny_config(**method):
+  c = load_config('csml')
   c.batch_size = 16
   c.data.image_size = 16
   c.model.projector.update({'hidden_dim': 32, 'out_dim': 16})
   c.method.queue_size = 256
-  config_lib.validate(c, num_devices=1)
+  c.method.update(method)
+  c.optimizer.update({'name': 'sgd', 'base_lr': 0.8, 'warmup_steps': 0, 'warmup_epochs': 0.0})
   return c
 
 
 def test_tiny_run_per_level_queues_and_loss_decreases():
-  method = methods.get('csml')(_tiny_config())
+  c = _tiny_config()
+  parts, mesh = method_steps.build(c, 1)
+  method = parts.method
   assert method.levels == ('stage3', 'stage4')
-  variables = method.init_variables(jax.random.key(0))
-  params, bs = variables['params'], variables['batch_stats']
-  assert {'projector_stage3', 'projector_stage4', 'backbone'} <= set(params)
-  tx = optax.sgd(0.05, momentum=0.9)
-
-  @jax.jit
-  def step(params, opt, target, ms, bs, batch, rng):
-    (loss, aux), g = jax.value_and_grad(method.loss, has_aux=True)(
-        params, target, ms, bs, batch, rng, jnp.int32(0))
-    upd, opt = tx.update(g, opt, params)
-    params = optax.apply_updates(params, upd)
-    target = jax.tree.map(lambda t, p: 0.9 * t + 0.1 * p, target, params)
-    return params, opt, target, aux.method_state, aux.batch_stats, loss, aux.metrics
-
-  rs = np.random.RandomState(0)
-  img = lambda: rs.randint(0, 256, (16, 16, 16, 3)).astype(np.uint8)   # noqa: E731
-  batch = {'view1': img(), 'view2': img(), 'label': rs.randint(0, 3, (16,)).astype(np.int32)}
-  ms0 = method.init_state(jax.random.key(1))
-  opt = tx.init(params)
-  new = step(params, opt, params, ms0, bs, batch, jax.random.key(0))
-  ms1 = new[3]
-  # Each level's queue got that level's normalised target keys at rows 0..15, nothing else.
-  t = jax.jit(method.target_forward)(params, bs, batch['view2'])
-  for lvl in method.levels:
-    want = np.asarray(losses.l2_normalize(t['levels'][lvl]))
-    np.testing.assert_allclose(np.asarray(ms1['queues'][lvl][:16]), want, atol=1e-5)
-    np.testing.assert_array_equal(np.asarray(ms1['queues'][lvl][16:]),
-                                  np.asarray(ms0['queues'][lvl][16:]))
-  assert not np.allclose(np.asarray(ms1['queues']['stage3'][:16]),
-                         np.asarray(ms1['queues']['stage4'][:16]))
-  np.testing.assert_array_equal(np.asarray(ms1['queue_labels'][:16]), batch['label'])
-  assert int(ms1['queue_ptr']) == 16 and int(ms1['queue_count']) == 16
-  # Step 0 had no written rows: one positive per anchor (MoCo). Step 1 finds neighbours.
-  assert float(new[6]['csml/num_pos']) == 1.0
-  params, opt, target, ms, bs, _, met = step(*new[:5], batch, jax.random.key(1))
-  assert float(met['csml/num_pos']) > 1.0
-  # With the method state frozen (a fixed objective) the optimizer lowers the loss.
-  hist = []
-  for _ in range(6):
-    params, opt, target, _, bs, loss, _ = step(params, opt, target, ms, bs, batch,
-                                               jax.random.key(0))
-    hist.append(float(loss))
+  assert {'projector_stage3', 'projector_stage4', 'backbone'} <= set(parts.abstract.params)
+  batch = method_steps.random_batch(c, np.random.RandomState(0))
+  compiles = []
+  jax.monitoring.register_event_duration_secs_listener(
+      lambda event, _, **kw: compiles.append(event) if event.endswith('backend_compile_duration')
+      else None)
+  with jax.set_mesh(mesh):
+    state = parts.init(jax.random.key(0))
+    ms0 = jax.device_get(state.method_state)
+    # The keys the step will enqueue: the EMA target (= the online net at init) on view2.
+    t = jax.jit(method.target_forward)(state.target_params, state.batch_stats, batch['view2'])
+    gb = sharding.global_batch(mesh, batch)
+    state, met0, _ = parts.train_step(state, gb)
+    ms1 = jax.device_get(state.method_state)
+    # Each level's queue got that level's normalised target keys at rows 0..15, nothing else.
+    for lvl in method.levels:
+      want = np.asarray(losses.l2_normalize(t['levels'][lvl]))
+      np.testing.assert_allclose(ms1['queues'][lvl][:16], want, atol=1e-5)
+      np.testing.assert_array_equal(ms1['queues'][lvl][16:], ms0['queues'][lvl][16:])
+    assert not np.allclose(ms1['queues']['stage3'][:16], ms1['queues']['stage4'][:16])
+    np.testing.assert_array_equal(ms1['queue_labels'][:16], batch['label'])
+    assert int(ms1['queue_ptr']) == 16 and int(ms1['queue_count']) == 16
+    # Step 0 had no written rows: one positive per anchor (MoCo). Step 1 finds neighbours.
+    assert float(met0['csml/num_pos']) == 1.0
+    compiles.clear()
+    state, met1, _ = parts.train_step(state, gb)
+    assert not compiles, compiles         # the second step runs the first step's program
+    assert float(met1['csml/num_pos']) > 1.0
+    # With the method state and the step frozen (a fixed objective) the optimizer lowers the loss.
+    frozen, step = jax.device_get(state.method_state), int(state.step)
+    hist = []
+    for _ in range(6):
+      state, met, _ = parts.train_step(state.replace(
+          method_state=jax.device_put(frozen, parts.shardings.method_state),
+          step=jax.device_put(jnp.int32(step), parts.shardings.step)), gb)
+      hist.append(float(met['loss']))
   assert hist[-1] < hist[0] - 0.1, hist
-  assert step._cache_size() == 1
+
+
+@pytest.mark.slow   # compiles the step on 1 and 4 devices
+def test_per_device_pools_on_four_devices_equal_one_device():
+  """partner_pool=0 on 4 devices (4 images each) is partner_pool=4 on one device."""
+  rs = np.random.RandomState(1)
+  batches = [method_steps.random_batch(_tiny_config(), rs) for _ in range(3)]
+  one, m1, _ = method_steps.run(_tiny_config(partner_pool=4), 1, batches)
+  four, m4, _ = method_steps.run(_tiny_config(), 4, batches)
+  np.testing.assert_allclose(four, one, rtol=2e-5)
+  for a, b in zip(m1, m4):
+    np.testing.assert_allclose(b['csml/mix_selected_frac'], a['csml/mix_selected_frac'])
+    np.testing.assert_allclose(b['csml/num_pos'], a['csml/num_pos'])

@@ -4,6 +4,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from ssl_jax.methods import ft
 from ssl_jax.ops import losses
@@ -87,3 +88,86 @@ def test_short_real_run_writes_score_plots_and_loss_decreases(tmp_path):
   assert {'scores/pos', 'scores/neg'} <= all_tags, tags
   scalars = set(tags.get('scalars', [])) | all_tags
   assert {'score/pos_q50', 'collapse/embed_std_ratio', 'collapse/flag'} <= scalars
+
+
+# ---------------------------------------------------------------------------------------------
+# The negative interpolation on several devices: permutations within pools of the queue.
+def test_pool_permutation_law():
+  """pool = size: jax.random.permutation (the official randperm). pool < size: every block of
+  ``pool`` rows is mapped onto itself, and each row's partner is uniform over its block."""
+  r = jax.random.key(7)
+  np.testing.assert_array_equal(np.asarray(ft.pool_permutation(r, 12, 12)),
+                                np.asarray(jax.random.permutation(r, 12)))
+  draws = np.stack([np.asarray(ft.pool_permutation(jax.random.key(s), 12, 4))
+                    for s in range(600)])
+  for p in draws:
+    assert sorted(p.tolist()) == list(range(12))
+    np.testing.assert_array_equal(p // 4, np.arange(12) // 4)
+  counts = np.stack([np.bincount(draws[:, m], minlength=12) for m in range(12)])  # [row, partner]
+  for m in range(12):
+    block = slice(m // 4 * 4, m // 4 * 4 + 4)
+    assert counts[m].sum() == counts[m, block].sum() == 600
+    assert np.all(np.abs(counts[m, block] - 150) < 45), counts[m]   # ~5 sigma of Binomial(600, 1/4)
+
+
+def test_pooled_interpolation_matches_numpy_and_moves_no_queue():
+  from hlo_utils import collective_summary
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from ssl_jax import sharding
+  r = np.random.default_rng(3)
+  queue = _n(r.normal(size=(64, 8))).astype(np.float32)
+  perm = np.asarray(ft.pool_permutation(jax.random.key(0), 64, 16))
+  want = 0.3 * queue + 0.7 * queue[perm]
+  np.testing.assert_allclose(ft.interpolate_negatives(jnp.asarray(queue), perm, 0.3, pool=16),
+                             want, rtol=1e-5, atol=1e-6)
+  mesh = sharding.make_mesh(4)
+  with jax.set_mesh(mesh):
+    qs = jax.device_put(queue, NamedSharding(mesh, P('data')))
+    fn = jax.jit(lambda q, p: ft.interpolate_negatives(q, p, 0.3, pool=16))
+    np.testing.assert_allclose(fn(qs, perm), want, rtol=1e-5, atol=1e-6)
+    assert sum(v['count'] for v in collective_summary(fn, qs, perm).values()) == 0
+    whole = jax.jit(lambda q, p: ft.interpolate_negatives(q, p, 0.3))   # any permutation
+    assert sum(v['bytes'] for v in collective_summary(whole, qs, perm).values()) > 0
+
+
+def _step_config(**method):
+  c = harness.load_config('ft')
+  c.batch_size = 16
+  c.data.image_size = 16
+  c.method.update(method)
+  return c
+
+
+@pytest.mark.slow   # compiles the step on 1 and 4 devices
+def test_pod_law_reproduced_on_one_device_and_queue_never_moves():
+  """interp_pool=0 on 4 devices (blocks of K/4 rows) is interp_pool=K/4 on one device; the
+  4-device step moves no queue-sized array; interp_pool=-1 (whole queue) says it moves it."""
+  import re
+  import warnings
+  import method_steps
+  from hlo_utils import compiled_text
+  from ssl_jax import sharding
+  from ssl_jax.methods import base
+  k = _step_config().method.queue_size
+  rs = np.random.RandomState(0)
+  batches = [method_steps.random_batch(_step_config(), rs) for _ in range(3)]
+  one, _, _ = method_steps.run(_step_config(interp_pool=k // 4), 1, batches)
+  four, _, _ = method_steps.run(_step_config(), 4, batches)
+  np.testing.assert_allclose(four, one, rtol=2e-5)
+
+  def queue_collectives(c):
+    parts, mesh = method_steps.build(c, 4)
+    d = c.model.projector.out_dim
+    b = sharding.global_batch(mesh, batches[0])
+    with jax.set_mesh(mesh), warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter('always')
+      text = compiled_text(parts.train_step, parts.abstract, b)
+    ops = [l for l in text.splitlines()
+           if re.search(r'(all-gather|all-reduce|all-to-all|collective-permute)(-start)?\(', l)
+           and re.search(rf'\[({k}|{k // 4}),{d}\]', l.split(' all-')[0].split(' collective')[0])]
+    return ops, [w for w in caught if issubclass(w.category, base.CrossDeviceTrafficWarning)]
+
+  ops, traffic = queue_collectives(_step_config())
+  assert not ops and not traffic, (ops, traffic)
+  ops, traffic = queue_collectives(_step_config(interp_pool=-1))
+  assert ops and traffic

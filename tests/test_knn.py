@@ -174,3 +174,84 @@ def test_knn_vote_weights():
   np.testing.assert_allclose(np.asarray(v), [[0.0, np.exp(1.0) + np.exp(0.4), 0.0]], rtol=1e-6)
   u = knn.knn_vote(sims, labels, 3, weighting='none')
   np.testing.assert_allclose(np.asarray(u), [[0.0, 2.0, 0.0]])
+
+
+# ---------------------------------------------------------------------------------------------
+# In-batch searches and the approximate top-k option.
+def _ref_in_batch(f, k, pool):
+  """Per row: every other row of its pool sorted by (-cos, index); -1 past the pool."""
+  b = len(f)
+  idx = np.full((b, k), -1, np.int64)
+  for i in range(b):
+    lo = i // pool * pool
+    cand = [j for j in range(lo, lo + pool) if j != i]
+    s = f[cand].astype(np.float64) @ f[i].astype(np.float64)
+    order = [cand[m] for m in np.argsort(-s, kind='stable')][:k]
+    idx[i, :len(order)] = order
+  return idx
+
+
+def test_topk_excluding_matches_reference():
+  rng = np.random.default_rng(3)
+  q, cand = _unit(rng, 7, 8), _unit(rng, 30, 8)
+  exclude = rng.integers(0, 30, 7)
+  _, i = jax.jit(lambda q, c, e: knn.topk_excluding(q, c, 4, exclude=e))(q, cand, exclude)
+  for b in range(7):
+    s = cand.astype(np.float64) @ q[b].astype(np.float64)
+    s[exclude[b]] = -np.inf
+    np.testing.assert_array_equal(np.asarray(i)[b], np.argsort(-s, kind='stable')[:4])
+
+
+@pytest.mark.parametrize('pool,k', [(32, 5), (8, 5), (4, 5)])   # one pool; 4 pools; k > pool-1
+def test_topk_within_pools_matches_reference(pool, k):
+  rng = np.random.default_rng(pool)
+  f = _unit(rng, 32, 8)
+  s, i = jax.jit(lambda f: knn.topk_within_pools(f, k, pool))(f)
+  ref = _ref_in_batch(f, k, pool)
+  np.testing.assert_array_equal(np.asarray(i), ref)
+  got = np.where(ref >= 0, np.sum(f[np.arange(32)[:, None]] * f[np.maximum(ref, 0)], -1),
+                 -np.inf)
+  np.testing.assert_allclose(np.asarray(s), got, atol=1e-5)
+
+
+def test_topk_within_pools_on_four_devices_moves_nothing():
+  """Pools of the per-device rows: the same result, and no collective in the program."""
+  from hlo_utils import collectives_of
+  rng = np.random.default_rng(5)
+  f = _unit(rng, 32, 8)
+  want = knn.topk_within_pools(jnp.asarray(f), 3, 8)
+  mesh = sharding.make_mesh(4)
+  with jax.set_mesh(mesh):
+    fs = jax.device_put(f, NamedSharding(mesh, P('data')))
+    fn = jax.jit(lambda x: knn.topk_within_pools(x, 3, 8))
+    got = fn(fs)
+    assert collectives_of(fn, fs) == 0
+  np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
+
+
+@pytest.mark.parametrize('recall', [0.95, 0.8])
+def test_recall_target_on_cpu_equals_exact(recall):
+  """``approx_max_k`` is exact on CPU: every search that takes ``recall_target`` returns the exact
+  neighbours (bank search, sharded bank, in-batch pools, kNN classifier)."""
+  rng = np.random.default_rng(11)
+  bank, q = _unit(rng, 4096, 16), _unit(rng, 6, 16)
+  exact = knn.topk_cosine(jnp.asarray(q), jnp.asarray(bank), 5, block_rows=1024)
+  approx = knn.topk_cosine(jnp.asarray(q), jnp.asarray(bank), 5, block_rows=1024,
+                           recall_target=recall)
+  np.testing.assert_array_equal(np.asarray(approx[1]), np.asarray(exact[1]))
+  np.testing.assert_allclose(np.asarray(approx[0]), np.asarray(exact[0]), atol=1e-6)
+  mesh = sharding.make_mesh(4)
+  with jax.set_mesh(mesh):
+    bs = jax.device_put(bank, NamedSharding(mesh, P('data')))
+    sharded = jax.jit(lambda q, b: knn.topk_cosine(q, b, 5, recall_target=recall))(q, bs)
+  np.testing.assert_array_equal(np.asarray(sharded[1]), np.asarray(exact[1]))
+  f = _unit(rng, 32, 8)
+  np.testing.assert_array_equal(
+      np.asarray(knn.topk_within_pools(jnp.asarray(f), 3, 8, recall_target=recall)[1]),
+      np.asarray(knn.topk_within_pools(jnp.asarray(f), 3, 8)[1]))
+  labels = rng.integers(0, 4, 4096)
+  np.testing.assert_array_equal(
+      np.asarray(knn.weighted_knn_predict(q, bank, labels, 4, k=20, recall_target=recall)),
+      np.asarray(knn.weighted_knn_predict(q, bank, labels, 4, k=20)))
+  with pytest.raises(ValueError, match='recall_target=1.5 is invalid'):
+    knn.topk_cosine(jnp.asarray(q), jnp.asarray(bank), 5, recall_target=1.5)

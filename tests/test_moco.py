@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from harness import load_config
-from ssl_jax import config_lib, methods
+from ssl_jax import config_lib, methods, train
 
 
 def _np_info_nce(q, k, queue, t):
@@ -24,7 +24,7 @@ def test_symmetric_loss_is_the_mean_of_both_directions_with_a_queue_per_view():
   c.method.symmetric = True
   c.method.queue_size = 64
   c.batch_size = 8
-  config_lib.validate(c)
+  train.validate_config(c)
   m = methods.get('moco')(c)
   var = m.init_variables(jax.random.PRNGKey(0))
   state = m.init_state(jax.random.PRNGKey(1))
@@ -58,4 +58,4 @@ def test_methods_on_moco_refuse_symmetric(name):
   c = load_config(name)
   c.method.symmetric = True
   with pytest.raises(config_lib.ConfigError, match='symmetric=True is invalid'):
-    config_lib.validate(c)
+    train.validate_config(c)

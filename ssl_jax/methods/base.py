@@ -1,23 +1,31 @@
 """The method contract.
 
-A method declares its network, its method state (queues, banks, centroids: global arrays,
-sharded along ``'data'`` on their leading axis) and one pure loss function; the trainer does
-everything else (optimizer, EMA target, BatchNorm statistics, sharding, checkpoints, metrics,
-evals). Randomness enters only through ``rng``; ``loss`` never reads the config — everything it
-needs is captured as plain attributes when the method is constructed.
+A method declares its network, its method state (queues, banks, centroids: global arrays),
+the ``PartitionSpec`` of every state entry (``state_specs``: ``P('data')`` = sharded on the
+leading axis, ``P()`` = replicated; nothing is placed implicitly) and one pure loss function;
+the trainer does everything else (optimizer, EMA target, BatchNorm statistics, sharding,
+checkpoints, metrics, evals). Randomness enters only through ``rng``; ``loss`` never reads the
+config — everything it needs is captured as plain attributes when the method is constructed.
 
     loss(params, target_params, method_state, batch_stats, batch, rng, step)
         -> (scalar, LossAux(metrics, method_state, batch_stats, features, scores))
+
+``params`` reach the network only through ``forward``: on a multi-device mesh the trainer passes
+one copy per device (``sharding.PerDevice``) so the gradient is all-reduced once per step, and
+``forward`` runs the network per device (``sharding.apply_per_device``) with BatchNorm
+statistics over all devices or over groups of ``config.model.bn_group_size`` devices.
 """
 from __future__ import annotations
 
 import abc
+import warnings
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
+from ssl_jax import sharding
 from ssl_jax.models import ssl_model
 
 Array = jax.Array
@@ -32,6 +40,16 @@ class LossAux(NamedTuple):
 
 
 QUANTILE_SAMPLE = 16384
+
+
+class CrossDeviceTrafficWarning(UserWarning):
+  """A method setting makes the step move images or a queue between devices (named, not silent:
+  e.g. CLIM's ``partner_pool=-1`` on a pod all-gathers the image batch)."""
+
+
+def warn_traffic(message: str) -> None:
+  """Warn (at trace time, once per compile) that the step moves more than it must."""
+  warnings.warn(message, CrossDeviceTrafficWarning, stacklevel=2)
 
 
 def quantile_sample(x: Array, max_elems: int = QUANTILE_SAMPLE) -> Array:
@@ -109,8 +127,16 @@ class Method(abc.ABC):
     schedule given in epochs (CLIM's k-means period), which raise if it is missing."""
     self.steps_per_epoch = steps_per_epoch
     self.image_size = int(config.data.image_size)
-    self.model = ssl_model.build_ssl_net(config.model, image_size=self.image_size,
-                                         with_predictor=self.uses_predictor)
+    self.model_config = config.model
+    # -1: BatchNorm statistics over all devices; N: over groups of N consecutive devices.
+    self.bn_group_size = int(config.model.get('bn_group_size', -1))
+    self.model = self.build_model()
+    self._per_device_models = {}
+
+  def build_model(self, bn_axis: tuple = ()):
+    """The network; ``bn_axis = (axis_name, axis_index_groups)`` for the per-device step."""
+    return ssl_model.build_ssl_net(self.model_config, image_size=self.image_size,
+                                   with_predictor=self.uses_predictor, bn_axis=bn_axis)
 
   @staticmethod
   def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -124,14 +150,40 @@ class Method(abc.ABC):
     return self.model.init(rng, self.sample_input(), train=True)
 
   def init_state(self, rng: Array) -> dict[str, Any]:
-    """Method state (queues, banks, ...). Arrays with a leading axis are sharded along 'data'."""
+    """Method state (queues, banks, ...), placed by ``state_specs``."""
     del rng
+    return {}
+
+  def state_specs(self) -> dict[str, Any]:
+    """A ``PartitionSpec`` per ``init_state`` entry (same tree): ``P('data')`` for a bank or
+    queue sharded on its leading axis (whose size must divide the mesh's 'data' axis: the
+    trainer stops with an error naming the entry otherwise), ``P()`` for a replicated entry
+    (pointers, counters, centroids every device reads whole)."""
     return {}
 
   # ---------------------------------------------------------------------------------------
   def forward(self, params, batch_stats, images, *, train: bool = True,
               with_predictor: bool = True, **kw) -> tuple[dict[str, Array], Any]:
-    """Online forward; returns (outputs, updated batch_stats)."""
+    """Online forward; returns (outputs, updated batch_stats).
+
+    On a mesh whose 'data' axis has ``n > 1`` devices a training forward runs per device
+    (``sharding.apply_per_device``): BatchNorm statistics all-reduced over all devices, or
+    over groups of ``bn_group_size``; ``params`` may be a ``sharding.PerDevice`` (the trainer's,
+    so the gradient is reduced once per step) or a plain tree. On one device it is
+    ``model.apply``.
+    """
+    n = sharding.mesh_data_size()
+    if train and n > 1:
+      groups = sharding.bn_axis_index_groups(self.bn_group_size, n)
+      key = (n, groups)
+      if key not in self._per_device_models:
+        self._per_device_models[key] = self.build_model(bn_axis=(sharding.DATA, groups))
+      return sharding.apply_per_device(self._per_device_models[key], params, batch_stats, images,
+                                       grouped=groups is not None,
+                                       with_predictor=with_predictor, **kw)
+    if isinstance(params, sharding.PerDevice):
+      raise ValueError('per-device parameter copies are only read by a training forward on a '
+                       'multi-device mesh')
     out, mutated = self.model.apply({'params': params, 'batch_stats': batch_stats}, images,
                                     train=train, with_predictor=with_predictor,
                                     mutable=['batch_stats'], **kw)

@@ -20,18 +20,24 @@ One step, on MoCo v2 (``q = n(online(.))``, keys ``k = n(target(x_2))``, queue `
        N_K(i) = top-K_j cos(z_i, z_j)          over the candidates j != i
        S(i)   = { j in N_K(i) : a_j = a_i  and  z_j . c > z_i . c }
 
-   One ``j`` is drawn uniformly from ``S(i)`` (``sample_selected``); if ``S(i)`` is empty (or
-   no clustering exists yet) ``j = i``, the instance positive.
-   **Candidates = the current global batch's keys.** The bank holds features, not images, and
-   the mixed image needs the positive's pixels, which only the current batch has. So the bank
-   serves the clustering (centroids that reflect the whole dataset), and the neighbours are
-   searched among the batch's own keys (exact top-K over the sharded batch with
-   ``knn.topk_cosine``, self excluded). A global batch of 256 with C = 100 clusters on CIFAR-10
-   gives ~2.5 same-cluster candidates per anchor; when none passes, the anchor falls back to
-   itself (logged as ``clim/selected_frac``).
+   One ``j`` is drawn uniformly from ``S(i)`` (``ops.selection.sample_selected``); if ``S(i)``
+   is empty (or no clustering exists yet) ``j = i``, the instance positive.
+   **Candidates = the anchor's pool of the current batch** (``method.partner_pool``). The bank
+   holds features, not images, and the mixed image needs the positive's pixels, which only the
+   current batch has. So the bank serves the clustering (centroids that reflect the whole
+   dataset), and the neighbours are searched among the batch's own keys (self excluded). The
+   pool: ``0`` (default) = the images on the anchor's device, so neither the search nor the
+   partner's pixels leave the device (on one device: the whole global batch, as before);
+   ``N > 0`` = consecutive groups of N images (the same partners on any device count; nothing
+   moves when N divides the per-device batch); ``-1`` = the whole global batch on any device
+   count (on a pod the image batch is all-gathered every step, 633 MB at 8 chips for the
+   ImageNet preset; a ``base.CrossDeviceTrafficWarning`` says so). A pool of 256 with C = 100
+   clusters on CIFAR-10 gives ~2.5 same-cluster candidates per anchor; when none passes, the
+   anchor falls back to itself (logged as ``clim/selected_frac``).
 3. **Mixing.** ``lam ~ Beta(alpha, alpha)`` per anchor; ``x~_i = CutMix(x_1[i], x_1[j], lam)``
    (``ssl_jax.ops.mixing``: a box of area ~ (1 - lam) from ``x_1[j]`` pasted into ``x_1[i]``);
-   ``w_i`` = the exact kept-area ratio of ``x_1[i]`` (not the nominal lam).
+   ``w_i`` = the exact kept-area ratio of ``x_1[i]`` (not the nominal lam). ``x_1[j]`` comes
+   from the anchor's pool (``gather.take_within_pools``).
 4. **Loss** (``q~ = n(online(x~))``)::
 
        L_mix = mean_i [ w_i NCE(q~_i, k_i; Q) + (1 - w_i) NCE(q~_i, k_j; Q) ]
@@ -42,7 +48,8 @@ One step, on MoCo v2 (``q = n(online(.))``, keys ``k = n(target(x_2))``, queue `
    The low-resolution crops (``data.views = 'multi_res'``: 'view_lr0', 'view_lr1', ...) are
    extra queries against the same keys; each resolution is its own static shape, so the step
    compiles once. ``x_1`` and ``x~`` share one online forward (a [2B] batch, so BatchNorm
-   statistics are over both); each low-resolution view is one more forward.
+   statistics are over both; concatenated per device, ``sharding.concat_per_device``); each
+   low-resolution view is one more forward.
 5. Enqueue ``k`` into the queue and into the bank (with labels and cluster ids).
 
 Diagnostics: ``clim/selected_frac`` (anchors with a non-empty ``S(i)``), ``clim/num_selected``
@@ -54,32 +61,32 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
-from ssl_jax import config_lib
+from ssl_jax import config_lib, loop, sharding
 from ssl_jax.methods import base, moco
-from ssl_jax.ops import gather, kmeans, knn, losses, memory_bank, mixing
+from ssl_jax.ops import gather, kmeans, knn, losses, memory_bank, mixing, selection
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def topk_excluding(queries: jax.Array, candidates: jax.Array, k: int, *,
-                   exclude: jax.Array | None = None, valid: jax.Array | None = None,
-                   mesh=None) -> tuple[jax.Array, jax.Array]:
-  """``knn.topk_cosine`` without candidate ``exclude[b]`` for query b (e.g. itself, when the
-  queries are the candidates): the top ``k + 1`` are searched and the excluded entry (if
-  present) removed, the others keeping their order. Returns (scores, indices) [B, k]."""
-  if exclude is None:
-    return knn.topk_cosine(queries, candidates, k, valid=valid, mesh=mesh)
-  scores, idx = knn.topk_cosine(queries, candidates, k + 1, valid=valid, mesh=mesh)
-  is_ex = idx == jnp.asarray(exclude, jnp.int32)[:, None]
-  order = jnp.argsort(is_ex.astype(jnp.int32), axis=1, stable=True)[:, :k]
-  return (jnp.take_along_axis(scores, order, axis=1), jnp.take_along_axis(idx, order, axis=1))
+def center_rule(anchor_feats: jax.Array, cand_feats: jax.Array, anchor_cluster: jax.Array,
+                cand_clusters: jax.Array, centroids: jax.Array, present: jax.Array) -> jax.Array:
+  """``keep_ij = present_ij and [a_j = a_i] and [z_j . c_{a_i} > z_i . c_{a_i}] and a_i >= 0``
+  for anchors ``z_i`` [B, d] and their candidates ``z_j`` [B, k, d] (clusters [B], [B, k])."""
+  anchor_cluster = jnp.asarray(anchor_cluster, jnp.int32)
+  c = jnp.take(centroids.astype(jnp.float32), jnp.maximum(anchor_cluster, 0), axis=0)
+  anchor_cos = jnp.einsum('bd,bd->b', anchor_feats.astype(jnp.float32), c, precision=_HIGHEST)
+  cand_cos = jnp.einsum('bkd,bd->bk', cand_feats.astype(jnp.float32), c, precision=_HIGHEST)
+  return (present & (cand_clusters == anchor_cluster[:, None]) &
+          (cand_cos > anchor_cos[:, None]) & (anchor_cluster >= 0)[:, None])
 
 
 def center_wise_select(anchor_feats: jax.Array, candidate_feats: jax.Array,
                        anchor_cluster: jax.Array, candidate_clusters: jax.Array,
                        centroids: jax.Array, k: int, *, exclude: jax.Array | None = None,
-                       valid: jax.Array | None = None, mesh=None
+                       valid: jax.Array | None = None, mesh=None,
+                       recall_target: float | None = None
                        ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Center-wise local selection.
 
@@ -92,48 +99,37 @@ def center_wise_select(anchor_feats: jax.Array, candidate_feats: jax.Array,
   Returns ``indices`` [B, k] int32 (descending cosine; -1 where fewer than k candidates
   exist), ``keep`` [B, k] bool and ``scores`` [B, k] (the cosines). Anchors with
   ``a_i < 0`` keep nothing. The candidates may be sharded along 'data' (never gathered).
+  ``recall_target`` < 1: approximate search (``knn.topk_cosine``).
   """
-  scores, idx = topk_excluding(anchor_feats, candidate_feats, k, exclude=exclude, valid=valid,
-                               mesh=mesh)
+  scores, idx = knn.topk_excluding(anchor_feats, candidate_feats, k, exclude=exclude,
+                                   valid=valid, mesh=mesh, recall_target=recall_target)
   present = idx >= 0
   safe = jnp.maximum(idx, 0)
   cand = gather.gather_rows(candidate_feats, safe, mesh=mesh).astype(jnp.float32)  # [B, k, d]
   cand_cluster = gather.gather_rows(candidate_clusters, safe, mesh=mesh)           # [B, k]
-  anchor_cluster = jnp.asarray(anchor_cluster, jnp.int32)
-  c = jnp.take(centroids.astype(jnp.float32), jnp.maximum(anchor_cluster, 0), axis=0)
-  anchor_cos = jnp.einsum('bd,bd->b', anchor_feats.astype(jnp.float32), c, precision=_HIGHEST)
-  cand_cos = jnp.einsum('bkd,bd->bk', cand, c, precision=_HIGHEST)
-  keep = (present & (cand_cluster == anchor_cluster[:, None]) &
-          (cand_cos > anchor_cos[:, None]) & (anchor_cluster >= 0)[:, None])
+  keep = center_rule(anchor_feats, cand, anchor_cluster, cand_cluster, centroids, present)
   return idx, keep, scores
 
 
-def sample_selected(rng: jax.Array, indices: jax.Array, keep: jax.Array,
-                    fallback: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """One index per row drawn uniformly from ``{indices[b, m] : keep[b, m]}``, else
-  ``fallback[b]``. Returns (chosen [B] int32, has_selection [B] bool)."""
-  u = jax.random.uniform(rng, keep.shape)
-  pick = jnp.argmax(jnp.where(keep, u, -1.0), axis=1)
-  chosen = jnp.take_along_axis(indices, pick[:, None], axis=1)[:, 0]
-  has = jnp.any(keep, axis=1)
-  return jnp.where(has, chosen, jnp.asarray(fallback, jnp.int32)).astype(jnp.int32), has
+def center_wise_select_in_pools(feats: jax.Array, clusters: jax.Array, centroids: jax.Array,
+                                k: int, pool: int, *, recall_target: float | None = None
+                                ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """``center_wise_select(z, z, a, a, c, k, exclude=arange(B))`` with the candidates of anchor
+  ``i`` restricted to its pool of ``pool`` consecutive rows (``knn.topk_within_pools``)::
 
+      N_k(i) = top-k_{j in pool(i), j != i}  z_i . z_j,   keep_ij as in ``center_rule``
 
-def mixed_info_nce(q: jax.Array, k_a: jax.Array, k_b: jax.Array, w: jax.Array,
-                   queue: jax.Array, temperature: float) -> jax.Array:
-  """``mean_i [w_i NCE(q_i, k_a_i; Q) + (1 - w_i) NCE(q_i, k_b_i; Q)]`` (the CLIM mixing term).
-
-  ``NCE(q, k; Q) = logsumexp([q.k, q.Q^T] / tau) - q.k / tau``; each target is scored against
-  its own key and the shared queue. Inputs unit [B, d] (queue [K, d]); ``w`` [B] in [0, 1].
+  A pool on one device is searched and read on that device. With ``pool = B`` it equals the
+  global search. Returns (indices [B, k] int32, -1 past ``pool - 1``; keep; scores).
   """
-  neg = moco.queue_logits(q, queue, temperature)                  # [B, K], sharded along K
-  lse_neg = jax.nn.logsumexp(neg, axis=-1)
-  pos_a = jnp.sum(q * k_a, axis=-1) / temperature
-  pos_b = jnp.sum(q * k_b, axis=-1) / temperature
-  nce_a = jnp.logaddexp(pos_a, lse_neg) - pos_a
-  nce_b = jnp.logaddexp(pos_b, lse_neg) - pos_b
-  w = w.astype(jnp.float32)
-  return jnp.mean(w * nce_a + (1.0 - w) * nce_b)
+  scores, idx = knn.topk_within_pools(feats, k, pool, recall_target=recall_target)
+  present = idx >= 0
+  rows = jnp.arange(feats.shape[0], dtype=jnp.int32)[:, None]
+  safe = jnp.where(present, idx, rows)                    # stays in the row's pool
+  cand = gather.take_within_pools(feats, safe, pool).astype(jnp.float32)   # [B, k, d]
+  cand_cluster = gather.take_within_pools(clusters, safe, pool)            # [B, k]
+  keep = center_rule(feats, cand, clusters, cand_cluster, centroids, present)
+  return idx, keep, scores
 
 
 def cluster_purity(assignments: jax.Array, labels: jax.Array, num_clusters: int,
@@ -159,14 +155,13 @@ class Method(moco.Method):
     self.k = int(m.k)
     self.mix_alpha = float(m.mix_alpha)
     self.mix_weight = float(m.mix_weight)
+    self.partner_pool = int(m.get('partner_pool', 0))
+    self.recall_target = float(config.knn.get('recall_target', 1.0))
     self.num_classes = int(config.data.num_classes)
-    if int(m.kmeans_every_steps) > 0:
-      self.kmeans_every = int(m.kmeans_every_steps)
-    else:
-      if steps_per_epoch is None:
-        raise ValueError('clim: method.kmeans_every_epochs needs steps_per_epoch (the trainer '
-                         'passes it); or set method.kmeans_every_steps')
-      self.kmeans_every = max(1, int(round(float(m.kmeans_every_epochs) * steps_per_epoch)))
+    if not loop.is_set(m.kmeans_every_steps) and steps_per_epoch is None:
+      raise ValueError('clim: method.kmeans_every_epochs needs steps_per_epoch (the trainer '
+                       'passes it); or set method.kmeans_every_steps')
+    self.kmeans_every = loop.steps(m, 'kmeans_every', steps_per_epoch or 1)
     extra = config.data.get('extra_resolutions') or ()
     self.query_views = ('view1',) + (
         tuple(f'view_lr{i}' for i in range(len(extra))) if config.data.views == 'multi_res'
@@ -176,36 +171,34 @@ class Method(moco.Method):
   def validate_config(cls, config):
     super().validate_config(config)
     m = config.method
-
-    def need(cond, key, accepted):
-      if not cond:
-        raise config_lib.ConfigError(
-            f'config.method.{key}={m[key]!r} is invalid; accepted: {accepted}')
+    req = config_lib.require
 
     def is_int(v):
       return isinstance(v, int) and not isinstance(v, bool)
 
-    need(is_int(m.bank_size) and m.bank_size >= config.batch_size, 'bank_size',
-         f'an integer >= batch_size ({config.batch_size})')
-    need(is_int(m.num_clusters) and 1 <= m.num_clusters <= m.bank_size, 'num_clusters',
-         f'an integer in 1..bank_size ({m.bank_size})')
-    need(is_int(m.kmeans_iters) and m.kmeans_iters >= 0, 'kmeans_iters', 'an integer >= 0')
-    need(is_int(m.k) and 1 <= m.k < config.batch_size, 'k',
-         f'an integer in 1..batch_size - 1 ({config.batch_size - 1}); the neighbours are '
-         'searched in the global batch')
-    need(isinstance(m.mix_alpha, (int, float)) and m.mix_alpha > 0, 'mix_alpha',
-         'a Beta parameter > 0')
-    need(isinstance(m.mix_weight, (int, float)) and m.mix_weight >= 0, 'mix_weight',
-         'a number >= 0')
-    if not (m.kmeans_every_steps > 0 or m.kmeans_every_epochs > 0):
-      raise config_lib.ConfigError(
-          f'config.method.kmeans_every_steps={m.kmeans_every_steps!r} and '
-          f'config.method.kmeans_every_epochs={m.kmeans_every_epochs!r} are invalid; accepted: '
-          'kmeans_every_steps > 0, or kmeans_every_epochs > 0')
-    if config.data.views not in ('multi_res', 'moco'):
-      raise config_lib.ConfigError(
-          f'config.data.views={config.data.views!r} is invalid for clim; accepted: multi_res, '
-          'moco (no low-resolution queries)')
+    b = config.batch_size
+    req(is_int(m.bank_size) and m.bank_size >= b, 'method.bank_size', m.bank_size,
+        f'an integer >= batch_size ({b})')
+    req(is_int(m.num_clusters) and 1 <= m.num_clusters <= m.bank_size, 'method.num_clusters',
+        m.num_clusters, f'an integer in 1..bank_size ({m.bank_size})')
+    req(is_int(m.kmeans_iters) and m.kmeans_iters >= 0, 'method.kmeans_iters', m.kmeans_iters,
+        'an integer >= 0')
+    req(is_int(m.k) and 1 <= m.k < b, 'method.k', m.k,
+        f'an integer in 1..batch_size - 1 ({b - 1}); the neighbours are searched in the batch')
+    req(isinstance(m.mix_alpha, (int, float)) and m.mix_alpha > 0, 'method.mix_alpha',
+        m.mix_alpha, 'a Beta parameter > 0')
+    req(isinstance(m.mix_weight, (int, float)) and m.mix_weight >= 0, 'method.mix_weight',
+        m.mix_weight, 'a number >= 0')
+    pool = m.get('partner_pool', 0)
+    req(is_int(pool) and (pool in (0, -1) or (pool >= 2 and b % pool == 0)),
+        'method.partner_pool', pool, '0 (the images of one device), -1 (the whole global batch) '
+        f'or a divisor >= 2 of batch_size ({b})')
+    req(m.kmeans_every_steps > 0 or m.kmeans_every_epochs > 0,
+        'method.kmeans_every_steps/kmeans_every_epochs',
+        (m.kmeans_every_steps, m.kmeans_every_epochs),
+        'kmeans_every_steps > 0, or kmeans_every_epochs > 0')
+    req(config.data.views in ('multi_res', 'moco'), 'data.views', config.data.views,
+        'multi_res, moco (no low-resolution queries) for clim')
 
   def init_state(self, rng):
     state = super().init_state(rng)
@@ -221,6 +214,16 @@ class Method(moco.Method):
         'cluster_purity': jnp.zeros((), jnp.float32),
     })
     return state
+
+  def state_specs(self):
+    # The bank and its ids are sharded; the centroids (C x d, read whole by every device to
+    # assign keys) and the scalars are replicated.
+    specs = super().state_specs()
+    specs.update({'bank': P(sharding.DATA), 'bank_labels': P(sharding.DATA),
+                  'bank_clusters': P(sharding.DATA), 'bank_ptr': P(), 'bank_count': P(),
+                  'centroids': P(), 'kmeans_step': P(), 'kmeans_objective': P(),
+                  'cluster_purity': P()})
+    return specs
 
   # -------------------------------------------------------------------------------------------
   def refresh_clusters(self, state, step, rng):
@@ -268,28 +271,37 @@ class Method(moco.Method):
     k_cluster, _ = kmeans.assign(k, clus['centroids'])
     anchor_cluster = jnp.where(has_clusters, k_cluster, -1)
 
-    # 2. center-wise local selection among the batch's own keys (self excluded).
+    # 2. center-wise local selection among the keys of the anchor's pool (self excluded).
     self_idx = jnp.arange(b, dtype=jnp.int32)
-    nn_idx, keep, nn_cos = center_wise_select(k, k, anchor_cluster, k_cluster,
-                                              clus['centroids'], self.k, exclude=self_idx)
-    j, has_sel = sample_selected(r_pick, nn_idx, keep, self_idx)
+    pool = sharding.resolve_pool(self.partner_pool, b)
+    if not sharding.pool_is_local(pool, b):
+      base.warn_traffic(f'clim: method.partner_pool={self.partner_pool} spans devices: the '
+                        'partner images are gathered across devices every step; 0 (the '
+                        "images of one device) moves none")
+    if pool == b:
+      nn_idx, keep, nn_cos = center_wise_select(k, k, anchor_cluster, k_cluster,
+                                                clus['centroids'], self.k, exclude=self_idx,
+                                                recall_target=self.recall_target)
+    else:
+      nn_idx, keep, nn_cos = center_wise_select_in_pools(
+          k, anchor_cluster, clus['centroids'], self.k, pool, recall_target=self.recall_target)
+    j, has_sel = selection.sample_selected(r_pick, nn_idx, keep, self_idx)
 
     # 3. CutMix of the anchor's query view with the selected positive's query view.
     lam = mixing.sample_beta(r_lam, self.mix_alpha, self.mix_alpha, (b,))
-    x_mix, w = mixing.cutmix(x1, jnp.take(x1, j, axis=0), lam, r_box)
+    x_mix, w = mixing.cutmix(x1, gather.take_within_pools(x1, j, pool), lam, r_box)
 
-    # 4. online forward: [x1; x~] together, then each low-resolution query view.
-    o, batch_stats = self.forward(params, batch_stats, jnp.concatenate([x1, x_mix], axis=0))
-    q_all = losses.l2_normalize(o['proj'])
-    q1, q_mix = q_all[:b], q_all[b:]
+    # 4. online forward: [x1; x~] together (per device), then each low-resolution query view.
+    o, batch_stats = self.forward(params, batch_stats, sharding.concat_per_device([x1, x_mix]))
+    q1, q_mix = sharding.split_per_device(losses.l2_normalize(o['proj']), [b, b])
     l_inst, pos, neg = self.contrast(q1, k, queue)
     inst_terms = [l_inst]
     for key in self.query_views[1:]:
       o_r, batch_stats = self.forward(params, batch_stats, low_res[key])
       inst_terms.append(self.contrast(losses.l2_normalize(o_r['proj']), k, queue)[0])
     l_moco = sum(inst_terms) / len(inst_terms)
-    k_j = jnp.take(k, j, axis=0)
-    l_mix = mixed_info_nce(q_mix, k, k_j, w, queue, self.temperature)
+    k_j = gather.take_within_pools(k, j, pool)
+    l_mix = losses.mixed_info_nce(q_mix, k, k_j, w, queue, self.temperature)
     loss = l_moco + self.mix_weight * l_mix
 
     # 5. enqueue keys (queue), keys + labels + cluster ids (bank).
@@ -306,8 +318,9 @@ class Method(moco.Method):
                  'kmeans_objective': clus['kmeans_objective'],
                  'cluster_purity': clus['cluster_purity']}
 
-    labelled = (labels >= 0) & (jnp.take(labels, j) >= 0) & has_sel
-    same = labelled & (jnp.take(labels, j) == labels)
+    labels_j = gather.take_within_pools(labels, j, pool)
+    labelled = (labels >= 0) & (labels_j >= 0) & has_sel
+    same = labelled & (labels_j == labels)
     metrics = {'loss': loss, 'clim/loss_moco': l_moco, 'clim/loss_mix': l_mix,
                'clim/selected_frac': jnp.mean(has_sel.astype(jnp.float32)),
                'clim/num_selected': jnp.mean(jnp.sum(keep, axis=1).astype(jnp.float32)),
@@ -317,6 +330,8 @@ class Method(moco.Method):
                'clim/kmeans_objective': clus['kmeans_objective'],
                'clim/cluster_purity': clus['cluster_purity'],
                'clim/has_clusters': has_clusters.astype(jnp.float32),
-               **base.score_summary(pos, neg), **base.embedding_summary(o['proj'][:b])}
-    return loss, base.LossAux(metrics, new_state, batch_stats, o['features'][:b],
+               **base.score_summary(pos, neg),
+               **base.embedding_summary(sharding.split_per_device(o['proj'], [b, b])[0])}
+    feats = sharding.split_per_device(o['features'], [b, b])[0]
+    return loss, base.LossAux(metrics, new_state, batch_stats, feats,
                               {'pos': pos, 'neg': neg[:, :64]})

@@ -28,12 +28,18 @@ level (all queues written at the same rows, so row ``m`` of every queue is the s
    logits are gathered from the sharded queue). With no neighbour kept it is MoCo's InfoNCE.
 
 3. **Cross-sample mixing** (``mix_weight > 0``): the partner ``j`` of anchor ``i`` is drawn
-   uniformly from its ``mix_k`` nearest *in-batch* keys (self excluded) with
-   ``k^s_i . k^s_j >= threshold`` (else ``j = i``); the images come from the batch (the bank
-   holds no pixels). ``x~_i = CutMix(x_1[i], x_1[j], lam)``, ``lam ~ Beta(mix_alpha,
-   mix_alpha)``, ``w_i`` = exact kept-area ratio; at each level
+   uniformly (``ops.selection.sample_selected``) from its ``mix_k`` nearest keys of its pool of
+   the batch (self excluded; ``knn.topk_within_pools``) with ``k^s_i . k^s_j >= threshold``
+   (else ``j = i``); the images come from the batch (the bank holds no pixels). The pool is
+   ``method.partner_pool``: ``0`` (default) = the images on the anchor's device (nothing leaves
+   the device; on one device the whole global batch), ``N > 0`` = consecutive groups of N
+   images (the same partners on any device count), ``-1`` = the whole global batch on any
+   device count (on a pod the image batch is all-gathered every step; a
+   ``base.CrossDeviceTrafficWarning`` says so). ``x~_i = CutMix(x_1[i], x_1[j], lam)``,
+   ``lam ~ Beta(mix_alpha, mix_alpha)``, ``w_i`` = exact kept-area ratio; at each level
    ``L^l_mix = mean_i [w_i NCE(q~^l_i, k^l_i; Q^l) + (1 - w_i) NCE(q~^l_i, k^l_j; Q^l)]``
-   (``clim.mixed_info_nce``). ``x_1`` and ``x~`` share one online forward ([2B] batch).
+   (``ops.losses.mixed_info_nce``). ``x_1`` and ``x~`` share one online forward ([2B] batch,
+   concatenated per device).
 
 4. ``L = sum_l w_l (L^l + mix_weight L^l_mix)``, ``w_l`` = ``level_weights``. Each level's keys
    are enqueued into its own queue (and the labels into a shared label bank, for diagnostics).
@@ -50,11 +56,12 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
-from ssl_jax import config_lib
-from ssl_jax.methods import base, clim, moco
+from ssl_jax import config_lib, sharding
+from ssl_jax.methods import base, moco
 from ssl_jax.models import multilevel
-from ssl_jax.ops import gather, knn, losses, memory_bank, mixing
+from ssl_jax.ops import gather, knn, losses, memory_bank, mixing, selection
 
 
 def multi_positive_queue_nce(q: jax.Array, k: jax.Array, queue: jax.Array, nb_idx: jax.Array,
@@ -71,7 +78,7 @@ def multi_positive_queue_nce(q: jax.Array, k: jax.Array, queue: jax.Array, nb_id
   are ignored, so -1 is allowed there).
   """
   q = q.astype(jnp.float32)
-  neg = moco.queue_logits(q, queue, temperature)                       # [B, K]
+  neg = losses.queue_logits(q, queue, temperature)                     # [B, K]
   pos = jnp.sum(q * k.astype(jnp.float32), axis=-1) / temperature
   lse = jnp.logaddexp(pos, jax.nn.logsumexp(neg, axis=-1))
   nb = gather.gather_rows(queue, jnp.maximum(nb_idx, 0)).astype(jnp.float32)   # [B, n, d]
@@ -83,12 +90,15 @@ def multi_positive_queue_nce(q: jax.Array, k: jax.Array, queue: jax.Array, nb_id
 
 
 def retrieve_neighbours(keys: jax.Array, bank: jax.Array, n: int, threshold: float, *,
-                        valid: jax.Array | None = None, mesh=None
+                        valid: jax.Array | None = None, mesh=None,
+                        recall_target: float | None = None
                         ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """``N(i)`` = top-n rows of ``bank`` by ``keys_i . bank_m`` (rows with ``valid = False``
   never returned); ``keep = found and score >= threshold``. Returns (indices [B, n] int32, -1
-  where not found; keep [B, n] bool; scores [B, n])."""
-  scores, idx = knn.topk_cosine(keys, bank, n, valid=valid, mesh=mesh)
+  where not found; keep [B, n] bool; scores [B, n]). ``recall_target`` < 1: approximate
+  search (``knn.topk_cosine``)."""
+  scores, idx = knn.topk_cosine(keys, bank, n, valid=valid, mesh=mesh,
+                                recall_target=recall_target)
   keep = (idx >= 0) & (scores >= threshold)
   return idx, keep, scores
 
@@ -98,9 +108,9 @@ class Method(moco.Method):
   supports_symmetric = False
 
   def __init__(self, config, steps_per_epoch=None):
-    super().__init__(config, steps_per_epoch)
     m = config.method
-    self.levels = tuple(m.levels)
+    self.levels = tuple(m.levels)          # before super().__init__: build_model reads it
+    super().__init__(config, steps_per_epoch)
     self.level_weights = tuple(float(w) for w in m.level_weights)
     self.select_level = str(m.select_level)
     self.num_neighbours = int(m.num_neighbours)
@@ -108,41 +118,45 @@ class Method(moco.Method):
     self.mix_weight = float(m.mix_weight)
     self.mix_alpha = float(m.mix_alpha)
     self.mix_k = int(m.mix_k)
-    self.model = multilevel.build_multilevel_net(config.model, self.levels,
-                                                 image_size=self.image_size)
+    self.partner_pool = int(m.get('partner_pool', 0))
+    self.recall_target = float(config.knn.get('recall_target', 1.0))
+
+  def build_model(self, bn_axis: tuple = ()):
+    return multilevel.build_multilevel_net(self.model_config, self.levels,
+                                           image_size=self.image_size, bn_axis=bn_axis)
 
   @classmethod
   def validate_config(cls, config):
     super().validate_config(config)
     m = config.method
+    req = config_lib.require
     levels = tuple(m.levels)
-
-    def fail(key, accepted):
-      raise config_lib.ConfigError(
-          f'config.method.{key}={m[key]!r} is invalid; accepted: {accepted}')
-
-    if not levels or len(set(levels)) != len(levels) or not set(levels) <= set(multilevel.LEVELS):
-      fail('levels', f'distinct names from {", ".join(multilevel.LEVELS)}')
+    req(bool(levels) and len(set(levels)) == len(levels) and set(levels) <= set(multilevel.LEVELS),
+        'method.levels', m.levels, f'distinct names from {", ".join(multilevel.LEVELS)}')
     weights = tuple(m.level_weights)
-    if len(weights) != len(levels) or not all(
-        isinstance(w, (int, float)) and w >= 0 for w in weights):
-      fail('level_weights', f'{len(levels)} numbers >= 0, one per level {levels}')
-    if m.select_level not in levels:
-      fail('select_level', f'one of the levels {levels}')
-    if not (isinstance(m.num_neighbours, int) and 1 <= m.num_neighbours <= m.queue_size):
-      fail('num_neighbours', f'an integer in 1..queue_size ({m.queue_size})')
-    if not (isinstance(m.threshold, (int, float)) and -1.0 <= m.threshold <= 1.0):
-      fail('threshold', 'a cosine in [-1, 1]')
-    if not (isinstance(m.mix_weight, (int, float)) and m.mix_weight >= 0):
-      fail('mix_weight', 'a number >= 0 (0 disables the mixing term)')
-    if not (isinstance(m.mix_alpha, (int, float)) and m.mix_alpha > 0):
-      fail('mix_alpha', 'a Beta parameter > 0')
-    if not (isinstance(m.mix_k, int) and 1 <= m.mix_k < config.batch_size):
-      fail('mix_k', f'an integer in 1..batch_size - 1 ({config.batch_size - 1})')
-    if config.model.backbone.startswith('vit'):
-      raise config_lib.ConfigError(
-          f'config.model.backbone={config.model.backbone!r} is invalid for csml; accepted: a '
-          'ResNet (the levels are its stages)')
+    req(len(weights) == len(levels) and all(isinstance(w, (int, float)) and w >= 0
+                                            for w in weights),
+        'method.level_weights', m.level_weights,
+        f'{len(levels)} numbers >= 0, one per level {levels}')
+    req(m.select_level in levels, 'method.select_level', m.select_level,
+        f'one of the levels {levels}')
+    req(isinstance(m.num_neighbours, int) and 1 <= m.num_neighbours <= m.queue_size,
+        'method.num_neighbours', m.num_neighbours, f'an integer in 1..queue_size ({m.queue_size})')
+    req(isinstance(m.threshold, (int, float)) and -1.0 <= m.threshold <= 1.0, 'method.threshold',
+        m.threshold, 'a cosine in [-1, 1]')
+    req(isinstance(m.mix_weight, (int, float)) and m.mix_weight >= 0, 'method.mix_weight',
+        m.mix_weight, 'a number >= 0 (0 disables the mixing term)')
+    req(isinstance(m.mix_alpha, (int, float)) and m.mix_alpha > 0, 'method.mix_alpha',
+        m.mix_alpha, 'a Beta parameter > 0')
+    req(isinstance(m.mix_k, int) and 1 <= m.mix_k < config.batch_size, 'method.mix_k', m.mix_k,
+        f'an integer in 1..batch_size - 1 ({config.batch_size - 1})')
+    pool = m.get('partner_pool', 0)
+    req(isinstance(pool, int) and not isinstance(pool, bool) and (
+        pool in (0, -1) or (pool >= 2 and config.batch_size % pool == 0)),
+        'method.partner_pool', pool, '0 (the images of one device), -1 (the whole global batch) '
+        f'or a divisor >= 2 of batch_size ({config.batch_size})')
+    req(not config.model.backbone.startswith('vit'), 'model.backbone', config.model.backbone,
+        'a ResNet for csml (the levels are its stages)')
 
   def init_state(self, rng):
     rngs = jax.random.split(rng, len(self.levels))
@@ -151,6 +165,10 @@ class Method(moco.Method):
     return {'queues': queues, 'queue_ptr': jnp.zeros((), jnp.int32),
             'queue_count': jnp.zeros((), jnp.int32),
             'queue_labels': jnp.full((self.queue_size,), -1, jnp.int32)}
+
+  def state_specs(self):
+    return {'queues': P(sharding.DATA), 'queue_ptr': P(), 'queue_count': P(),
+            'queue_labels': P(sharding.DATA)}
 
   def loss(self, params, target_params, method_state, batch_stats, batch, rng, step):
     del step
@@ -168,33 +186,41 @@ class Method(moco.Method):
     valid = memory_bank.valid_mask(method_state['queue_count'], self.queue_size)
     nb_idx, nb_keep, nb_cos = retrieve_neighbours(ks, queues[self.select_level],
                                                   self.num_neighbours, self.threshold,
-                                                  valid=valid)
+                                                  valid=valid, recall_target=self.recall_target)
 
-    # 3. cross-sample mixing partner among the batch's own keys.
+    # 3. cross-sample mixing partner among the keys of the anchor's pool of the batch.
     use_mix = self.mix_weight > 0
     if use_mix:
       self_idx = jnp.arange(b, dtype=jnp.int32)
-      m_cos, m_idx = clim.topk_excluding(ks, ks, self.mix_k, exclude=self_idx)
+      pool = sharding.resolve_pool(self.partner_pool, b)
+      if not sharding.pool_is_local(pool, b):
+        base.warn_traffic(f'csml: method.partner_pool={self.partner_pool} spans devices: the '
+                          'partner images are gathered across devices every step; 0 (the '
+                          'images of one device) moves none')
+      m_cos, m_idx = knn.topk_within_pools(ks, self.mix_k, pool,
+                                           recall_target=self.recall_target)
       m_keep = (m_idx >= 0) & (m_cos >= self.threshold)
-      j, has_mix = clim.sample_selected(r_pick, m_idx, m_keep, self_idx)
+      j, has_mix = selection.sample_selected(r_pick, m_idx, m_keep, self_idx)
       lam = mixing.sample_beta(r_lam, self.mix_alpha, self.mix_alpha, (b,))
-      x_mix, w = mixing.cutmix(x1, jnp.take(x1, j, axis=0), lam, r_box)
-      x_in = jnp.concatenate([x1, x_mix], axis=0)
+      x_mix, w = mixing.cutmix(x1, gather.take_within_pools(x1, j, pool), lam, r_box)
+      x_in = sharding.concat_per_device([x1, x_mix])
     else:
       x_in = x1
     o, batch_stats = self.forward(params, batch_stats, x_in)
+    head = (lambda x: sharding.split_per_device(x, [b, b])) if use_mix else (lambda x: [x])
 
     # 2./4. per-level losses.
     loss = 0.0
     metrics = {}
     for lvl, weight in zip(self.levels, self.level_weights):
-      q_all = losses.l2_normalize(o['levels'][lvl])
-      l_lvl = multi_positive_queue_nce(q_all[:b], keys[lvl], queues[lvl], nb_idx, nb_keep,
+      q_all = head(losses.l2_normalize(o['levels'][lvl]))
+      l_lvl = multi_positive_queue_nce(q_all[0], keys[lvl], queues[lvl], nb_idx, nb_keep,
                                        self.temperature)
       metrics[f'csml/loss_{lvl}'] = l_lvl
       if use_mix:
-        l_mix = clim.mixed_info_nce(q_all[b:], keys[lvl], jnp.take(keys[lvl], j, axis=0), w,
-                                    queues[lvl], self.temperature)
+        k_j = gather.take_within_pools(keys[lvl], j, pool)
+        l_mix = losses.mixed_info_nce(q_all[1], keys[lvl], k_j, w, queues[lvl],
+                                      self.temperature)
         metrics[f'csml/loss_mix_{lvl}'] = l_mix
         l_lvl = l_lvl + self.mix_weight * l_mix
       loss = loss + weight * l_lvl
@@ -210,9 +236,10 @@ class Method(moco.Method):
                  'queue_labels': queue_labels}
 
     # Diagnostics (top level): scores, positives per anchor, neighbour label purity.
-    q_top = losses.l2_normalize(o['levels'][self.levels[-1]][:b])
+    z_top = head(o['levels'][self.levels[-1]])[0]
+    q_top = losses.l2_normalize(z_top)
     pos = jnp.sum(q_top * keys[self.levels[-1]], axis=-1)
-    neg = moco.queue_logits(q_top, queues[self.levels[-1]], 1.0)
+    neg = losses.queue_logits(q_top, queues[self.levels[-1]], 1.0)
     nb_labels = gather.gather_rows(method_state['queue_labels'], jnp.maximum(nb_idx, 0))
     lab = nb_keep & (nb_labels >= 0) & (labels >= 0)[:, None]
     metrics.update({
@@ -221,9 +248,9 @@ class Method(moco.Method):
         'csml/nn_purity': jnp.sum(lab & (nb_labels == labels[:, None])) / jnp.maximum(
             jnp.sum(lab), 1),
         'csml/nn_cos': jnp.mean(jnp.where(nb_idx >= 0, nb_cos, 0.0)),
-        **base.score_summary(pos, neg), **base.embedding_summary(o['levels'][self.levels[-1]][:b])})
+        **base.score_summary(pos, neg), **base.embedding_summary(z_top)})
     if use_mix:
       metrics.update({'csml/mix_selected_frac': jnp.mean(has_mix.astype(jnp.float32)),
                       'csml/area_ratio': jnp.mean(w)})
-    return loss, base.LossAux(metrics, new_state, batch_stats, o['features'][:b],
+    return loss, base.LossAux(metrics, new_state, batch_stats, head(o['features'])[0],
                               {'pos': pos, 'neg': neg[:, :64]})

@@ -27,15 +27,6 @@ from ssl_jax.methods import base
 from ssl_jax.ops import losses, memory_bank
 
 
-def queue_logits(q, queue, temperature):
-  """``q @ queue^T / tau`` with the [B, K] logits kept sharded along K (the queue's axis)."""
-  logits = jnp.einsum('bd,kd->bk', q, queue.astype(q.dtype),
-                      preferred_element_type=jnp.float32) / temperature
-  if sharding.mesh_data_size() > 1:
-    logits = jax.lax.with_sharding_constraint(logits, P(None, sharding.DATA))
-  return logits
-
-
 class Method(base.Method):
   name = 'moco'
   uses_predictor = False
@@ -74,10 +65,16 @@ class Method(base.Method):
           jax.random.normal(r2, (self.queue_size, self.embed_dim)))
     return state
 
+  def state_specs(self):
+    specs = {'queue': P(sharding.DATA), 'queue_ptr': P()}
+    if self.symmetric:
+      specs['queue_view1'] = P(sharding.DATA)
+    return specs
+
   def contrast(self, q, k, queue):
     """InfoNCE of normalised ``q`` against ``k`` and the queue; returns (loss, pos, neg)."""
     pos = jnp.sum(q * k, axis=-1)
-    neg = queue_logits(q, queue, 1.0)
+    neg = losses.queue_logits(q, queue, 1.0)
     return losses.info_nce_from_logits(pos / self.temperature, neg / self.temperature), pos, neg
 
   def loss(self, params, target_params, method_state, batch_stats, batch, rng, step):

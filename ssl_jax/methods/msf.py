@@ -9,7 +9,8 @@ One step, following the official ``train_msf.py``:
 3. ``t`` (and its labels, for diagnostics) is enqueued into the FIFO bank **before** searching,
    so each sample's first neighbour is itself (k = 5 -> self + 4 others);
 4. the top-k of ``t`` by cosine over the bank (shard-local top-k, then merge: the bank is
-   never gathered); rows never written are masked out — the official code starts from random
+   never gathered; approximate with ``config.knn.recall_target`` < 1); rows never written are
+   masked out — the official code starts from random
    unit vectors that can be picked as neighbours until the bank has filled;
 5. ``q = n(predictor(online(x_strong)))``;
 6. ``L = mean_b (1/k) sum_{j in NN_k(t_b)} (2 - 2 q_b . bank_j)``. Not symmetrised.
@@ -23,21 +24,22 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
-from ssl_jax import config_lib
+from ssl_jax import config_lib, sharding
 from ssl_jax.methods import base
 from ssl_jax.ops import gather, knn, losses, memory_bank
 
 
 def msf_loss(u: jax.Array, v: jax.Array, bank: jax.Array, k: int, *,
-             valid: jax.Array | None = None) -> jax.Array:
+             valid: jax.Array | None = None, recall_target: float | None = None) -> jax.Array:
   """``mean_b (1/k) sum_{j in NN_k(v_b)} (2 - 2 u_b . bank_j)``.
 
   ``u`` (online predictions) and ``v`` (target embeddings) are L2-normalised [B, d]; ``bank``
   [K, d] already holds this batch's ``v`` (``v`` is not added again). ``valid`` masks rows that
-  were never written.
+  were never written. ``recall_target`` < 1: approximate search (``knn.topk_cosine``).
   """
-  _, idx = knn.topk_cosine(v, bank, k, valid=valid)
+  _, idx = knn.topk_cosine(v, bank, k, valid=valid, recall_target=recall_target)
   neighbours = gather.gather_rows(bank, idx)             # [B, k, d]
   cos = jnp.einsum('bd,bkd->bk', u.astype(jnp.float32), neighbours.astype(jnp.float32))
   return jnp.mean(2.0 - 2.0 * cos)
@@ -55,6 +57,7 @@ class Method(base.Method):
     self.embed_dim = int(config.model.projector.out_dim)
     self.online_view = str(m.online_view)
     self.target_view = str(m.target_view)
+    self.recall_target = float(config.knn.get('recall_target', 1.0))
 
   @staticmethod
   def validate_config(config):
@@ -77,6 +80,10 @@ class Method(base.Method):
             'bank_ptr': jnp.zeros((), jnp.int32),
             'bank_count': jnp.zeros((), jnp.int32)}
 
+  def state_specs(self):
+    return {'bank': P(sharding.DATA), 'bank_labels': P(sharding.DATA), 'bank_ptr': P(),
+            'bank_count': P()}
+
   def loss(self, params, target_params, method_state, batch_stats, batch, rng, step):
     del rng, step
     x_online, x_target = batch[self.online_view], batch[self.target_view]
@@ -90,7 +97,8 @@ class Method(base.Method):
 
     o, batch_stats = self.forward(params, batch_stats, x_online)
     q = losses.l2_normalize(o['pred'])
-    nn_scores, idx = knn.topk_cosine(t, bank, self.k, valid=valid)
+    nn_scores, idx = knn.topk_cosine(t, bank, self.k, valid=valid,
+                                     recall_target=self.recall_target)
     neighbours = gather.gather_rows(bank, idx)
     cos = jnp.einsum('bd,bkd->bk', q, neighbours)
     loss = jnp.mean(2.0 - 2.0 * cos)

@@ -15,8 +15,9 @@ Presets (the papers' heads):
   last_bn_affine=False)`` — Linear(no bias)–BN–ReLU–Linear–BN–ReLU–Linear–BN(no scale, no bias).
 
 Submodules are named ``dense_{l}`` and ``bn_{l}``. ``use_bias`` applies to every Dense layer.
-BatchNorm is ``nn.BatchNorm(momentum=0.9, epsilon=1e-5)`` with no ``axis_name`` (global batch
-statistics under ``jax.jit`` with a sharded batch, as in ``resnet.py``). Dense init is Flax's
+BatchNorm is ``nn.BatchNorm(momentum=0.9, epsilon=1e-5)``, with no ``axis_name`` by default (global
+batch statistics under ``jax.jit`` with a sharded batch) or ``bn_axis`` under the trainer's
+per-device step, as in ``resnet.py``. Dense init is Flax's
 default (LeCun normal kernel, zero bias). ``dtype`` is the compute dtype; parameters, BN
 reductions and the output are float32.
 """
@@ -42,6 +43,8 @@ class MLP(nn.Module):
     last_bn_affine: whether that last BN has a scale and a bias.
     use_bias: bias in the Dense layers.
     dtype: compute dtype.
+    bn_axis: ``(axis_name, axis_index_groups)`` of the BatchNorms (``()``: statistics over the
+      batch the module sees; ``resnet.ResNet`` has the same field).
 
   ``__call__(x [B, D], train) -> [B, out_dim]`` float32.
   """
@@ -53,16 +56,19 @@ class MLP(nn.Module):
   last_bn_affine: bool = True
   use_bias: bool = True
   dtype: Dtype = jnp.float32
+  bn_axis: tuple = ()
 
   @nn.compact
   def __call__(self, x, train: bool = True):
     if self.num_layers < 1:
       raise ValueError(f'MLP num_layers must be >= 1, got {self.num_layers}')
+    axis_name, groups = self.bn_axis if self.bn_axis else (None, None)
 
     def bn(name, affine=True):
       return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                           use_scale=affine, use_bias=affine, dtype=self.dtype,
-                          param_dtype=jnp.float32, name=name)
+                          param_dtype=jnp.float32, axis_name=axis_name,
+                          axis_index_groups=groups, name=name)
 
     x = jnp.asarray(x, self.dtype)
     for l in range(self.num_layers - 1):

@@ -33,6 +33,7 @@ class MultiLevelSSLNet(nn.Module):
   num_layers: int = 2
   use_bn: bool = False
   dtype: Any = jnp.float32
+  bn_axis: tuple = ()          # of the heads' BatchNorms (the backbone has its own)
 
   @nn.compact
   def __call__(self, images, train: bool = True, with_predictor: bool = True
@@ -48,21 +49,22 @@ class MultiLevelSSLNet(nn.Module):
           out[level].astype(jnp.float32), axis=(1, 2))
       levels[level] = heads.MLP(hidden_dim=self.hidden_dim, out_dim=self.out_dim,
                                 num_layers=self.num_layers, use_bn=self.use_bn, dtype=self.dtype,
-                                name=f'projector_{level}')(h, train=train)
+                                bn_axis=self.bn_axis, name=f'projector_{level}')(h, train=train)
     out['levels'] = levels
     out['proj'] = levels[self.levels[-1]]
     return out
 
 
 def build_multilevel_net(model_cfg: ml_collections.ConfigDict, levels: Sequence[str], *,
-                         image_size: int | None = None) -> MultiLevelSSLNet:
+                         image_size: int | None = None, bn_axis: tuple = ()) -> MultiLevelSSLNet:
   """``MultiLevelSSLNet`` from ``config.model`` (ResNet backbone; every level's projector has
-  ``model.projector``'s widths)."""
+  ``model.projector``'s widths). ``bn_axis`` as in ``ssl_model.build_ssl_net``."""
   if model_cfg.backbone.startswith('vit'):
     raise ValueError(f'model.backbone={model_cfg.backbone!r} has no stages; the multi-level '
                      'network needs a ResNet (resnet18, resnet34, resnet50, resnet_tiny)')
   p = model_cfg.projector
-  return MultiLevelSSLNet(backbone=ssl_model.build_backbone(model_cfg, image_size),
+  return MultiLevelSSLNet(backbone=ssl_model.build_backbone(model_cfg, image_size, bn_axis),
                           levels=tuple(levels), hidden_dim=int(p.hidden_dim),
                           out_dim=int(p.out_dim), num_layers=int(p.num_layers),
-                          use_bn=bool(p.use_bn), dtype=ssl_model.compute_dtype(model_cfg.dtype))
+                          use_bn=bool(p.use_bn), dtype=ssl_model.compute_dtype(model_cfg.dtype),
+                          bn_axis=tuple(bn_axis))

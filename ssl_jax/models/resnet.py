@@ -35,9 +35,12 @@ Initialisation as torchvision: conv kernels ``N(0, 2 / fan_out)`` (Kaiming norma
 untruncated), BN scale 1 and bias 0 (``zero_init_residual=True`` sets the last BN scale of each
 block to 0, as torchvision's flag of that name).
 
-BatchNorm is ``nn.BatchNorm(momentum=0.9, epsilon=1e-5)`` (≡ PyTorch momentum 0.1) with no
-``axis_name``: the trainer runs the model inside ``jax.jit`` with the batch sharded over the
-``'data'`` mesh axis, so the batch statistics are over the global batch. One difference from
+BatchNorm is ``nn.BatchNorm(momentum=0.9, epsilon=1e-5)`` (≡ PyTorch momentum 0.1). By default
+it has no ``axis_name``: under ``jax.jit`` with the batch sharded over the ``'data'`` mesh axis the
+batch statistics are over the global batch. The trainer's multi-device step runs the model per
+device (``ssl_jax.sharding.apply_per_device``) and builds it with ``bn_axis_name='data'``: the
+statistics are then all-reduced over all devices, or over ``bn_axis_index_groups`` (groups of
+devices, ``config.model.bn_group_size``). One difference from
 PyTorch: the running variance is updated with the biased batch variance (PyTorch uses the unbiased
 one); it only matters for tiny batches.
 
@@ -79,11 +82,16 @@ def _conv(features: int, kernel: int, stride: int, dtype: Dtype, name: str) -> n
                  param_dtype=jnp.float32, kernel_init=conv_init, name=name)
 
 
-def _bn(train: bool, dtype: Dtype, name: str, zero_scale: bool = False) -> nn.BatchNorm:
+BNAxis = tuple  # (axis_name, axis_index_groups): () for local statistics
+
+
+def _bn(train: bool, dtype: Dtype, name: str, zero_scale: bool = False,
+        bn_axis: BNAxis = ()) -> nn.BatchNorm:
+  axis_name, groups = bn_axis if bn_axis else (None, None)
   return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
                       param_dtype=jnp.float32,
                       scale_init=nn.initializers.zeros if zero_scale else nn.initializers.ones,
-                      name=name)
+                      axis_name=axis_name, axis_index_groups=groups, name=name)
 
 
 class BasicBlock(nn.Module):
@@ -92,19 +100,20 @@ class BasicBlock(nn.Module):
   stride: int = 1
   dtype: Dtype = jnp.float32
   zero_init_residual: bool = False
+  bn_axis: BNAxis = ()
 
   expansion = 1
 
   @nn.compact
   def __call__(self, x, train: bool):
     y = _conv(self.planes, 3, self.stride, self.dtype, 'conv1')(x)
-    y = nn.relu(_bn(train, self.dtype, 'bn1')(y))
+    y = nn.relu(_bn(train, self.dtype, 'bn1', bn_axis=self.bn_axis)(y))
     y = _conv(self.planes, 3, 1, self.dtype, 'conv2')(y)
-    y = _bn(train, self.dtype, 'bn2', self.zero_init_residual)(y)
+    y = _bn(train, self.dtype, 'bn2', self.zero_init_residual, self.bn_axis)(y)
     out_ch = self.planes * self.expansion
     if self.stride != 1 or x.shape[-1] != out_ch:
       x = _conv(out_ch, 1, self.stride, self.dtype, 'downsample_conv')(x)
-      x = _bn(train, self.dtype, 'downsample_bn')(x)
+      x = _bn(train, self.dtype, 'downsample_bn', bn_axis=self.bn_axis)(x)
     return nn.relu(y + x)
 
 
@@ -114,21 +123,22 @@ class Bottleneck(nn.Module):
   stride: int = 1
   dtype: Dtype = jnp.float32
   zero_init_residual: bool = False
+  bn_axis: BNAxis = ()
 
   expansion = 4
 
   @nn.compact
   def __call__(self, x, train: bool):
     y = _conv(self.planes, 1, 1, self.dtype, 'conv1')(x)
-    y = nn.relu(_bn(train, self.dtype, 'bn1')(y))
+    y = nn.relu(_bn(train, self.dtype, 'bn1', bn_axis=self.bn_axis)(y))
     y = _conv(self.planes, 3, self.stride, self.dtype, 'conv2')(y)
-    y = nn.relu(_bn(train, self.dtype, 'bn2')(y))
+    y = nn.relu(_bn(train, self.dtype, 'bn2', bn_axis=self.bn_axis)(y))
     y = _conv(self.planes * self.expansion, 1, 1, self.dtype, 'conv3')(y)
-    y = _bn(train, self.dtype, 'bn3', self.zero_init_residual)(y)
+    y = _bn(train, self.dtype, 'bn3', self.zero_init_residual, self.bn_axis)(y)
     out_ch = self.planes * self.expansion
     if self.stride != 1 or x.shape[-1] != out_ch:
       x = _conv(out_ch, 1, self.stride, self.dtype, 'downsample_conv')(x)
-      x = _bn(train, self.dtype, 'downsample_bn')(x)
+      x = _bn(train, self.dtype, 'downsample_bn', bn_axis=self.bn_axis)(x)
     return nn.relu(y + x)
 
 
@@ -142,6 +152,8 @@ class ResNet(nn.Module):
     stem: ``'imagenet'`` (7×7/2 conv + 3×3/2 max-pool) or ``'cifar'`` (3×3/1 conv, no pool).
     dtype: compute dtype; parameters stay float32.
     zero_init_residual: init the last BN scale of every block to 0 (torchvision's flag).
+    bn_axis: ``(axis_name, axis_index_groups)`` of every BatchNorm, or ``()`` (statistics over
+      the batch the module sees; see the module docstring).
 
   ``__call__(x [B, H, W, C], train) -> {'stage1'..'stage4': [B, h_i, w_i, C_i],
   'pooled': [B, C_4]}``.
@@ -152,6 +164,7 @@ class ResNet(nn.Module):
   stem: str = 'imagenet'
   dtype: Dtype = jnp.float32
   zero_init_residual: bool = False
+  bn_axis: BNAxis = ()
 
   @nn.compact
   def __call__(self, x, train: bool = True) -> dict[str, Any]:
@@ -165,7 +178,7 @@ class ResNet(nn.Module):
       x = _conv(self.base_width, 7, 2, self.dtype, 'conv1')(x)
     else:
       x = _conv(self.base_width, 3, 1, self.dtype, 'conv1')(x)
-    x = nn.relu(_bn(train, self.dtype, 'bn1')(x))
+    x = nn.relu(_bn(train, self.dtype, 'bn1', bn_axis=self.bn_axis)(x))
     if self.stem == 'imagenet':
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     out = {}
@@ -173,7 +186,7 @@ class ResNet(nn.Module):
       planes = self.base_width * 2**i
       for j in range(num_blocks):
         stride = 2 if (i > 0 and j == 0) else 1
-        x = block_cls(planes, stride, self.dtype, self.zero_init_residual,
+        x = block_cls(planes, stride, self.dtype, self.zero_init_residual, self.bn_axis,
                       name=f'layer{i + 1}_{j}')(x, train)
       out[f'stage{i + 1}'] = x
     out['pooled'] = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
@@ -200,19 +213,19 @@ def resolve_base_width(name: str, width: float = 1.0, base_width: int | None = N
 
 def get_backbone(name: str, *, stem: str = 'imagenet', dtype: Dtype = jnp.float32,
                  width: float = 1.0, base_width: int | None = None,
-                 zero_init_residual: bool = False) -> ResNet:
+                 zero_init_residual: bool = False, bn_axis: BNAxis = ()) -> ResNet:
   """A preset ResNet: ``resnet18``, ``resnet34``, ``resnet50`` or ``resnet_tiny``.
 
   ``resnet_tiny`` is a BasicBlock net with one block per stage and base width 8, for CPU tests.
   ``width`` multiplies the base width (64, or 8 for ``resnet_tiny``); an explicit ``base_width``
-  overrides it. Raises ``ValueError`` for an unknown name or stem.
+  overrides it. ``bn_axis``: see ``ResNet``. Raises ``ValueError`` for an unknown name or stem.
   """
   block, stages, _ = _check_name(name)
   if stem not in STEMS:
     raise ValueError(f'unknown ResNet stem {stem!r}; accepted: {", ".join(STEMS)}')
   return ResNet(stage_sizes=stages, block=block,
                 base_width=resolve_base_width(name, width, base_width), stem=stem, dtype=dtype,
-                zero_init_residual=zero_init_residual)
+                zero_init_residual=zero_init_residual, bn_axis=tuple(bn_axis))
 
 
 def feature_dims(name: str, width: float = 1.0, base_width: int | None = None) -> dict[str, int]:

@@ -43,6 +43,8 @@ class SSLNet(nn.Module):
 
 
 def mlp_from_config(cfg: ml_collections.ConfigDict | None, dtype, **kw) -> nn.Module | None:
+  """``heads.MLP`` of a ``config.model.projector`` / ``.predictor`` block (None: no head);
+  ``kw`` go to ``MLP`` (e.g. ``bn_axis``)."""
   if cfg is None:
     return None
   return heads.MLP(hidden_dim=cfg.hidden_dim, out_dim=cfg.out_dim, num_layers=cfg.num_layers,
@@ -59,9 +61,10 @@ VIT_LEGACY_DEFAULTS = {'qkv_bias': True, 'layer_norm_eps': 1e-6}
 
 
 def build_backbone(model_cfg: ml_collections.ConfigDict, image_size: int | None = None,
-                   **vit_overrides) -> nn.Module:
+                   bn_axis: tuple = (), **vit_overrides) -> nn.Module:
   """The backbone of ``config.model``; ``vit_overrides`` (e.g. ``drop_path_rate``) are ``ViT``
-  fields for fine-tuning and are refused for ResNets."""
+  fields for fine-tuning and are refused for ResNets. ``bn_axis``: ``(axis_name,
+  axis_index_groups)`` of a ResNet's BatchNorms (``resnet.ResNet``; ViTs have no BatchNorm)."""
   dtype = compute_dtype(model_cfg.dtype)
   if model_cfg.backbone.startswith('vit'):
     from ssl_jax.models import vit
@@ -73,14 +76,19 @@ def build_backbone(model_cfg: ml_collections.ConfigDict, image_size: int | None 
     raise ValueError(f'{sorted(vit_overrides)} only apply to ViT backbones, not '
                      f'{model_cfg.backbone!r}')
   return resnet.get_backbone(model_cfg.backbone, stem=model_cfg.stem, dtype=dtype,
-                             width=model_cfg.width)
+                             width=model_cfg.width, bn_axis=bn_axis)
 
 
 def build_ssl_net(model_cfg: ml_collections.ConfigDict, *, image_size: int | None = None,
-                  with_predictor: bool = True) -> SSLNet:
-  """Backbone + projector (+ predictor) from ``config.model``."""
+                  with_predictor: bool = True, bn_axis: tuple = ()) -> SSLNet:
+  """Backbone + projector (+ predictor) from ``config.model``.
+
+  ``bn_axis``: ``(axis_name, axis_index_groups)`` for every BatchNorm (the trainer's
+  per-device step, ``ssl_jax.sharding.apply_per_device``); ``()`` by default. The variables do
+  not depend on it.
+  """
   dtype = compute_dtype(model_cfg.dtype)
   predictor = model_cfg.get('predictor') if with_predictor else None
-  return SSLNet(backbone=build_backbone(model_cfg, image_size),
-                projector=mlp_from_config(model_cfg.get('projector'), dtype),
-                predictor=mlp_from_config(predictor, dtype))
+  return SSLNet(backbone=build_backbone(model_cfg, image_size, bn_axis),
+                projector=mlp_from_config(model_cfg.get('projector'), dtype, bn_axis=bn_axis),
+                predictor=mlp_from_config(predictor, dtype, bn_axis=bn_axis))

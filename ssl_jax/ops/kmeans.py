@@ -20,8 +20,8 @@ the same as running all ``num_iters`` steps, only cheaper on data that converges
 **Empty clusters** (deterministic rule): after an assignment in which clusters
 ``e_1 < e_2 < ... < e_m`` received no point, ``c_{e_r}`` is set to the point with the
 r-th lowest cosine to its own centroid (the r-th "farthest" point; ties -> lowest index; on
-sharded data the candidates of all shards are merged, so the rule is global). Distinct empty
-clusters get distinct points. Needs ``N >= num_clusters``.
+sharded data the candidates' scores of all shards are merged, so the rule is global, and only
+the winning rows move). Distinct empty clusters get distinct points. Needs ``N >= num_clusters``.
 
 **Initialisation**: ``init_centroids`` if given (normalised here), else
 ``init='random'``: ``num_clusters`` distinct points drawn uniformly (as faiss); or
@@ -103,17 +103,22 @@ def _assign_local(lay: _Layout, centroids, precision, with_sums: bool):
   return (a, best) + tuple(carry)
 
 
-def _farthest(x_local, best, m, allgather):
-  """The m points with the lowest cosine to their centroid (global; ties -> lowest index)."""
+def _farthest(x_local, best, m, allgather, allsum, shard):
+  """The m points with the lowest cosine to their centroid (global; ties -> lowest index).
+
+  Each shard proposes its ``m`` lowest; only their scores are all-gathered (shards x m floats),
+  and the ``m`` winning rows are summed from the shards that hold them ([m, d]): the candidate
+  rows of every shard never move.
+  """
   m_loc = min(m, x_local.shape[0])
   neg, idx = jax.lax.top_k(-best, m_loc)              # ascending best, lowest index first
-  cand = jnp.take(x_local, idx, axis=0)
-  neg, cand = allgather(neg), allgather(cand)           # shard order = index order
-  _, j = jax.lax.top_k(neg, m)
-  return jnp.take(cand, j, axis=0)
+  _, j = jax.lax.top_k(allgather(neg), m)              # shard order = index order
+  mine = (j // m_loc) == shard
+  rows = jnp.take(x_local, jnp.take(idx, j % m_loc), axis=0)
+  return allsum(jnp.where(mine[:, None], rows, jnp.zeros_like(rows)))
 
 
-def _lloyd_local(x_local, centroids, num_iters, precision, allsum, allgather):
+def _lloyd_local(x_local, centroids, num_iters, precision, allsum, allgather, shard=0):
   """Runs on one shard (or the whole array); returns (centroids, assignments, objective)."""
   c = centroids.shape[0]
   lay = _Layout(x_local, c)
@@ -128,7 +133,7 @@ def _lloyd_local(x_local, centroids, num_iters, precision, allsum, allgather):
     empty = counts == 0
 
     def reseed(new):
-      far = _farthest(x_local, best, c, allgather)          # [C, d], farthest first
+      far = _farthest(x_local, best, c, allgather, allsum, shard)   # [C, d], farthest first
       rank = jnp.cumsum(empty.astype(jnp.int32)) - 1      # r-th empty cluster <- r-th farthest
       return jnp.where(empty[:, None], jnp.take(far, jnp.clip(rank, 0, c - 1), axis=0), new)
 
@@ -211,15 +216,17 @@ def _kmeans(x, rng, init_centroids, num_iters, *, num_clusters, init, mesh, kmea
       axis = sharding.DATA
       allsum = lambda v: jax.lax.psum(v, axis)                   # noqa: E731
       allgather = lambda v: jax.lax.all_gather(v, axis, tiled=True)  # noqa: E731
-      offset = jax.lax.axis_index(axis) * x_local.shape[0]
+      shard = jax.lax.axis_index(axis)
+      offset = shard * x_local.shape[0]
     else:
       allsum = allgather = lambda v: v                            # noqa: E731
-      offset = 0
+      shard = offset = 0
     if init_c is None:
       picked = _normalize(_sample_rows(x_local, idx, offset, allsum))
       init_c = picked if init == 'random' else kmeans_plus_plus(picked, num_clusters, rng,
                                                                 precision=precision)
-    return _lloyd_local(x_local, _normalize(init_c), num_iters, precision, allsum, allgather)
+    return _lloyd_local(x_local, _normalize(init_c), num_iters, precision, allsum, allgather,
+                        shard)
 
   if not sharded:
     return per_shard(x, idx, init_centroids, rng, num_iters)

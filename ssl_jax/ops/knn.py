@@ -22,6 +22,17 @@ How the search is computed (exact, no approximation):
 Entries of a bank that were never written (``valid[j] = False``) get score ``-inf`` and are
 never returned; if fewer than ``k`` valid entries exist, the extra slots hold score ``-inf`` and
 index ``-1``.
+
+Approximate search (``recall_target`` < 1, ``config.knn.recall_target``): each block's top-k is
+``jax.lax.approx_max_k(S, k, recall_target)`` instead of the exact chunk-maximum top-k (the
+merges stay exact). On TPU it is the hardware's partial-reduce top-k (Chern et al. 2022,
+arXiv 2206.14286): each true neighbour is returned with probability ~``recall_target``. On CPU
+and GPU XLA lowers it to an exact top-k, so results equal the exact search there.
+``None`` or ``1.0``: exact (the default).
+
+In-batch searches: ``topk_excluding`` (the queries are the candidates, self excluded) and
+``topk_within_pools`` (the same within pools of consecutive rows, e.g. the images of one
+device: the search never leaves the device).
 """
 from __future__ import annotations
 
@@ -60,11 +71,15 @@ def _merge_topk(s_a, i_a, s_b, i_b, k):
   return s, jnp.take_along_axis(i, j, axis=1)
 
 
-def _block_topk(s, k, keep=None, bias=None):
+def _exact(recall_target) -> bool:
+  return recall_target is None or float(recall_target) >= 1.0
+
+
+def _block_topk(s, k, keep=None, bias=None, recall_target=None):
   """Exact ``top_k`` of the rows of ``s + bias`` [B, M]; entries with ``keep == False`` are -inf.
 
   ``keep`` (bool) and ``bias`` (f32) are [M] or None. Returns scores [B, k] and column indices
-  [B, k] int32 (k <= M).
+  [B, k] int32 (k <= M). ``recall_target`` < 1: ``jax.lax.approx_max_k`` instead.
   """
   b, m = s.shape
 
@@ -75,6 +90,9 @@ def _block_topk(s, k, keep=None, bias=None):
       vals = jnp.where(keep[None, :] if cols is None else jnp.take(keep, cols), vals, -jnp.inf)
     return vals
 
+  if not _exact(recall_target):
+    v, j = jax.lax.approx_max_k(adjust(s), k, recall_target=float(recall_target))
+    return v, j.astype(jnp.int32)
   c = _chunk_size(m, k)
   if c == 0 or m // c < k:
     v, j = jax.lax.top_k(adjust(s), k)
@@ -100,7 +118,8 @@ def _default_block_rows(b: int, k: int) -> int:
   return max(_MAX_CHUNK, (rows // _MAX_CHUNK) * _MAX_CHUNK)
 
 
-def _local_topk(q, bank, k, keep=None, bias=None, *, precision=None, block_rows=None):
+def _local_topk(q, bank, k, keep=None, bias=None, *, precision=None, block_rows=None,
+                recall_target=None):
   """Exact top-k of ``q @ bank^T + bias`` over one device's bank rows (``keep``: bool mask).
 
   Returns (scores [B, k] f32, indices [B, k] int32, local to ``bank``). If ``k > N`` the extra
@@ -111,7 +130,7 @@ def _local_topk(q, bank, k, keep=None, bias=None, *, precision=None, block_rows=
   kk = min(k, n)
   block_rows = max(block_rows or _default_block_rows(b, kk), 4 * kk)
   if n <= block_rows:
-    v, i = _block_topk(_scores(q, bank, precision), kk, keep, bias)
+    v, i = _block_topk(_scores(q, bank, precision), kk, keep, bias, recall_target)
   else:
     nb = -(-n // block_rows)
     ragged = n % block_rows != 0
@@ -127,7 +146,7 @@ def _local_topk(q, bank, k, keep=None, bias=None, *, precision=None, block_rows=
         fresh = start + col >= t * block_rows
         kp = fresh if kp is None else kp & fresh
       bs = None if bias is None else jax.lax.dynamic_slice_in_dim(bias, start, block_rows)
-      v, j = _block_topk(s, kk, kp, bs)
+      v, j = _block_topk(s, kk, kp, bs, recall_target)
       return v, j + start
 
     # Block 0 outside the loop gives the initial carry (with the right sharding/vma type).
@@ -140,14 +159,14 @@ def _local_topk(q, bank, k, keep=None, bias=None, *, precision=None, block_rows=
 
 
 def _search(q, bank, k, keep=None, bias=None, payload=None, *, mesh=None, precision=None,
-            block_rows=None):
+            block_rows=None, recall_target=None):
   """Shared implementation: (scores, global indices, ``payload[indices]`` or None).
 
   ``keep`` [N] bool, ``bias`` [N] f32 and ``payload`` [N, ...] are sharded like the bank.
   """
   n_dev = sharding.mesh_data_size(mesh)
   n = bank.shape[0]
-  kw = dict(precision=precision, block_rows=block_rows)
+  kw = dict(precision=precision, block_rows=block_rows, recall_target=recall_target)
   if n_dev == 1 or n % n_dev:
     v, i = _local_topk(q, bank, k, keep, bias, **kw)
     return v, i, (None if payload is None else jnp.take(payload, i, axis=0))
@@ -180,8 +199,8 @@ def _search(q, bank, k, keep=None, bias=None, payload=None, *, mesh=None, precis
 
 
 def topk_cosine(queries: jax.Array, bank: jax.Array, k: int, *, valid: jax.Array | None = None,
-                mesh=None, precision=None, block_rows: int | None = None
-                ) -> tuple[jax.Array, jax.Array]:
+                mesh=None, precision=None, block_rows: int | None = None,
+                recall_target: float | None = None) -> tuple[jax.Array, jax.Array]:
   """Exact top-k of cosine scores: ``S = Q B^T``, ``(scores, indices) = top_k(S_b, k)``.
 
   ``queries`` [B, d] and ``bank`` [N, d] are L2-normalised (this is a maximum inner product
@@ -194,7 +213,8 @@ def topk_cosine(queries: jax.Array, bank: jax.Array, k: int, *, valid: jax.Array
   with a ``'data'`` axis of size > 1, ``N`` divisible by it): shard-local top-k + global merge,
   the bank is never gathered; otherwise the single-device path. ``precision`` is passed to the
   matmul (``None``: backend default, exact f32 on CPU). ``block_rows``: rows per scan block
-  (default ``max(2M / B, 160 k)``).
+  (default ``max(2M / B, 160 k)``). ``recall_target`` in (0, 1): approximate per-block top-k
+  (``jax.lax.approx_max_k``; exact on CPU/GPU, see the module docstring); None or 1: exact.
   """
   if k < 1:
     raise ValueError(f'k={k} is invalid; accepted: an integer >= 1')
@@ -203,10 +223,92 @@ def topk_cosine(queries: jax.Array, bank: jax.Array, k: int, *, valid: jax.Array
   if valid is not None and tuple(valid.shape) != (bank.shape[0],):
     raise ValueError(f'valid has shape {valid.shape}; expected ({bank.shape[0]},)')
   keep = None if valid is None else jnp.asarray(valid, bool)
+  _check_recall(recall_target)
   v, i, _ = _search(queries, bank, k, keep, mesh=mesh, precision=precision,
-                    block_rows=block_rows)
+                    block_rows=block_rows, recall_target=recall_target)
   i = jnp.where(v == -jnp.inf, -1, i).astype(jnp.int32)
   return v, i
+
+
+def _check_recall(recall_target) -> None:
+  if recall_target is not None and not 0.0 < float(recall_target) <= 1.0:
+    raise ValueError(f'recall_target={recall_target!r} is invalid; accepted: a number in (0, 1] '
+                     'or None (1 and None: exact)')
+
+
+def topk_excluding(queries: jax.Array, candidates: jax.Array, k: int, *,
+                   exclude: jax.Array | None = None, valid: jax.Array | None = None,
+                   mesh=None, recall_target: float | None = None
+                   ) -> tuple[jax.Array, jax.Array]:
+  """``topk_cosine`` without candidate ``exclude[b]`` for query ``b`` (e.g. itself, when the
+  queries are the candidates)::
+
+      (scores, indices)_b = top-k_{j != exclude[b], valid[j]}  q_b . c_j
+
+  Computed as the top ``k + 1`` with the excluded entry (if present) removed, the others keeping
+  their order (ties -> lowest index). Returns (scores [B, k] f32, indices [B, k] int32; -inf /
+  -1 where fewer than k candidates exist).
+  """
+  if exclude is None:
+    return topk_cosine(queries, candidates, k, valid=valid, mesh=mesh,
+                       recall_target=recall_target)
+  scores, idx = topk_cosine(queries, candidates, k + 1, valid=valid, mesh=mesh,
+                            recall_target=recall_target)
+  is_ex = idx == jnp.asarray(exclude, jnp.int32)[:, None]
+  order = jnp.argsort(is_ex.astype(jnp.int32), axis=1, stable=True)[:, :k]
+  return (jnp.take_along_axis(scores, order, axis=1), jnp.take_along_axis(idx, order, axis=1))
+
+
+def topk_within_pools(feats: jax.Array, k: int, pool: int, *,
+                      recall_target: float | None = None) -> tuple[jax.Array, jax.Array]:
+  """Nearest rows of the same pool, self excluded: with pools of ``pool`` consecutive rows
+  (``P(b) = {p * pool .. (p + 1) * pool - 1}`` for ``p = b // pool``)::
+
+      (scores, indices)_b = top-k_{j in P(b), j != b}  f_b . f_j
+
+  ``feats`` [B, d] L2-normalised, ``pool`` divides B. Returns (scores [B, k] f32, global
+  indices [B, k] int32; ties -> lowest index; -inf / -1 in the slots beyond ``pool - 1``).
+  With one pool (``pool = B``) this is ``topk_excluding(f, f, k, exclude=arange(B))`` (the
+  sharded search); with several, one ``[pool, pool]`` score block per pool, so a pool that lies
+  on one device is searched on that device (nothing moves).
+  """
+  b, _ = feats.shape
+  if b % pool:
+    raise ValueError(f'pool={pool} does not divide the {b} rows')
+  _check_recall(recall_target)
+  if pool == b:
+    return topk_excluding(feats, feats, k, exclude=jnp.arange(b, dtype=jnp.int32),
+                          recall_target=recall_target)
+  n = sharding.mesh_data_size()
+  if n == 1 or (b // n) % pool:      # one device, or pools spanning devices (XLA moves rows)
+    return _pools_topk(feats, k, pool, recall_target, 0)
+
+  def per_shard(f):
+    return _pools_topk(f, k, pool, recall_target, jax.lax.axis_index(sharding.DATA) * (b // n))
+
+  spec = P(sharding.DATA)
+  return jax.shard_map(per_shard, mesh=_resolve_mesh(None), in_specs=spec,
+                       out_specs=(spec, spec), check_vma=False)(feats)
+
+
+def _pools_topk(feats, k, pool, recall_target, offset):
+  """``topk_within_pools`` of the rows ``feats`` (whole pools); indices + ``offset``."""
+  b = feats.shape[0]
+  g = b // pool
+  f = feats.reshape(g, pool, feats.shape[-1])
+  s = jnp.einsum('gid,gjd->gij', f, f, preferred_element_type=jnp.float32)
+  s = jnp.where(jnp.eye(pool, dtype=bool)[None], -jnp.inf, s)
+  kk = min(k, pool)
+  if _exact(recall_target):
+    v, j = jax.lax.top_k(s, kk)
+  else:
+    v, j = jax.lax.approx_max_k(s, kk, recall_target=float(recall_target))
+  idx = j.astype(jnp.int32) + (jnp.arange(g, dtype=jnp.int32) * pool)[:, None, None] + offset
+  v, idx = v.reshape(b, kk), idx.reshape(b, kk)
+  if kk < k:
+    v = jnp.concatenate([v, jnp.full((b, k - kk), -jnp.inf, v.dtype)], axis=1)
+    idx = jnp.concatenate([idx, jnp.zeros((b, k - kk), jnp.int32)], axis=1)
+  return v, jnp.where(v == -jnp.inf, -1, idx)
 
 
 def knn_vote(sims: jax.Array, labels: jax.Array, num_classes: int, *,
@@ -233,9 +335,9 @@ def knn_vote(sims: jax.Array, labels: jax.Array, num_classes: int, *,
 
 
 @functools.partial(jax.jit, static_argnames=('num_classes', 'k', 'temperature', 'metric',
-                                             'weighting', 'chunk_size', 'mesh'))
+                                             'weighting', 'chunk_size', 'mesh', 'recall_target'))
 def _knn_predict(query_feats, bank_feats, bank_labels, valid, *, num_classes, k, temperature,
-                 metric, weighting, chunk_size, mesh):
+                 metric, weighting, chunk_size, mesh, recall_target):
   qn = query_feats.shape[0]
   bank_feats = bank_feats.astype(jnp.float32)
   bias = None
@@ -248,7 +350,8 @@ def _knn_predict(query_feats, bank_feats, bank_labels, valid, *, num_classes, k,
 
   def one_chunk(qc):
     scale = 2.0 if metric == 'euclidean' else 1.0
-    v, _, lab = _search(qc * scale, bank_feats, k, valid, bias, bank_labels, mesh=mesh)
+    v, _, lab = _search(qc * scale, bank_feats, k, valid, bias, bank_labels, mesh=mesh,
+                        recall_target=recall_target)
     if metric == 'euclidean':
       d2 = jnp.sum(qc * qc, axis=1, keepdims=True) - v     # |q - b|^2
       v = jnp.where(v > -jnp.inf, -jnp.sqrt(jnp.maximum(d2, 0.0)), -jnp.inf)
@@ -262,7 +365,7 @@ def weighted_knn_predict(query_feats: jax.Array, bank_feats: jax.Array, bank_lab
                          num_classes: int, k: int = 200, temperature: float = 0.1,
                          metric: str = 'cosine', chunk_size: int = 256, *,
                          weighting: str = 'exp', valid: jax.Array | None = None,
-                         mesh=None) -> jax.Array:
+                         mesh=None, recall_target: float | None = None) -> jax.Array:
   """kNN classifier scores ``score[q, c] = sum_{j in NN_k(q)} w_qj [y_j = c]``.
 
   ``metric='cosine'``: features are L2-normalised by the caller, ``sim = q . b_j`` and
@@ -274,6 +377,8 @@ def weighted_knn_predict(query_feats: jax.Array, bank_feats: jax.Array, bank_lab
 
   Returns class scores [Q, num_classes] float32; the prediction is ``scores.argmax(-1)``
   (ties -> lowest class id). Rows with ``valid = False`` or label < 0 are ignored.
+  ``recall_target`` (``config.knn.recall_target``): < 1 searches with ``jax.lax.approx_max_k``
+  (TPU; exact on CPU/GPU), None or 1 exactly.
   """
   if metric not in ('cosine', 'euclidean'):
     raise ValueError(f"metric={metric!r} is invalid; accepted: 'cosine', 'euclidean'")
@@ -284,6 +389,8 @@ def weighted_knn_predict(query_feats: jax.Array, bank_feats: jax.Array, bank_lab
     raise ValueError(f'k={k} is invalid for a bank of {n} rows; accepted: 1..{n}')
   query_feats = jnp.asarray(query_feats)
   chunk_size = int(max(1, min(chunk_size, query_feats.shape[0])))
+  _check_recall(recall_target)
+  recall_target = None if _exact(recall_target) else float(recall_target)
   if mesh is None:
     mesh = jax.sharding.get_abstract_mesh()
     mesh = None if mesh.empty else mesh
@@ -291,7 +398,8 @@ def weighted_knn_predict(query_feats: jax.Array, bank_feats: jax.Array, bank_lab
                       jnp.asarray(bank_labels).astype(jnp.int32),
                       None if valid is None else jnp.asarray(valid, bool),
                       num_classes=int(num_classes), k=int(k), temperature=float(temperature),
-                      metric=metric, weighting=weighting, chunk_size=chunk_size, mesh=mesh)
+                      metric=metric, weighting=weighting, chunk_size=chunk_size, mesh=mesh,
+                      recall_target=recall_target)
 
 
 def knn_predictions(scores: jax.Array) -> jax.Array:
@@ -299,4 +407,5 @@ def knn_predictions(scores: jax.Array) -> jax.Array:
   return jnp.argmax(scores, axis=-1).astype(jnp.int32)
 
 
-__all__ = ['topk_cosine', 'knn_vote', 'weighted_knn_predict', 'knn_predictions']
+__all__ = ['topk_cosine', 'topk_excluding', 'topk_within_pools', 'knn_vote',
+           'weighted_knn_predict', 'knn_predictions']

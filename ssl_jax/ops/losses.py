@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from ssl_jax import sharding
 
 
 def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
@@ -52,6 +55,41 @@ def info_nce(q: jax.Array, k: jax.Array, negatives: jax.Array,
   pos = jnp.sum(q * k, axis=-1) / temperature
   neg = q @ negatives.T / temperature
   return info_nce_from_logits(pos, neg)
+
+
+def queue_logits(q: jax.Array, queue: jax.Array, temperature: float) -> jax.Array:
+  """``q Q^T / tau``: logits of queries ``q`` [B, d] against a queue ``Q`` [K, d], [B, K] float32.
+
+  On a mesh the queue is sharded along its rows and the logits stay sharded along K (each device
+  scores the queries against its own rows; only the queries move, B x d), so a following
+  ``logsumexp`` over K is a reduction of B numbers per device.
+  """
+  logits = jnp.einsum('bd,kd->bk', q, queue.astype(q.dtype),
+                      preferred_element_type=jnp.float32) / temperature
+  if sharding.mesh_data_size() > 1:
+    logits = jax.lax.with_sharding_constraint(logits, P(None, sharding.DATA))
+  return logits
+
+
+def mixed_info_nce(q: jax.Array, k_a: jax.Array, k_b: jax.Array, w: jax.Array,
+                   queue: jax.Array, temperature: float) -> jax.Array:
+  """InfoNCE of mixed queries against the keys of both parents (CLIM's and CsMl's mixing term).
+
+      NCE(q, k; Q) = logsumexp([q.k, q.Q^T] / tau) - q.k / tau
+      L = mean_i [ w_i NCE(q_i, k_a_i; Q) + (1 - w_i) NCE(q_i, k_b_i; Q) ]
+
+  ``q``, ``k_a``, ``k_b`` [B, d] and ``queue`` [K, d] unit; ``w`` [B] in [0, 1] (the share of
+  parent ``a``). Each parent's key is scored against the shared queue (``queue_logits``, sharded
+  along K).
+  """
+  neg = queue_logits(q, queue, temperature)                       # [B, K], sharded along K
+  lse_neg = jax.nn.logsumexp(neg, axis=-1)
+  pos_a = jnp.sum(q * k_a, axis=-1) / temperature
+  pos_b = jnp.sum(q * k_b, axis=-1) / temperature
+  nce_a = jnp.logaddexp(pos_a, lse_neg) - pos_a
+  nce_b = jnp.logaddexp(pos_b, lse_neg) - pos_b
+  w = w.astype(jnp.float32)
+  return jnp.mean(w * nce_a + (1.0 - w) * nce_b)
 
 
 def multi_positive_info_nce(q: jax.Array, candidates: jax.Array,
