@@ -122,7 +122,7 @@ def make_config(method: str, args, seed: int):
     for p in path:
       node = node[p]
     node[last] = _parse_value(value)
-  config_lib.validate(c, num_devices=1)
+  train.validate_config(c, num_devices=1)
   return c
 
 

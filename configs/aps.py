@@ -167,13 +167,13 @@ def get_config(arg: str | None = None):
     c.batch_size = 1024
     c.total_epochs = 300
     c.optimizer.update({'base_lr': 1.5e-4, 'weight_decay': 0.1, 'warmup_epochs': 40.0})
-    c.knn.update({'every_epochs': 20.0, 'train_examples': 100_000})
+    c.evals.knn.update({'every_epochs': 20.0, 'train_examples': 100_000})
   else:
     c.batch_size = 512
     c.total_epochs = 1600
     c.optimizer.update({'base_lr': _BASE_LR_CIFAR[c.model.backbone], 'weight_decay': 0.05,
                         'warmup_epochs': 20.0})
-    c.knn.update({'every_epochs': 50.0})
+    c.evals.knn.update({'every_epochs': 50.0})
   c = config_lib.finish_config(c, args)
   if args.runlocal:  # finish_config has set vit_test, 64-wide heads, batch 32, 20 steps
     c.model.patch_size = 4 if not imagenet_like else 16

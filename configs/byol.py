@@ -145,7 +145,7 @@ def get_config(arg: str | None = None):
                         'trust_coefficient': 0.02, 'trust_clip': True})
     c.ema.base = 0.99
     c.probe.lr = 0.1
-    c.knn.update({'every_epochs': 20.0, 'train_examples': 100_000})
+    c.evals.knn.update({'every_epochs': 20.0, 'train_examples': 100_000})
   else:                                       # deepmind-research byol/configs/byol.py, 300 ep
     c.batch_size = 4096
     c.total_epochs = 300
@@ -153,5 +153,5 @@ def get_config(arg: str | None = None):
                         'warmup_epochs': 10.0, 'end_lr_factor': 0.0,
                         'trust_coefficient': 0.001, 'trust_clip': False})
     c.ema.base = 0.99
-    c.knn.update({'every_epochs': 20.0, 'train_examples': 100_000})
+    c.evals.knn.update({'every_epochs': 20.0, 'train_examples': 100_000})
   return config_lib.finish_config(c, args)

@@ -153,7 +153,7 @@ def get_config(arg: str | None = None):
     else:                                     # facebookresearch/moco main_moco.py, MoCo v2 flags
       c.optimizer.end_lr_factor = 0.0
       c.ema.update({'schedule': 'constant', 'base': 0.999})
-    c.knn.update({'every_epochs': 20.0, 'train_examples': 100_000})
+    c.evals.knn.update({'every_epochs': 20.0, 'train_examples': 100_000})
   c = config_lib.finish_config(c, args)
   if args.quick:    # README quick start: learns visibly within 2 epochs on a CPU (see above)
     c.method.update({'queue_size': 4096, 'temperature': 0.1, 'symmetric': False})

@@ -106,9 +106,9 @@ def get_config(arg: str | None = None):
     c.data.blur = False                       # measured: blur at 32 px costs kNN (docstring)
   elif args.dataset == 'imagenet100':
     c.method.bank_size = 101_376
-    c.knn.update({'every_epochs': 20.0, 'train_examples': 100_000})
+    c.evals.knn.update({'every_epochs': 20.0, 'train_examples': 100_000})
   else:
-    c.knn.update({'every_epochs': 20.0, 'train_examples': 100_000})
+    c.evals.knn.update({'every_epochs': 20.0, 'train_examples': 100_000})
   c = config_lib.finish_config(c, args)
   if args.runlocal:
     c.method.bank_size = 1024

@@ -16,18 +16,21 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 # Fields that may change between a run and its resume without changing its results.
 RESUMABLE_CHANGES = ('log_every_steps', 'checkpoint.every_steps', 'checkpoint.keep',
-                     'checkpoint.async_save', 'knn.every_epochs', 'knn.every_steps',
-                     'knn.at_start', 'knn.at_end', 'knn.batch_size', 'knn.train_examples',
-                     'knn.eval_examples', 'score_hist_every_steps', 'data.data_dir',
+                     'checkpoint.async_save', 'evals.knn.every_epochs',
+                     'evals.knn.every_steps', 'evals.knn.at_start', 'evals.knn.at_end',
+                     'evals.knn.batch_size', 'evals.knn.train_examples',
+                     'evals.knn.eval_examples', 'score_hist_every_steps', 'data.data_dir',
                      'data.folder_root')
 
 
@@ -186,3 +189,130 @@ def _check_finite_step(state: Any, step: int) -> None:
   got = int(jax.device_get(state.step))
   if got != step:
     raise ValueError(f'state.step={got} does not match the checkpoint directory step {step}')
+
+
+# =============================================================================================
+# Reading a finished training run (offline evals, export): no TrainState, no method code
+# =============================================================================================
+WEIGHTS = ('online', 'target')
+
+
+class PretrainedNotFound(FileNotFoundError):
+  """WORKDIR holds no usable training run; the message says what is missing."""
+
+
+def _log(msg: str) -> None:
+  logging.warning(msg)
+  if jax.process_index() == 0:
+    print(msg, flush=True)
+
+
+def checkpoint_steps(workdir: str) -> list[int]:
+  """Completed checkpoint steps in ``WORKDIR/checkpoints``, ascending (temporary dirs skipped)."""
+  root = os.path.join(workdir, 'checkpoints')
+  if not os.path.isdir(root):
+    return []
+  steps = []
+  for name in os.listdir(root):
+    if re.fullmatch(r'\d+', name) and os.path.isdir(os.path.join(root, name, 'state')):
+      steps.append(int(name))
+  return sorted(steps)
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    raise PretrainedNotFound(
+        f'{path} does not exist: --config.pretrained={workdir!r} is not a training workdir. '
+        'Accepted: the --workdir of a `python -m ssl_jax.main --mode=train` run (it holds '
+        'config.json and checkpoints/<step>/).')
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def restore_state(workdir: str, *, step: int | None = None,
+                  items: tuple[str, ...] = ('step', 'params', 'batch_stats')
+                  ) -> tuple[dict[str, Any], int]:
+  """The raw ``state`` pytree (nested dicts of numpy arrays) of checkpoint ``step``.
+
+  ``step=None``: the newest checkpoint that restores (a damaged one is skipped with a warning).
+
+  Restores only the top-level entries in ``items`` (e.g. 'params', 'batch_stats',
+  'target_params', 'probe_params'); an empty tuple restores everything.
+  """
+  steps = checkpoint_steps(workdir)
+  if not steps:
+    raise PretrainedNotFound(
+        f'No checkpoint in {os.path.join(workdir, "checkpoints")} (expected '
+        'checkpoints/<step>/state from a training run). Train first, or point '
+        '--config.pretrained at a workdir that has one.')
+  if step is not None:
+    if step not in steps:
+      raise PretrainedNotFound(f'checkpoint step {step} is not in {workdir}/checkpoints; '
+                               f'accepted: {steps}')
+    return _restore_step(workdir, step, items), int(step)
+  # Newest first; a damaged checkpoint is skipped with a warning (as the trainer's resume does).
+  for i, s in enumerate(reversed(steps)):
+    try:
+      return _restore_step(workdir, s, items), int(s)
+    except PretrainedNotFound:
+      raise
+    except Exception as e:  # noqa: BLE001 — any failure means this checkpoint is unusable
+      if i == len(steps) - 1:
+        raise
+      _log(f'WARNING: checkpoint {workdir}/checkpoints/{s} could not be restored '
+          f'({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ""}); '
+          'trying the previous one.')
+  raise AssertionError('unreachable')
+
+
+class _ItemMetadataFilter(logging.Filter):
+  """Orbax warns ``Metadata file does not exist: .../<step>/state/_CHECKPOINT_METADATA`` on every
+  item-level restore: that file lives one level up, in the step directory, by design. Only that
+  expected line is dropped; every other Orbax warning is kept."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    msg = record.getMessage()
+    return not (msg.startswith('Metadata file does not exist')
+                and msg.endswith(os.path.join('state', '_CHECKPOINT_METADATA')))
+
+
+logging.getLogger('absl').addFilter(_ItemMetadataFilter())
+
+
+def _restore_step(workdir: str, step: int, items: tuple[str, ...]) -> dict[str, Any]:
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  path = os.path.join(os.path.abspath(workdir), 'checkpoints', str(step), 'state')
+  ckptr = ocp.PyTreeCheckpointer()
+  tree = ckptr.metadata(path)
+  tree = getattr(tree, 'item_metadata', tree)
+  tree = getattr(tree, 'tree', tree)
+  missing = [k for k in items if k not in tree]
+  if missing:
+    raise PretrainedNotFound(f'checkpoint {path} has no {missing}; it holds {sorted(tree)}.')
+  wanted = {k: tree[k] for k in items} if items else dict(tree)
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
+  try:
+    return ckptr.restore(path, args=ocp.args.PyTreeRestore(
+        item=wanted, restore_args=restore_args, partial_restore=bool(items)))
+  except Exception:  # noqa: BLE001 — older Orbax layouts: restore everything, then select
+    full_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), dict(tree))
+    state = ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=full_args))
+    return {k: state[k] for k in (items or state)}
+
+
+def load_pretrained(workdir: str, *, weights: str = 'online', step: int | None = None
+                    ) -> tuple[ml_collections.ConfigDict, Any, Any, int]:
+  """``(config, params, batch_stats, step)`` of the newest checkpoint of a training run.
+
+  ``params``/``batch_stats`` are the whole network's (``'backbone'``, ``'projector'``, ...), as
+  numpy. ``weights='online'`` (default: the online network, which BYOL/MoCo evaluate) or
+  ``'target'`` (the EMA target; BatchNorm statistics are the online network's).
+  Raises ``PretrainedNotFound`` when WORKDIR has no config.json or no checkpoint.
+  """
+  if weights not in WEIGHTS:
+    raise ValueError(f'weights={weights!r} is invalid; accepted: {", ".join(WEIGHTS)}')
+  config = read_config(workdir)
+  key = 'params' if weights == 'online' else 'target_params'
+  state, step = restore_state(workdir, step=step, items=('step', key, 'batch_stats'))
+  return config, state[key], state.get('batch_stats', {}), step

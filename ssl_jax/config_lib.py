@@ -94,6 +94,7 @@ def base_config(args: Args, *, method: str) -> ml_collections.ConfigDict:
       'stem': 'imagenet' if imagenet_like else 'cifar',
       'width': 1.0,          # channel multiplier of the backbone
       'dtype': 'float32',    # compute dtype; params, BN statistics and losses stay float32
+      'bn_group_size': -1,   # BN statistics over groups of N devices on a pod; -1: all devices
       'projector': ml_collections.ConfigDict(
           {'hidden_dim': 4096, 'out_dim': 256, 'num_layers': 2, 'use_bn': True}),
       'predictor': ml_collections.ConfigDict(
@@ -116,10 +117,13 @@ def base_config(args: Args, *, method: str) -> ml_collections.ConfigDict:
   # MoCo v2+: base 0.99, final 0.999); constant: tau = base.
   c.ema = ml_collections.ConfigDict({'schedule': 'cosine', 'base': 0.996, 'final': 1.0})
   c.probe = ml_collections.ConfigDict({'lr': 0.1, 'momentum': 0.9})
-  c.knn = ml_collections.ConfigDict({
-      'every_epochs': 10.0, 'every_steps': -1, 'k': 200, 'temperature': 0.1,
-      'train_examples': -1, 'eval_examples': -1, 'at_start': False, 'at_end': True,
-      'batch_size': 512})
+  # Evaluators (ssl_jax/evals/evaluators.py): each entry names its type and when it runs.
+  c.evals = ml_collections.ConfigDict({'knn': ml_collections.ConfigDict({
+      'type': 'knn', 'every_epochs': 10.0, 'every_steps': -1, 'at_start': False, 'at_end': True,
+      'k': 200, 'temperature': 0.1, 'train_examples': -1, 'eval_examples': -1,
+      'batch_size': 512})})
+  # Top-k searches of the methods' banks: < 1 searches approximately (TPU, approx_max_k).
+  c.knn = ml_collections.ConfigDict({'recall_target': 1.0})
   c.log_every_steps = 50
   c.checkpoint = ml_collections.ConfigDict({'every_steps': 1000, 'keep': 3, 'async_save': True})
   c.num_devices = -1                      # -1: every device of every host
@@ -139,8 +143,8 @@ def finish_config(c: ml_collections.ConfigDict, args: Args) -> ml_collections.Co
     c.batch_size = 128
     c.total_epochs = 2
     c.optimizer.warmup_epochs = 0.1
-    c.knn.update({'every_epochs': -1.0, 'at_start': True, 'train_examples': 10000,
-                  'eval_examples': 2000})
+    c.evals.knn.update({'every_epochs': -1.0, 'at_start': True, 'train_examples': 10000,
+                        'eval_examples': 2000})
     c.log_every_steps = 20
     c.checkpoint.every_steps = 100
     c.data.shuffle_buffer = 10_000
@@ -154,8 +158,8 @@ def finish_config(c: ml_collections.ConfigDict, args: Args) -> ml_collections.Co
     c.total_steps = 20
     c.optimizer.warmup_epochs = 0.0
     c.optimizer.warmup_steps = 2
-    c.knn.update({'every_epochs': -1.0, 'train_examples': 1024, 'eval_examples': 512,
-                  'at_start': True, 'k': 20})
+    c.evals.knn.update({'every_epochs': -1.0, 'train_examples': 1024, 'eval_examples': 512,
+                        'at_start': True, 'k': 20})
     c.log_every_steps = 5
     c.checkpoint.every_steps = 10
     c.data.shuffle_buffer = 1000
@@ -193,7 +197,8 @@ def _finite_number(x: Any) -> bool:
 def validate(c: ml_collections.ConfigDict, *, num_devices: int | None = None,
              process_count: int = 1) -> None:
   """Check every field the trainer reads; raise ``ConfigError`` naming key, value, accepted."""
-  from ssl_jax import methods  # registry
+  from ssl_jax import methods  # the registry's names only (each method validates its own
+  # fields in ``train.validate_config``: config_lib never imports a method module)
   from ssl_jax import data
 
   names = methods.names()
@@ -205,6 +210,14 @@ def validate(c: ml_collections.ConfigDict, *, num_devices: int | None = None,
   require(_finite_number(c.model.width) and c.model.width > 0, 'model.width', c.model.width,
            'a positive number')
   require(c.model.dtype in DTYPES, 'model.dtype', c.model.dtype, ', '.join(DTYPES))
+  bn_group = c.model.get('bn_group_size', -1)
+  require(isinstance(bn_group, int) and (bn_group == -1 or (bn_group >= 1 and (
+      num_devices is None or bn_group >= num_devices or num_devices % bn_group == 0))),
+      'model.bn_group_size', bn_group, '-1 (all devices) or a device count >= 1 dividing the '
+      f'number of devices ({num_devices})')
+  recall = c.knn.get('recall_target', 1.0)
+  require(_finite_number(recall) and 0 < recall <= 1, 'knn.recall_target', recall,
+          'a number in (0, 1]; 1 = exact top-k')
   require(c.optimizer.name in OPTIMIZERS, 'optimizer.name', c.optimizer.name, ', '.join(OPTIMIZERS))
   for key in ('base_lr', 'weight_decay', 'momentum', 'end_lr_factor', 'warmup_epochs'):
     v = c.optimizer[key]
@@ -235,4 +248,3 @@ def validate(c: ml_collections.ConfigDict, *, num_devices: int | None = None,
   if c.batch_size % process_count:
     raise ConfigError(f'config.batch_size={c.batch_size} does not divide across {process_count} '
                       f'hosts; accepted: a multiple of {process_count}')
-  methods.get(c.method.name).validate_config(c)

@@ -549,3 +549,57 @@ def load_resnet(path: str | os.PathLike) -> tuple[dict, dict, dict | None]:
     with np.load(path) as data:
       sd = collections.OrderedDict((k, data[k]) for k in data.files)
   return from_torchvision_state_dict(sd)
+
+
+# =============================================================================================
+# --mode=export
+# =============================================================================================
+def run(config, workdir: str) -> dict[str, str]:
+  """``--mode=export``: write ``backbone.pth`` / ``backbone.npz`` (torchvision ResNet keys) and
+  ``export.json`` (how to load it) to ``workdir``."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from ssl_jax import checkpoint as ckpt_lib, config_lib, loop  # pylint: disable=import-outside-toplevel
+  from ssl_jax.evals import pretrained as pre_lib  # pylint: disable=import-outside-toplevel
+  pre_lib.validate_common(config)
+  formats = tuple(config.export.formats)
+  for fmt in formats:
+    config_lib.require(fmt in FORMATS, 'export.formats', formats, ', '.join(FORMATS))
+  pre, params, batch_stats, step = ckpt_lib.load_pretrained(
+      config.pretrained, weights=config.weights,
+      step=loop.optional(config.checkpoint_step))
+  if not str(pre.model.backbone).startswith('resnet'):
+    raise config_lib.ConfigError(
+        f'--mode=export writes torchvision ResNet state dicts; the pretrained backbone is '
+        f'{pre.model.backbone!r}. Accepted: a resnet* backbone.')
+  fc = None
+  if config.export.include_probe:
+    probe, _ = ckpt_lib.restore_state(config.pretrained, step=step, items=('probe_params',))
+    fc = probe['probe_params']['params']
+  out = {}
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    for fmt in formats:
+      path = export_resnet(params['backbone'], batch_stats.get('backbone', {}),
+                                  os.path.join(workdir, f'backbone.{fmt}'), fmt=fmt, fc=fc)
+      out[fmt] = str(path)
+      pre_lib.log(f'Exported {pre.model.backbone} ({pre.model.stem} stem) from '
+          f'{config.pretrained}/checkpoints/{step} to {path}.')
+  sd_base = int(np.asarray(to_torchvision_state_dict(
+      params['backbone'], batch_stats.get('backbone', {}))['conv1.weight']).shape[0])
+  how = {
+      'drop_in': "from ssl_jax.export import torchvision_model; model = torchvision_model("
+                 f"{out.get('pth') or out.get('npz') or 'backbone.pth'!r})  # raw uint8 "
+                 "[N,3,H,W] in, features out",
+      'by_hand': load_snippet(pre.model.backbone, pre.model.stem, sd_base).split('\n'),
+      'preprocessing': {'scale': '1/255', 'mean': list(MEAN_RGB),
+                        'std': list(STDDEV_RGB), 'layout': 'RGB'},
+  }
+  if sd_base != 64:
+    how['by_hand'] = [f'base width {sd_base} != 64: use torchvision_model (it rebuilds '
+                      'torchvision.models.ResNet at this width)']
+  pre_lib.write_json(workdir, 'export.json', {'pretrained': config.pretrained, 'step': step,
+                                      'backbone': pre.model.backbone, 'stem': pre.model.stem,
+                                      'base_width': sd_base, 'files': out, 'load': how})
+  if jax.process_index() == 0:
+    pre_lib.log('Load it in PyTorch: ' + how['drop_in'] + ' (export.json has the by-hand recipe).')
+  return out

@@ -63,7 +63,7 @@ EVAL_MODES = {
     'finetune': 'ssl_jax.evals.finetune',
     'knn': 'ssl_jax.evals.knn_eval',
     'embed': 'ssl_jax.evals.embedding',
-    'export': 'ssl_jax.evals.pretrained',
+    'export': 'ssl_jax.export',
 }
 _MODE = flags.DEFINE_enum('mode', 'train', ['train', *EVAL_MODES], 'What to run.')
 _ALLOW_CHANGE = flags.DEFINE_bool('allow_config_change', False,

@@ -10,12 +10,14 @@ see :func:`lars`. SGD (MoCo/MSF) applies weight decay to every parameter, like
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+
+from ssl_jax import loop
 
 
 def peak_lr(config: ml_collections.ConfigDict) -> float:
@@ -23,9 +25,10 @@ def peak_lr(config: ml_collections.ConfigDict) -> float:
 
 
 def warmup_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+  """``optimizer.warmup_steps`` when >= 0 (0: no warm-up), else ``warmup_epochs`` in steps."""
   if config.optimizer.warmup_steps >= 0:
     return int(config.optimizer.warmup_steps)
-  return int(round(config.optimizer.warmup_epochs * steps_per_epoch))
+  return loop.steps(config.optimizer, 'warmup', steps_per_epoch, default=0)
 
 
 def lr_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int,
@@ -142,3 +145,62 @@ def ema_schedule(config: ml_collections.ConfigDict, total_steps: int):
 def probe_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """The online linear probe: SGD with momentum, constant lr, no weight decay."""
   return optax.sgd(config.probe.lr, momentum=config.probe.momentum, nesterov=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The evaluators' optimizers (linear probe, fine-tuning): schedules in epochs of the eval data
+# ---------------------------------------------------------------------------------------------
+EVAL_SCHEDULES = ('cosine', 'step', 'constant')
+
+
+def epoch_schedule(base_lr: float, batch_size: int, steps_per_epoch: int, epochs: float, *,
+                schedule: str = 'cosine', step_epochs: Sequence[float] = (),
+                step_factor: float = 0.1, warmup_epochs: float = 0.0) -> optax.Schedule:
+  """``lr = base_lr * B / 256``; cosine to 0 over the run, steps of ``step_factor`` at
+  ``step_epochs``, or constant; optional linear warm-up."""
+  if schedule not in EVAL_SCHEDULES:
+    raise ValueError(f'schedule={schedule!r} is invalid; accepted: {", ".join(EVAL_SCHEDULES)}')
+  peak = base_lr * batch_size / 256.0
+  total = max(int(round(epochs * steps_per_epoch)), 1)
+  warm = min(int(round(warmup_epochs * steps_per_epoch)), total - 1)
+  if schedule == 'cosine':
+    main = optax.cosine_decay_schedule(peak, max(total - warm, 1))
+  elif schedule == 'step':
+    main = optax.piecewise_constant_schedule(
+        peak, {max(int(round(e * steps_per_epoch)) - warm, 1): step_factor
+               for e in step_epochs})
+  else:
+    main = optax.constant_schedule(peak)
+  if warm <= 0:
+    return main
+  return optax.join_schedules([optax.linear_schedule(0.0, peak, warm), main], [warm])
+
+
+def probe_sgd(schedule: optax.Schedule, *, momentum: float = 0.9, nesterov: bool = False,
+        weight_decay: float = 0.0) -> optax.GradientTransformation:
+  """SGD + momentum; weight decay on weight matrices only (not biases), as a probe should."""
+  parts = []
+  if weight_decay > 0:
+    parts.append(optax.add_decayed_weights(weight_decay,
+                                           mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p)))
+  parts.append(optax.sgd(schedule, momentum=momentum or None, nesterov=nesterov))
+  return optax.chain(*parts)
+
+
+def finetune_optimizer(o: ml_collections.ConfigDict, lr_fn) -> optax.GradientTransformation:
+  """Fine-tuning: SGD (:func:`probe_sgd`) or AdamW, both with weight decay on weight matrices
+  only; the ``head`` subtree's lr is ``o.head_lr_mult`` times the backbone's."""
+  def base(schedule):
+    if o.name == 'sgd':
+      return probe_sgd(schedule, momentum=o.momentum, nesterov=o.nesterov,
+                       weight_decay=o.weight_decay)
+    return optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay,
+                       mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p))
+
+  def labels(params):
+    return {k: jax.tree.map(lambda _: 'head' if k == 'head' else 'backbone', v)
+            for k, v in params.items()}
+
+  mult = float(o.head_lr_mult)
+  return optax.multi_transform({'backbone': base(lr_fn),
+                                'head': base(lambda s: mult * lr_fn(s))}, labels)

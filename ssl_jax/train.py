@@ -7,7 +7,6 @@ its loss (``ssl_jax/methods``); this file does the rest. Read it top to bottom:
 from __future__ import annotations
 
 import logging
-import math
 import os
 import signal
 import time
@@ -19,18 +18,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from clu import metric_writers
 from jax.experimental import multihost_utils
 
 from ssl_jax import checkpoint as ckpt_lib
-from ssl_jax import config_lib, data, methods, optim, sharding
-from ssl_jax.evals import collapse, knn_monitor, score_plots
+from ssl_jax import config_lib, data, loop, methods, optim, sharding, writers
+from ssl_jax.evals import collapse, evaluators, score_plots
 from ssl_jax.ops import losses
 from ssl_jax.state import TrainState, state_shardings
 
 
-class NonFiniteError(FloatingPointError):
-  """Loss or gradients became NaN/Inf; the message names the step and the metric."""
+NonFiniteError = loop.NonFiniteError   # raised by the loop; re-exported for callers
 
 
 def _log(msg: str) -> None:
@@ -42,9 +39,8 @@ def _log(msg: str) -> None:
 
 
 def total_steps_of(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
-  if config.total_steps > 0:
-    return int(config.total_steps)
-  return int(math.ceil(config.total_epochs * steps_per_epoch))
+  """The run's length in steps (``loop.total_steps``)."""
+  return loop.total_steps(config, steps_per_epoch)
 
 
 # =============================================================================================
@@ -61,7 +57,10 @@ def make_train_step(method, tx, probe, probe_tx, lr_fn, tau_fn):
       return method.loss(params, state.target_params, state.method_state, state.batch_stats,
                          batch, rng, state.step)
 
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    # One all-reduce of the gradients per step, however many times the network is applied
+    # (per-device parameter copies on a multi-device mesh; plain value_and_grad on one device).
+    (loss, aux), grads = sharding.value_and_grad_reduced_once(loss_fn, state.params,
+                                                              has_aux=True)
     grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -156,7 +155,7 @@ def build(config: ml_collections.ConfigDict, mesh, method, *, steps_per_epoch: i
 
   with jax.set_mesh(mesh):
     abstract = jax.eval_shape(init_state, jax.random.key(0))
-    shardings = state_shardings(abstract, mesh)
+    shardings = state_shardings(abstract, mesh, method.state_specs())
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             abstract, shardings)
   train_step = jax.jit(make_train_step(method, tx, probe, probe_tx, lr_fn, tau_fn),
@@ -199,222 +198,251 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   wall-clock limit; the next run resumes there with the same batches and random numbers).
   """
   with _PreemptionNotice() as notice:
-    return _train_and_evaluate(config, workdir, notice, allow_config_change=allow_config_change,
-                               stop_at_step=stop_at_step)
+    # 1. config & mesh (the dataset is found, or the run stops, before the workdir is written)
+    mesh = sharding.make_mesh(loop.optional(config.num_devices))
+    validate_config(config, num_devices=mesh.shape[sharding.DATA],
+                    process_count=jax.process_count())
+    steps_per_epoch = data.steps_per_epoch(config.data, config.batch_size)
+    data.check_same_classes(config.data, config.data.train_split, config.data.eval_split)
+    ckpt_lib.check_workdir_config(workdir, config, allow_config_change=allow_config_change)
+    total_steps = loop.total_steps(config, steps_per_epoch)
+    # 2.-4. input, model & state, the update step
+    method = methods.get(config.method.name)(config, steps_per_epoch)
+    parts = build(config, mesh, method, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+    with jax.set_mesh(mesh):
+      # 5. checkpoint/resume
+      ckpt = ckpt_lib.Checkpointer(workdir, keep=config.checkpoint.keep,
+                                   async_save=config.checkpoint.async_save)
+      try:
+        state = _restore_or_init(ckpt, parts, config)
+        run = _Run(config, workdir, mesh, parts, ckpt, steps_per_epoch, total_steps,
+                   start_step=int(jax.device_get(state.step)))
+        # 6. evals before training, 7. the loop, 6. evals after it
+        return run.train(state, notice, stop_at_step)
+      finally:
+        ckpt.close()
 
 
-def _train_and_evaluate(config, workdir, notice: _PreemptionNotice, *, allow_config_change,
-                        stop_at_step) -> dict[str, Any]:
-  # ------------------------------------------------------------------------- 1. config & mesh
-  num_devices = None if config.num_devices in (-1, None) else int(config.num_devices)
-  mesh = sharding.make_mesh(num_devices)
-  n_dev = mesh.shape[sharding.DATA]
-  config_lib.validate(config, num_devices=n_dev, process_count=jax.process_count())
-  # The dataset is found (or the run stops) before anything is written to the workdir.
-  steps_per_epoch = data.steps_per_epoch(config.data, config.batch_size)
-  data.check_same_classes(config.data, config.data.train_split, config.data.eval_split)
-  ckpt_lib.check_workdir_config(workdir, config, allow_config_change=allow_config_change)
-  method = methods.get(config.method.name)(config, steps_per_epoch)
+def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | None = None,
+                    process_count: int = 1) -> None:
+  """Every field the trainer reads (``config_lib.validate``), the method's own fields and the
+  listed evaluators; ``ConfigError`` names the key, the value and what is accepted."""
+  config_lib.validate(config, num_devices=num_devices, process_count=process_count)
+  methods.get(config.method.name).validate_config(config)
+  evaluators.validate(config)
 
-  # ------------------------------------------------------------------------- 2.-4. input, model, step
-  total_steps = total_steps_of(config, steps_per_epoch)
-  parts = build(config, mesh, method, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
-  rng = jax.random.key(config.seed)
-  with jax.set_mesh(mesh):
-    abstract, shardings = parts.abstract, parts.shardings
-    # ----------------------------------------------------------------------- 5. checkpoint/resume
-    ckpt = ckpt_lib.Checkpointer(workdir, keep=config.checkpoint.keep,
-                                 async_save=config.checkpoint.async_save)
-    restored = ckpt.restore_latest(abstract)
-    if restored is not None:
-      state, meta = restored
-      _log(f'Resumed from {ckpt.directory}/{meta["step"]} (epoch {meta["epoch"]:.2f}).')
-    else:
-      state = parts.init(rng)
-    start_step = int(jax.device_get(state.step))
 
+def _restore_or_init(ckpt, parts: Parts, config) -> TrainState:
+  restored = ckpt.restore_latest(parts.abstract)
+  if restored is None:
+    return parts.init(jax.random.key(config.seed))
+  state, meta = restored
+  _log(f'Resumed from {ckpt.directory}/{meta["step"]} (epoch {meta["epoch"]:.2f}).')
+  return state
+
+
+class _Run:
+  """One training run after set-up: the evals, the logging, the checkpoints and the loop."""
+
+  def __init__(self, config, workdir, mesh, parts: Parts, ckpt, steps_per_epoch: int,
+               total_steps: int, *, start_step: int):
+    self.config, self.workdir, self.mesh, self.parts, self.ckpt = (config, workdir, mesh, parts,
+                                                                    ckpt)
+    self.steps_per_epoch, self.total_steps, self.start_step = (steps_per_epoch, total_steps,
+                                                               start_step)
+    self.n_dev = mesh.shape[sharding.DATA]
+    self.writer = writers.create(workdir, just_logging=jax.process_index() > 0)
+    self.feature_fn = jax.jit(make_feature_fn(parts.method, parts.probe))
+    self.evaluators = evaluators.from_config(config, mesh=mesh, steps_per_epoch=steps_per_epoch)
+    self.collapse_monitor = collapse.CollapseMonitor()
+    self.score_plots = _ScorePlots(config, workdir, self.writer, steps_per_epoch, total_steps)
+    self.results: dict[str, Any] = {'start_step': start_step, 'loss_history': []}
+    self.last_saved = start_step if start_step > 0 else None   # a resumed step is on disk
+
+  # --------------------------------------------------------------------------------- 6. evals
+  def evaluate(self, step: int, state, which) -> dict[str, float]:
+    variables = {'params': state.params, 'batch_stats': state.batch_stats,
+                 'probe': state.probe_params}
+    out: dict[str, float] = {}
+    for ev in which:
+      t0 = time.time()
+      res = dict(ev.run(self.feature_fn, variables))
+      self.writer.write_scalars(step, res)
+      _log(f'[eval {ev.name} @ step {step}] '
+           + ' | '.join(f'{k} {100 * v:.2f}%' for k, v in res.items())
+           + f' ({time.time() - t0:.0f}s)')
+      out.update(res)
+    return out
+
+  def save(self, step: int, state, *, force: bool = False) -> None:
+    """Save ``step`` unless this run already saved (or resumed from) it."""
+    if step == self.last_saved:
+      return
+    self.ckpt.save(step, state, {'step': step, 'epoch': step / self.steps_per_epoch,
+                                 'config_method': self.config.method.name}, force=force)
+    self.last_saved = step
+
+  # ------------------------------------------------------------------------------ 7. the loop
+  def train(self, state, notice, stop_at_step: int | None) -> dict[str, Any]:
+    config, results = self.config, self.results
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     _log(f'{config.method.name} | {config.model.backbone} ({n_params / 1e6:.2f}M params) | '
-         f'{config.data.name} | global batch {config.batch_size} on {n_dev} device(s), '
-         f'{jax.process_count()} host(s) | {total_steps} steps ({steps_per_epoch}/epoch)')
-
-    train_step = parts.train_step
-    feature_fn = jax.jit(make_feature_fn(method, parts.probe))
-
-    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-
-    # --------------------------------------------------------------------- 6. evals
-    def run_evals(step: int) -> dict[str, float]:
-      variables = {'params': state.params, 'batch_stats': state.batch_stats,
-                   'probe': state.probe_params}
-      t0 = time.time()
-      res = knn_monitor.evaluate(feature_fn, variables, config.data, mesh=mesh,
-                                 knn_cfg=config.knn, num_classes=config.data.num_classes)
-      writer.write_scalars(step, res)
-      _log(f'[eval @ step {step}] ' + ' | '.join(f'{k} {100 * v:.2f}%' for k, v in res.items())
-           + f' (k={config.knn.k}, T={config.knn.temperature}, {time.time() - t0:.0f}s)')
-      return res
-
-    saved = {'step': start_step if restored is not None else -1}
-
-    def save(step: int, *, force: bool = False) -> None:
-      if saved['step'] == step:
-        return
-      meta = {'step': step, 'epoch': step / steps_per_epoch,
-              'config_method': config.method.name}
-      ckpt.save(step, state, meta, force=force)
-      saved['step'] = step
-
-    if config.knn.every_steps > 0:
-      knn_every = int(config.knn.every_steps)
-    elif config.knn.every_epochs > 0:
-      knn_every = max(1, int(round(config.knn.every_epochs * steps_per_epoch)))
-    else:
-      knn_every = 0
-
-    results: dict[str, Any] = {'start_step': start_step, 'loss_history': []}
+         f'{config.data.name} | global batch {config.batch_size} on {self.n_dev} device(s), '
+         f'{jax.process_count()} host(s) | {self.total_steps} steps ({self.steps_per_epoch}/epoch)')
     skipped = data.num_skipped(config.data, config.data.train_split)
     if skipped:  # named one by one in the warnings above; counted in the run's own record
       _log(f'WARNING: {skipped} undecodable training image(s) skipped (data/skipped_files).')
-    writer.write_scalars(start_step, {'data/skipped_files': skipped})
-    if config.knn.at_start and start_step == 0:
-      results['untrained'] = run_evals(0)
-
-    # --------------------------------------------------------------------- 7. the loop
-    batches: Iterator = data.make_train_iterator(
-        config.data, global_batch_size=config.batch_size, seed=config.seed,
-        start_step=start_step, process_index=jax.process_index(),
-        process_count=jax.process_count())
-    per_device = config.batch_size / n_dev
-    collapse_monitor = collapse.CollapseMonitor()
-    history: list[tuple[int, dict[str, Any]]] = []
-    pending: tuple[int, dict[str, Any]] | None = None
-    t_last, step_last = time.time(), start_step
-    window_start = start_step   # a window that starts off a log boundary (a resume) is partial
+    self.writer.write_scalars(self.start_step, {'data/skipped_files': skipped})
+    if self.start_step == 0 and any(ev.at_start for ev in self.evaluators):
+      results['untrained'] = self.evaluate(0, state, [e for e in self.evaluators if e.at_start])
+    if notice.received:  # the notice came during start-up (compile, initial evals)
+      _log(f'Preemption notice (SIGTERM) before the first step of this run (step '
+           f'{self.start_step}): nothing new to save; exiting. Rerun the same command to '
+           'continue.')
+      return dict(results, preempted_at=self.start_step, state=state)
     t_start = time.time()
-    step = start_step
-    uses_target = method.uses_ema_target   # False: no EMA update, no tau (APS by default)
-    plotted_epoch = -1
-    try:
-      if notice.received:  # the notice came during start-up (compile, initial evals)
-        _log(f'Preemption notice (SIGTERM) before the first step of this run (step {step}): '
-             'nothing new to save; exiting. Rerun the same command to continue.')
-        results['preempted_at'] = step
-        results['state'] = state
-        return results
-      while step < total_steps:
-        local = next(batches)
-        batch = sharding.global_batch(mesh, local)
-        first = step == start_step
-        if first:
-          _log('compiling the train step...')
-          t_compile = time.time()
-        state, metrics, scores = train_step(state, batch)
-        if first:
-          jax.block_until_ready(metrics['loss'])
-          _log(f'first step compiled in {time.time() - t_compile:.0f} s')
-          t_last, step_last = time.time(), step + 1  # speed excludes compilation
-        step += 1
-        # Check the previous step's finiteness while this one runs (no pipeline stall).
-        if pending is not None:
-          _check_finite(*pending, ckpt)
-        pending = (step, metrics)
-        history.append((step, metrics))
+    out = loop.run(
+        state, self.parts.train_step, self._batches(), start_step=self.start_step,
+        total_steps=self.total_steps, log_every=config.log_every_steps, on_log=self.on_log,
+        actions=self._actions(), log=_log, stop=lambda step: _stop_reason(
+            notice, step, stop_at_step, self.ckpt),
+        on_nonfinite=self._kept_checkpoint,
+        nonfinite_hint='Lower --config.optimizer.base_lr, set '
+                       '--config.optimizer.grad_clip_norm, or check the input.')
+    if out.stopped:
+      _log(f'Stopping at step {out.step} ({out.stopped}): saving a checkpoint and exiting.')
+      self.save(out.step, out.state, force=True)
+      self.ckpt.wait()
+      self.ckpt.require_saved(out.step)
+      return dict(results, preempted_at=out.step, state=out.state)
+    self.ckpt.wait()
+    self.ckpt.require_saved(out.step)   # never exit 0 with the last save missing
+    return self._finish(out.state, out.step, time.time() - t_start)
 
-        if step % config.log_every_steps == 0 or step == total_steps:
-          _check_finite(*pending, ckpt)
-          host = [(s, jax.device_get(m)) for s, m in history]
-          history.clear()
-          results['loss_history'].extend((s, float(m['loss'])) for s, m in host)
-          avg = {k: float(np.mean([m[k] for _, m in host])) for k in host[-1][1]
-                 if not k.startswith('finite/')}
-          now = time.time()
-          sps = (step - step_last) / max(now - t_last, 1e-9)
-          t_last, step_last = now, step
-          avg.update({'steps_per_sec': sps, 'images_per_sec_per_device': sps * per_device,
-                      'epoch': step / steps_per_epoch})
-          warning = collapse_monitor.update(step, avg)
-          if warning:
-            _log(warning)
-          # After a resume from step s off the log grid, the first window holds only steps
-          # s+1..step: it is not written, so no TensorBoard step carries two different values
-          # (the uninterrupted run's full window may already be there).
-          partial = window_start % config.log_every_steps != 0
-          window_start = step
-          if not partial:
-            writer.write_scalars(step, avg)
-          eta = (total_steps - step) / max(sps, 1e-9)
-          tau = f'tau {avg["tau"]:.4f} | ' if uses_target else ''
-          _log(f'step {step}/{total_steps} ({100 * step / total_steps:.0f}%) | '
-               f'loss {avg["loss"]:.4f} | probe top-1 {100 * avg["online_probe/train_top1"]:.1f}% | '
-               f'lr {avg["lr"]:.4g} | {tau}'
-               f'{sps:.2f} steps/s, {sps * per_device:.0f} img/s/device | '
-               f'ETA {_hms(eta)}'
-               + (' | partial window after resume: not logged to TensorBoard' if partial else ''))
-          results['last_metrics'] = avg
-        hist_now = (config.score_hist_every_steps > 0
-                    and step % config.score_hist_every_steps == 0)
-        # One PNG per epoch, and one at the end of a run that ends mid-epoch.
-        plot_now = step % steps_per_epoch == 0 or (step == total_steps
-                                                   and plotted_epoch < step // steps_per_epoch)
-        if hist_now or plot_now:  # the FT paper's pos/neg score distributions
-          host_scores = {k: np.asarray(v).ravel() for k, v in
-                         multihost_utils.process_allgather(scores, tiled=True).items()}
-          plot_now = plot_now and jax.process_index() == 0
-          if hist_now:
-            writer.write_histograms(step, {f'scores/{k}': v for k, v in host_scores.items()})
-          if plot_now and {'pos', 'neg'} <= set(host_scores):
-            plotted_epoch = epoch = step // steps_per_epoch
-            name = (f'epoch_{epoch:04d}.png' if step % steps_per_epoch == 0
-                    else f'step_{step:07d}.png')
-            score_plots.write_score_plot(
-                os.path.join(workdir, 'score_plots', name),
-                host_scores['pos'], host_scores['neg'],
-                f'{config.method.name}: pos/neg cosine scores, epoch {step / steps_per_epoch:.2f}'
-                f' (step {step})')
-        if step % config.checkpoint.every_steps == 0 or step == total_steps:
-          _check_finite(*pending, ckpt)
-          save(step)
-        if knn_every and step % knn_every == 0 and step != total_steps:
-          run_evals(step)
-        if (notice.received or step == stop_at_step
-            or ckpt.manager.reached_preemption(step)):
-          _check_finite(*pending, ckpt)
-          _log(f'Stopping at step {step} ('
-               f'{"preemption notice (SIGTERM)" if notice.received else "stop requested"}): '
-               'saving a checkpoint and exiting.')
-          save(step, force=True)
-          ckpt.wait()
-          ckpt.require_saved(step)
-          results['preempted_at'] = step
-          results['state'] = state
-          return results
-      ckpt.wait()
-      ckpt.require_saved(step)   # never exit 0 with the last save missing
-      if config.knn.at_end:
-        results['final'] = run_evals(step)
-      writer.flush()
-      results['final_step'] = step
-      results['collapse_warnings'] = list(collapse_monitor.warned_steps)
-      if collapse_monitor.collapsing:
-        _log(f'WARNING: the run ended collapsed (first flagged at step '
-             f'{collapse_monitor.warned_steps[-1]}): {collapse.describe(results["last_metrics"])}.')
-      results['train_time_s'] = time.time() - t_start
-      results['state'] = state
-      if 'final' in results:
-        _log(_final_line(config, step, results))
-      _log(_summary_block(config, workdir))
-      return results
-    finally:
-      ckpt.close()
+  def _batches(self) -> Iterator:
+    """Global batches on the mesh; the synthetic source's one batch is placed once and stays
+    on device (no input cost)."""
+    config = self.config
+    local = data.make_train_iterator(
+        config.data, global_batch_size=config.batch_size, seed=config.seed,
+        start_step=self.start_step, process_index=jax.process_index(),
+        process_count=jax.process_count())
+    if data.synthetic.is_synthetic(config.data):
+      batch = sharding.global_batch(self.mesh, next(local))
+      while True:
+        yield batch
+    for b in local:
+      yield sharding.global_batch(self.mesh, b)
+
+  def _actions(self) -> list[loop.Action]:
+    ckpt_every = int(self.config.checkpoint.every_steps)
+    acts = [loop.Action('score plots', 1, self.score_plots, last=True),
+            loop.Action('checkpoint', ckpt_every, lambda step, state, _: self.save(step, state))]
+    for ev in self.evaluators:   # the final evals run after the loop (at_end)
+      acts.append(loop.Action(ev.name, ev.every, lambda step, state, _, ev=ev: self.evaluate(
+          step, state, [ev]), last=False, skip_last=True))
+    return acts
+
+  def on_log(self, step: int, avg: dict[str, float], host: list, partial: bool) -> None:
+    """One log window: record, TensorBoard (full windows only), collapse check, one line."""
+    self.results['loss_history'].extend((s, float(m['loss'])) for s, m in host)
+    sps, per_device = avg['steps_per_sec'], self.config.batch_size / self.n_dev
+    avg.update({'images_per_sec_per_device': sps * per_device,
+                'epoch': step / self.steps_per_epoch})
+    warning = self.collapse_monitor.update(step, avg)
+    if warning:
+      _log(warning)
+    # After a resume from step s off the log grid, the first window holds only steps
+    # s+1..step: it is not written, so no TensorBoard step carries two different values
+    # (the uninterrupted run's full window may already be there).
+    if not partial:
+      self.writer.write_scalars(step, avg)
+    # The first window after compilation may hold no timed step: no speed, no ETA yet.
+    eta = _hms((self.total_steps - step) / sps) if sps > 0 else '--'
+    tau = f'tau {avg["tau"]:.4f} | ' if 'tau' in avg else ''
+    _log(f'step {step}/{self.total_steps} ({100 * step / self.total_steps:.0f}%) | '
+         f'loss {avg["loss"]:.4f} | probe top-1 {100 * avg["online_probe/train_top1"]:.1f}% | '
+         f'lr {avg["lr"]:.4g} | {tau}{sps:.2f} steps/s, {sps * per_device:.0f} img/s/device | '
+         f'ETA {eta}'
+         + (' | partial window after resume: not logged to TensorBoard' if partial else ''))
+    self.results['last_metrics'] = avg
+
+  def _kept_checkpoint(self) -> str:
+    return kept_checkpoint_text(self.ckpt)
+
+  def _finish(self, state, step: int, train_time_s: float) -> dict[str, Any]:
+    results = self.results
+    final = [ev for ev in self.evaluators if ev.at_end]
+    if final:
+      results['final'] = self.evaluate(step, state, final)
+    self.writer.flush()
+    results.update(final_step=step, collapse_warnings=list(self.collapse_monitor.warned_steps),
+                   train_time_s=train_time_s, state=state)
+    if self.collapse_monitor.collapsing:
+      _log(f'WARNING: the run ended collapsed (first flagged at step '
+           f'{self.collapse_monitor.warned_steps[-1]}): '
+           f'{collapse.describe(results["last_metrics"])}.')
+    if 'final' in results:
+      _log(_final_line(self.config, step, results))
+    _log(_summary_block(self.config, self.workdir))
+    return results
+
+
+def kept_checkpoint_text(ckpt) -> str:
+  """For the NaN error: the last good checkpoint (after the pending save finishes), or none."""
+  ckpt.wait()  # finish the last good save; nothing after it is written
+  good = ckpt.steps()
+  return (f'The last good checkpoint ({ckpt.directory}/{good[-1]}) is kept.' if good else
+          'No checkpoint was written before it (a rerun starts fresh).')
+
+
+def _stop_reason(notice, step: int, stop_at_step: int | None, ckpt) -> str | None:
+  if notice.received:
+    return 'preemption notice (SIGTERM)'
+  if step == stop_at_step or ckpt.manager.reached_preemption(step):
+    return 'stop requested'
+  return None
+
+
+class _ScorePlots:
+  """The FT paper's pos/neg score distributions: TensorBoard histograms every
+  ``score_hist_every_steps``, and one PNG per epoch (and one at the end of a run that ends
+  mid-epoch) in ``WORKDIR/score_plots/``. Methods without scores return none."""
+
+  def __init__(self, config, workdir, writer, steps_per_epoch: int, total_steps: int):
+    self.config, self.workdir, self.writer = config, workdir, writer
+    self.spe, self.total = steps_per_epoch, total_steps
+    self.plotted_epoch = -1
+
+  def __call__(self, step: int, state, scores) -> None:
+    del state
+    every = self.config.score_hist_every_steps
+    hist_now = every > 0 and step % every == 0
+    plot_now = step % self.spe == 0 or (step == self.total
+                                         and self.plotted_epoch < step // self.spe)
+    if not (hist_now or plot_now):
+      return
+    host = {k: np.asarray(v).ravel() for k, v in
+            multihost_utils.process_allgather(scores, tiled=True).items()}
+    if hist_now:
+      self.writer.write_histograms(step, {f'scores/{k}': v for k, v in host.items()})
+    if plot_now and jax.process_index() == 0 and {'pos', 'neg'} <= set(host):
+      self.plotted_epoch = epoch = step // self.spe
+      name = f'epoch_{epoch:04d}.png' if step % self.spe == 0 else f'step_{step:07d}.png'
+      score_plots.write_score_plot(
+          os.path.join(self.workdir, 'score_plots', name), host['pos'], host['neg'],
+          f'{self.config.method.name}: pos/neg cosine scores, epoch {step / self.spe:.2f}'
+          f' (step {step})')
 
 
 def _final_line(config, step: int, results: dict[str, Any]) -> str:
   """``Final kNN top-1 ...: X% (untrained: Y%) | online-probe top-1: A% (untrained: B%)``."""
   final, untrained = results['final'], results.get('untrained', {})
+  knn_cfg = next((c for c in config.evals.values() if c.type == 'knn'), None)
+  knn_label = ('kNN top-1' if knn_cfg is None else
+               f'kNN top-1 (weighted k={knn_cfg.k}, T={knn_cfg.temperature}, frozen backbone)')
   parts = []
-  for key, label in (('monitor/knn_top1', f'kNN top-1 (weighted k={config.knn.k}, '
-                                           f'T={config.knn.temperature}, frozen backbone)'),
+  for key, label in (('monitor/knn_top1', knn_label),
                      ('online_probe/test_top1', 'online-probe top-1')):
     if key in final:
       part = f'{label}: {100 * final[key]:.2f}%'
@@ -446,19 +474,6 @@ def _summary_block(config, workdir: str) -> str:
 def _main_thread() -> bool:
   import threading
   return threading.current_thread() is threading.main_thread()
-
-
-def _check_finite(step: int, metrics: dict[str, Any], ckpt) -> None:
-  flags = jax.device_get({k: metrics[k] for k in ('finite/loss', 'finite/grad_norm')})
-  for name in ('loss', 'grad_norm'):
-    if not bool(flags[f'finite/{name}']):
-      ckpt.wait()  # finish the last good save; nothing after it is written
-      good = ckpt.steps()
-      kept = (f'The last good checkpoint ({ckpt.directory}/{good[-1]}) is kept.' if good else
-              'No checkpoint was written before it (a rerun starts fresh).')
-      raise NonFiniteError(
-          f'{name} is NaN or Inf at step {step}; stopping. {kept} Lower '
-          '--config.optimizer.base_lr, set --config.optimizer.grad_clip_norm, or check the input.')
 
 
 def _hms(seconds: float) -> str:

@@ -83,7 +83,7 @@ def make_config(name: str):
     c.method.update({'symmetric': False, 'temperature': 0.2, 'queue_size': 24})
     c.ema.update({'schedule': 'constant', 'base': 0.999})
     assert not c.model.projector.use_bn
-  config_lib.validate(c, num_devices=1)
+  train.validate_config(c, num_devices=1)
   return c
 
 

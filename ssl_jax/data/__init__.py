@@ -50,7 +50,7 @@ _LAZY = {
     'MEAN_RGB': 'pipeline', 'STDDEV_RGB': 'pipeline', 'local_batch_size': 'pipeline',
     'normalize': 'pipeline',
     'DataConfigError': 'sources', 'DatasetNotFound': 'sources', 'balanced_subset': 'sources',
-    'clear_cache': 'sources',
+    'clear_cache': 'sources', 'build_source': 'sources',
 }
 
 
@@ -173,7 +173,7 @@ def default_data_config(dataset: str) -> ml_collections.ConfigDict:
 
 
 __all__ = [
-    'DataConfigError', 'DatasetNotFound', 'balanced_subset', 'check_same_classes', 'num_skipped', 'MEAN_RGB', 'PRESETS', 'RECIPES', 'STDDEV_RGB', 'ViewSpec', 'clear_cache',
+    'DataConfigError', 'DatasetNotFound', 'balanced_subset', 'build_source', 'check_same_classes', 'num_skipped', 'MEAN_RGB', 'PRESETS', 'RECIPES', 'STDDEV_RGB', 'ViewSpec', 'clear_cache',
     'default_data_config', 'get_recipe', 'local_batch_size', 'make_eval_iterator',
     'make_train_iterator', 'normalize', 'num_examples', 'resolve_views', 'steps_per_epoch',
 ]

@@ -27,10 +27,9 @@ Mapping a view pixel back to the source (APS): output pixel ``(r, c)`` of a ``S 
 box ``(y0, x0, h, w)`` and flip ``f`` shows source point ``y = y0 + (r + 0.5) / S * h``,
 ``x = x0 + (c' + 0.5) / S * w`` with ``c' = S - 1 - c`` if ``f`` else ``c`` (normalised coords).
 
-Randomness: every draw is stateless. Crop boxes and flips are drawn from a seed of the batch
-(array sources) or of the example's stream position (decoded-per-example sources); colour from a
-seed of (seed, process, step) with one row of parameters per example, i.e. a function of the
-example's position ``step * local_batch + i``.
+Randomness: every draw is stateless and depends on (seed, global position) only, never on the
+process count: per-example crops are seeded by the example's global position, batched draws by
+(seed, step, group of rows of the global batch); see ``ssl_jax/data/pipeline.py``.
 """
 from __future__ import annotations
 

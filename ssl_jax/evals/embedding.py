@@ -23,8 +23,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ssl_jax import sharding
+from ssl_jax import loop, sharding
 from ssl_jax import writers
+from ssl_jax.evals import features
 from ssl_jax.evals import pretrained as pre_lib
 from ssl_jax.evals import score_plots
 
@@ -164,7 +165,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, **unused) -> dict[str, 
   with jax.set_mesh(mesh):
     variables = net.variables(mesh)
     fn = jax.jit(net.feature_fn(config.features, l2=True))
-    test = pre_lib.extract(fn, variables, data_cfg, split=data_cfg.eval_split, mesh=mesh,
+    test = features.extract(fn, variables, data_cfg, split=data_cfg.eval_split, mesh=mesh,
                            batch_size=config.eval_batch_size, max_examples=e.num_examples)
     pos = neg = None
     if e.score_examples > 0:
@@ -174,7 +175,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, **unused) -> dict[str, 
   if jax.process_index() == 0:
     coords, used = embed_2d(test['features'], method=e.method, seed=config.seed,
                             perplexity=e.perplexity,
-                            num_threads=None if e.num_threads <= 0 else int(e.num_threads))
+                            num_threads=loop.optional(e.num_threads))
     title = (f'{pre.method.name} {pre.model.backbone} step {pre_step}: {used.upper()} of '
              f'{len(coords)} {data_cfg.name}/{data_cfg.eval_split} {config.features} features')
     from ssl_jax.data import sources  # pylint: disable=import-outside-toplevel

@@ -1,16 +1,18 @@
-"""Weighted-kNN monitor and online-probe test accuracy, on frozen features of the current network.
+"""Frozen features of a split, for every evaluator (the kNN evaluator during training and in
+``--mode=knn``, the cached linear probe, fine-tuning's evaluation, embeddings).
 
-Features of a train-split subset (the bank) and of the test split are extracted with the online
-backbone in eval mode (running BatchNorm statistics, no augmentation), L2-normalised, and each
-test image is classified by a weighted vote of its k nearest bank entries (cosine similarity,
-weights ``exp(s / T)``, k = 200, T = 0.1 by default — the InstDisc/lightly monitor). The online
-linear probe (trained inside the train step on stop-gradient features) is scored on the same
-test features. Both numbers are labelled as measured *during* training
-(``monitor/knn_top1``, ``online_probe/test_top1``), never as offline evaluations.
+:func:`extract` runs a jitted ``feature_fn(variables, images) -> dict`` over a split (eval
+transform: shorter side resized, centre crop; batches sharded along ``'data'``) and returns host
+arrays with the labels. Subsets (``max_examples`` > 0) are drawn over the whole split before the
+per-host slicing (``ssl_jax.data.sources.build_source``: seeded class-balanced draws for
+in-memory arrays and image folders, a seeded window of TFDS's hash-shuffled stored order for
+streamed splits), so an evaluator scores the same images for every process count.
+:func:`check_bank_classes` reports a kNN bank that misses a class of the test set with a
+:class:`MonitorSubsetWarning`.
 """
 from __future__ import annotations
 
-import itertools
+import warnings
 from typing import Any, Callable
 
 import jax
@@ -21,16 +23,31 @@ from ssl_jax import data as data_lib
 from ssl_jax import sharding
 
 
+class MonitorSubsetWarning(UserWarning):
+  """The kNN bank holds no example of some class of the test set (its score is then capped)."""
+
+
+def check_bank_classes(bank_labels: np.ndarray, test_labels: np.ndarray, split: str) -> None:
+  """:class:`MonitorSubsetWarning` naming the test classes (labels >= 0) absent from the bank."""
+  missing = sorted(set(np.unique(test_labels).tolist()) - set(np.unique(bank_labels).tolist())
+                   - {-1})
+  if missing:
+    warnings.warn(f'kNN evaluator: the bank ({len(bank_labels)} examples of {split!r}) holds no '
+                  f'example of test class(es) {missing[:20]}{" ..." if len(missing) > 20 else ""}'
+                  '; raise train_examples.', MonitorSubsetWarning, stacklevel=2)
+
 
 def extract(feature_fn: Callable, variables: Any, data_cfg, *, split: str, mesh,
-            batch_size: int, max_examples: int = -1) -> dict[str, np.ndarray]:
-  """Run ``feature_fn(variables, images) -> dict`` over a split; return host arrays (mask applied)."""
+            batch_size: int, max_examples: int = -1, subset_seed: int = 0
+            ) -> dict[str, np.ndarray]:
+  """Run ``feature_fn(variables, images) -> dict`` over a split, or over its subset of
+  ``max_examples`` drawn from ``subset_seed`` (see the module docstring); return host arrays
+  (padding removed). The examples are the same for every process count; their order is that
+  of the global eval batches (each batch: process 0's rows, then process 1's, ...)."""
   it = data_lib.make_eval_iterator(data_cfg, split=split, global_batch_size=batch_size,
                                    process_index=jax.process_index(),
                                    process_count=jax.process_count(),
-                                   max_examples=max_examples)
-  if max_examples > 0:
-    it = itertools.islice(it, -(-max_examples // batch_size))
+                                   max_examples=max_examples, subset_seed=subset_seed)
   chunks: dict[str, list[np.ndarray]] = {}
   for local in it:
     mask_local = local.pop('mask')
@@ -42,27 +59,4 @@ def extract(feature_fn: Callable, variables: Any, data_cfg, *, split: str, mesh,
         sharding.global_batch(mesh, {'m': mask_local})['m'], tiled=True)).astype(bool)
     for k, v in out.items():
       chunks.setdefault(k, []).append(np.asarray(v)[mask])
-  result = {k: np.concatenate(v) for k, v in chunks.items()}
-  if max_examples > 0:
-    result = {k: v[:max_examples] for k, v in result.items()}
-  return result
-
-
-def evaluate(feature_fn: Callable, variables: Any, data_cfg, *, mesh, knn_cfg,
-             num_classes: int) -> dict[str, float]:
-  """kNN top-1 and online-probe top-1 on the test split."""
-  bank = extract(feature_fn, variables, data_cfg, split=data_cfg.train_split, mesh=mesh,
-                 batch_size=knn_cfg.batch_size, max_examples=knn_cfg.train_examples)
-  test = extract(feature_fn, variables, data_cfg, split=data_cfg.eval_split, mesh=mesh,
-                 batch_size=knn_cfg.batch_size, max_examples=knn_cfg.eval_examples)
-  from ssl_jax.ops import knn  # noqa: PLC0415
-  pred = knn.weighted_knn_predict(test['features'], bank['features'], bank['label'],
-                                  num_classes, k=min(knn_cfg.k, len(bank['label'])),
-                                  temperature=knn_cfg.temperature)
-  pred = np.asarray(pred)
-  if pred.ndim == 2:
-    pred = pred.argmax(-1)
-  out = {'monitor/knn_top1': float(np.mean(pred == test['label']))}
-  if 'probe_logits' in test:
-    out['online_probe/test_top1'] = float(np.mean(test['probe_logits'].argmax(-1) == test['label']))
-  return out
+  return {k: np.concatenate(v) for k, v in chunks.items()}

@@ -59,12 +59,12 @@ import numpy as np
 import optax
 
 from ssl_jax import checkpoint as ckpt_lib
-from ssl_jax import config_lib
-from ssl_jax import sharding
-from ssl_jax import writers
-from ssl_jax.evals import linear as linear_lib
+from ssl_jax import config_lib, loop, optim, sharding, writers
+from ssl_jax.data import labelled
+from ssl_jax.evals import features, metrics
 from ssl_jax.evals import pretrained as pre_lib
 from ssl_jax.models import normalize as normalize_lib
+from ssl_jax.ops import losses
 
 OPTIMIZERS = ('sgd', 'adamw')
 TAG = 'finetune'
@@ -149,15 +149,17 @@ def select_subset(config: ml_collections.ConfigDict, data_cfg) -> tuple[np.ndarr
   split = data_cfg.train_split
   if config.subset_file:
     ids = read_subset_file(config.subset_file)
-    idx = match_ids(linear_lib.example_ids(data_cfg, split), ids)
+    idx = match_ids(labelled.example_ids(data_cfg, split), ids)
     return idx, f'{len(idx)} examples listed in {config.subset_file}'
   fraction = parse_fraction(config.label_fraction)
-  labels = linear_lib.split_labels(data_cfg, split)
-  if config.train_examples > 0:
-    labels = labels[:config.train_examples]
+  labels = labelled.split_labels(data_cfg, split)
+  pool = np.arange(len(labels), dtype=np.int64)
+  if config.train_examples > 0:  # a seeded class-balanced pool (quick runs), never the first N
+    from ssl_jax.data import sources  # pylint: disable=import-outside-toplevel
+    pool = sources.balanced_subset(labels, int(config.train_examples), int(config.subset_seed))
   if fraction >= 1.0:
-    return np.arange(len(labels), dtype=np.int64), f'all {len(labels)} labelled examples'
-  idx = class_balanced_subset(labels, fraction, config.subset_seed)
+    return pool, f'all {len(pool)} labelled examples'
+  idx = pool[class_balanced_subset(labels[pool], fraction, config.subset_seed)]
   if data_cfg.name.startswith('imagenet') and config.label_fraction in ('1%', '10%'):
     pre_lib.log('Note: using a seeded class-balanced subset; the standard ImageNet 1%/10% '
                 'subsets are SimCLR\'s id files (set config.subset_file).')
@@ -237,29 +239,6 @@ def format_summary(summary: dict[str, Any]) -> str:
   return text
 
 
-def make_optimizer(config: ml_collections.ConfigDict, lr_fn) -> optax.GradientTransformation:
-  o = config.optimizer
-  mult = float(o.head_lr_mult)
-
-  def base(schedule):
-    if o.name == 'sgd':
-      parts = []
-      if o.weight_decay > 0:
-        parts.append(optax.add_decayed_weights(
-            o.weight_decay, mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p)))
-      parts.append(optax.sgd(schedule, momentum=o.momentum, nesterov=o.nesterov))
-      return optax.chain(*parts)
-    return optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay,
-                       mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p))
-
-  def labels(params):
-    return {k: jax.tree.map(lambda _: 'head' if k == 'head' else 'backbone', v)
-            for k, v in params.items()}
-
-  return optax.multi_transform({'backbone': base(lr_fn),
-                                'head': base(lambda s: mult * lr_fn(s))}, labels)
-
-
 def validate(c: ml_collections.ConfigDict) -> None:
   pre_lib.validate_common(c)
   req = pre_lib.require
@@ -274,7 +253,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     req(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0, f'optimizer.{key}', v,
         'a finite number >= 0')
   req(c.optimizer.base_lr > 0, 'optimizer.base_lr', c.optimizer.base_lr, 'a number > 0')
-  req(c.augment in linear_lib.AUGMENTS, 'augment', c.augment, ', '.join(linear_lib.AUGMENTS))
+  req(c.augment in labelled.AUGMENTS, 'augment', c.augment, ', '.join(labelled.AUGMENTS))
   dp, ed = c.get('drop_path', 0.0), c.get('ema_decay', 0.0)
   req(isinstance(dp, (int, float)) and not isinstance(dp, bool) and 0 <= dp < 1, 'drop_path',
       dp, 'a number in [0, 1) (0 = off; ViT backbones only)')
@@ -291,177 +270,59 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
         allow_config_change: bool = False) -> dict[str, Any]:
   """Fine-tune on the labelled subset; returns ``{'top1', 'top5', 'top1_best', 'num_labelled',
   ...}`` (``top1`` / ``top5``: the last evaluation; see the module docstring)."""
-  from ssl_jax.models import ssl_model  # pylint: disable=import-outside-toplevel
   validate(config)
   mesh = pre_lib.eval_mesh(config, ('batch_size', 'eval_batch_size'))
   ckpt_lib.check_workdir_config(workdir, config, allow_config_change=allow_config_change)
   pre, params, batch_stats, pre_step = pre_lib.load_pretrained(
-      config.pretrained, weights=config.weights,
-      step=None if config.checkpoint_step in (-1, None) else int(config.checkpoint_step))
+      config.pretrained, weights=config.weights, step=loop.optional(config.checkpoint_step))
   data_cfg = pre_lib.eval_data_config(config, pre)
-  num_classes = int(data_cfg.num_classes)
   subset, desc = select_subset(config, data_cfg)
   pre_lib.log(f'Fine-tuning {pre.method.name} / {pre.model.backbone} from '
               f'{config.pretrained}/checkpoints/{pre_step} on {data_cfg.name}: {desc}.')
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     np.save(os.path.join(workdir, 'subset_indices.npy'), subset)
-
-  size = int(data_cfg.image_size)
-  drop_path = float(config.get('drop_path', 0.0))
-  ema_decay = float(config.get('ema_decay', 0.0))
-  use_ema = ema_decay > 0
-  is_vit = str(pre.model.backbone).startswith('vit')
-  if drop_path > 0 and not is_vit:
-    raise config_lib.ConfigError(
-        f'config.drop_path={drop_path} needs a ViT backbone (stochastic depth in the transformer '
-        f'blocks); the pretrained backbone is {pre.model.backbone!r}. Accepted: drop_path=0.')
-  recipe_backbone = config.get('recipe_backbone', '')
-  if recipe_backbone and recipe_backbone != pre.model.backbone:
-    pre_lib.log(f'WARNING: this fine-tune recipe was set up for {recipe_backbone} (its lr), but '
-                f'the pretrained backbone is {pre.model.backbone}; pass the matching ViT token.')
-  overrides = {'drop_path_rate': drop_path} if drop_path > 0 else {}
-  model = FinetuneNet(ssl_model.build_backbone(pre.model, size, **overrides), num_classes,
-                      head_init_std=float(config.head_init_std))
-  dropout_key = jax.random.fold_in(jax.random.key(config.seed), DROPOUT_STREAM)
   bs = config.batch_size
   spe = len(subset) // bs
   if spe < 1:
     raise config_lib.ConfigError(f'config.batch_size={bs} exceeds the {len(subset)} labelled '
                                  f'examples ({desc}); accepted: a batch <= {len(subset)}.')
   total_steps = spe * config.epochs
-  o = config.optimizer
-  lr_fn = linear_lib.lr_schedule(o.base_lr, bs, spe, config.epochs, schedule='cosine',
-                                 warmup_epochs=o.warmup_epochs)
-  tx = make_optimizer(config, lr_fn)
-
-  def init_state(rng) -> FTState:
-    sample = jnp.zeros((2, size, size, 3), jnp.uint8)
-    v = model.init(rng, sample, train=False)
-    p = dict(v['params'])
-    p['backbone'] = jax.tree.map(jnp.asarray, params['backbone'])
-    bstats = {}
-    if 'batch_stats' in v:
-      bstats = dict(v['batch_stats'])
-      bstats['backbone'] = jax.tree.map(jnp.asarray, batch_stats['backbone'])
-    copy = lambda t: jax.tree.map(jnp.copy, t)  # noqa: E731 — own buffers (the step donates)
-    return FTState(step=jnp.zeros((), jnp.int32), params=p, batch_stats=bstats,
-                   opt_state=tx.init(p), ema_params=copy(p) if use_ema else {},
-                   ema_batch_stats=copy(bstats) if use_ema else {})
-
+  net = _Net(config, pre, data_cfg, spe, params, batch_stats)
   writer = writers.create(workdir, just_logging=jax.process_index() > 0)
-  rep = sharding.replicated(mesh)
   t0 = time.time()
   with jax.set_mesh(mesh):
-    abstract = jax.eval_shape(init_state, jax.random.key(config.seed))
-    shardings = jax.tree.map(lambda _: rep, abstract)
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep),
-                            abstract)
     ckpt = ckpt_lib.Checkpointer(workdir, keep=2, async_save=False)
     try:
-      restored = ckpt.restore_latest(abstract)
-      history: list[dict[str, Any]] = []
-      if restored is not None:
-        state, meta = restored
-        pre_lib.log(f'Resumed fine-tuning from {ckpt.directory}/{meta["step"]}.')
-        history = [dict(h) for h in meta.get('history', []) if h['step'] <= meta['step']]
-      else:
-        state = jax.jit(init_state, out_shardings=shardings)(jax.random.key(config.seed))
+      state, history = net.restore_or_init(ckpt, mesh)
       start = int(jax.device_get(state.step))
-      ft_in = linear_lib.labelled_train_iterator(
+      ft_in = labelled.labelled_train_iterator(
           data_cfg, split=data_cfg.train_split, global_batch_size=bs, seed=config.seed,
           augment=config.augment, crop_scale=tuple(config.crop_scale), indices=subset,
           start_step=start)
-
-      def train_step(st: FTState, batch):
-        rngs = {'dropout': jax.random.fold_in(dropout_key, st.step)}  # drop-path masks
-
-        def loss_fn(p):
-          logits, mutated = model.apply({'params': p, 'batch_stats': st.batch_stats},
-                                        batch['image'], train=True, mutable=['batch_stats'],
-                                        rngs=rngs)
-          labels = batch['label']
-          if config.label_smoothing > 0:
-            onehot = optax.smooth_labels(jax.nn.one_hot(labels, num_classes),
-                                         config.label_smoothing)
-            loss = jnp.mean(optax.softmax_cross_entropy(logits.astype(jnp.float32), onehot))
-          else:
-            loss = linear_lib.cross_entropy(logits, labels)
-          return loss, (logits, mutated.get('batch_stats', {}))
-
-        (loss, (logits, new_bs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(st.params)
-        updates, opt_state = tx.update(grads, st.opt_state, st.params)
-        acc = jnp.mean(jnp.argmax(logits, -1) == batch['label'])
-        new_params = optax.apply_updates(st.params, updates)
-        new = st.replace(step=st.step + 1, params=new_params, batch_stats=new_bs,
-                         opt_state=opt_state)
-        if use_ema:  # timm ModelEma: after the optimizer step, on the updated weights
-          new = new.replace(ema_params=ema_update(st.ema_params, new_params, ema_decay),
-                            ema_batch_stats=ema_update(st.ema_batch_stats, new_bs, ema_decay))
-        return new, {'loss': loss, 'train_top1': acc, 'lr': lr_fn(st.step)}
-
-      step_fn = jax.jit(train_step, donate_argnums=(0,), out_shardings=(shardings, None))
-
-      @jax.jit
-      def logits_fn(st, images):
-        out = {'logits': model.apply({'params': st.params, 'batch_stats': st.batch_stats},
-                                     images, train=False)}
-        if use_ema:
-          out['ema_logits'] = model.apply(
-              {'params': st.ema_params, 'batch_stats': st.ema_batch_stats}, images, train=False)
-        return out
-
-      def evaluate(st, step: int) -> dict[str, Any]:
-        """One history record: online (and EMA) top-1 / top-5 on the eval split."""
-        out = pre_lib.extract(logits_fn, st, data_cfg, split=data_cfg.eval_split, mesh=mesh,
-                              batch_size=config.eval_batch_size,
-                              max_examples=config.eval_examples)
-        rec: dict[str, Any] = {'epoch': step // spe, 'step': step,
-                               **linear_lib.top1_top5(out['logits'], out['label'])}
-        if use_ema:
-          ema = linear_lib.top1_top5(out['ema_logits'], out['label'])
-          rec.update({'ema_top1': ema['top1'], 'ema_top5': ema['top5']})
-        writer.write_scalars(step, {f'{TAG}/test_{k}': v for k, v in rec.items()
-                                    if k not in ('epoch', 'step')})
-        ema_txt = (f' | EMA top-1 {100 * rec["ema_top1"]:.2f}% top-5 {100 * rec["ema_top5"]:.2f}%'
-                   if use_ema else '')
-        pre_lib.log(f'[finetune epoch {rec["epoch"]}] test top-1 {100 * rec["top1"]:.2f}% top-5 '
-                    f'{100 * rec["top5"]:.2f}%{ema_txt}')
-        return rec
-
       pre_lib.log(f'Fine-tune: {ft_in.num_examples} labelled examples, batch {bs}, {spe} '
                   f'steps/epoch x {config.epochs} epochs = {total_steps} steps, from step '
-                  f'{start}; drop-path {drop_path:g}, model EMA '
-                  f'{ema_decay if use_ema else "off"}.')
-      every = max(1, int(config.checkpoint_every_epochs)) * spe
-      eval_every = int(config.eval_every_epochs) * spe
-      log_every = max(1, int(config.log_every_steps))
-      pending: list[Any] = []
-      t_last = time.time()
-      for step in range(start + 1, total_steps + 1):
-        batch = sharding.global_batch(mesh, next(ft_in.iterator))
-        state, m = step_fn(state, batch)
-        pending.append(m)
-        if step % log_every == 0 or step == total_steps:
-          host = jax.device_get(pending)
-          pending.clear()
-          avg = {k: float(np.mean([h[k] for h in host])) for k in host[0]}
-          if not math.isfinite(avg['loss']):
-            raise FloatingPointError(f'fine-tuning loss is {avg["loss"]} at step {step}; '
-                                     f'lower config.optimizer.base_lr (now {o.base_lr}).')
-          now = time.time()
-          avg['steps_per_sec'] = len(host) / max(now - t_last, 1e-9)
-          avg['epoch'] = step / spe
-          t_last = now
-          writer.write_scalars(step, {f'{TAG}/{k}': v for k, v in avg.items()})
-          pre_lib.log(f'[finetune step {step}/{total_steps}] loss {avg["loss"]:.4f} | train '
-                      f'top-1 {100 * avg["train_top1"]:.1f}% | lr {avg["lr"]:.4g}')
-        if eval_every > 0 and step % eval_every == 0 and step != total_steps:
-          history.append(evaluate(state, step))
-        if step % every == 0 or step == total_steps:
-          ckpt.save(step, state, {'step': step, 'epoch': step / spe, 'history': history},
-                    force=True)
-      history.append(evaluate(state, total_steps))
+                  f'{start}; drop-path {net.drop_path:g}, model EMA '
+                  f'{net.ema_decay if net.use_ema else "off"}.')
+
+      def evaluate(step, st, _=None):
+        history.append(net.evaluate(st, step, mesh, writer))
+
+      def save(step, st, _):
+        ckpt.save(step, st, {'step': step, 'epoch': step / spe, 'history': history}, force=True)
+
+      state = loop.run(
+          state, net.step_fn(), (sharding.global_batch(mesh, b) for b in ft_in.iterator),
+          start_step=start, total_steps=total_steps,
+          log_every=max(1, int(config.log_every_steps)), on_log=net.logger(writer, total_steps),
+          log=pre_lib.log,
+          actions=[loop.Action('eval', loop.steps(config, 'eval_every', spe), evaluate,
+                               skip_last=True),
+                   loop.Action('checkpoint', loop.steps(config, 'checkpoint_every', spe,
+                                                        default=spe), save)],
+          nonfinite_hint=f'Lower config.optimizer.base_lr (now {config.optimizer.base_lr}).'
+      ).state
+      evaluate(total_steps, state)
     finally:
       ckpt.close()
   summary = summarize_history(history)
@@ -469,7 +330,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
                                      if k.endswith('_best')})
   writer.flush()
   out = {'top1': summary['top1_last'], 'top5': summary['top5_last'], **summary}
-  out.update({'history': history, 'drop_path': drop_path, 'ema_decay': ema_decay,
+  out.update({'history': history, 'drop_path': net.drop_path, 'ema_decay': net.ema_decay,
               'best_selected_on': f'{data_cfg.name}/{data_cfg.eval_split}',
               'pretrained': config.pretrained, 'pretrained_step': pre_step,
               'method': pre.method.name, 'backbone': pre.model.backbone,
@@ -483,3 +344,136 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
               f'{format_summary(summary)} ({out["time_s"]:.0f}s; "best" is picked on this '
               f'split). Written to {workdir}/results.json.')
   return out
+
+
+class _Net:
+  """The fine-tuned network: model, optimizer, state initialiser, train step and evaluation."""
+
+  def __init__(self, config, pre, data_cfg, steps_per_epoch: int, params, batch_stats):
+    from ssl_jax.models import ssl_model  # pylint: disable=import-outside-toplevel
+    self.config, self.data_cfg, self.spe = config, data_cfg, steps_per_epoch
+    self.num_classes = int(data_cfg.num_classes)
+    self.size = int(data_cfg.image_size)
+    self.drop_path = float(config.get('drop_path', 0.0))
+    self.ema_decay = float(config.get('ema_decay', 0.0))
+    self.use_ema = self.ema_decay > 0
+    if self.drop_path > 0 and not str(pre.model.backbone).startswith('vit'):
+      raise config_lib.ConfigError(
+          f'config.drop_path={self.drop_path} needs a ViT backbone (stochastic depth in the '
+          f'transformer blocks); the pretrained backbone is {pre.model.backbone!r}. Accepted: '
+          'drop_path=0.')
+    recipe_backbone = config.get('recipe_backbone', '')
+    if recipe_backbone and recipe_backbone != pre.model.backbone:
+      pre_lib.log(f'WARNING: this fine-tune recipe was set up for {recipe_backbone} (its lr), '
+                  f'but the pretrained backbone is {pre.model.backbone}; pass the matching ViT '
+                  'token.')
+    overrides = {'drop_path_rate': self.drop_path} if self.drop_path > 0 else {}
+    self.model = FinetuneNet(ssl_model.build_backbone(pre.model, self.size, **overrides),
+                             self.num_classes, head_init_std=float(config.head_init_std))
+    self.dropout_key = jax.random.fold_in(jax.random.key(config.seed), DROPOUT_STREAM)
+    o = config.optimizer
+    self.lr_fn = optim.epoch_schedule(o.base_lr, config.batch_size, steps_per_epoch,
+                                      config.epochs, schedule='cosine',
+                                      warmup_epochs=o.warmup_epochs)
+    self.tx = optim.finetune_optimizer(o, self.lr_fn)
+    self.pretrained = (params, batch_stats)
+    self.shardings = None   # set by restore_or_init (replicated on the eval mesh)
+    self._logits_jit = jax.jit(self.logits)
+
+  def init_state(self, rng) -> FTState:
+    params, batch_stats = self.pretrained
+    v = self.model.init(rng, jnp.zeros((2, self.size, self.size, 3), jnp.uint8), train=False)
+    p = dict(v['params'])
+    p['backbone'] = jax.tree.map(jnp.asarray, params['backbone'])
+    bstats = {}
+    if 'batch_stats' in v:
+      bstats = dict(v['batch_stats'])
+      bstats['backbone'] = jax.tree.map(jnp.asarray, batch_stats['backbone'])
+    copy = lambda t: jax.tree.map(jnp.copy, t)  # noqa: E731 — own buffers (the step donates)
+    return FTState(step=jnp.zeros((), jnp.int32), params=p, batch_stats=bstats,
+                   opt_state=self.tx.init(p), ema_params=copy(p) if self.use_ema else {},
+                   ema_batch_stats=copy(bstats) if self.use_ema else {})
+
+  def restore_or_init(self, ckpt, mesh) -> tuple[FTState, list[dict[str, Any]]]:
+    """The resumed state and evaluation history, or a fresh state and none."""
+    rep = sharding.replicated(mesh)
+    rng = jax.random.key(self.config.seed)
+    abstract = jax.eval_shape(self.init_state, rng)
+    self.shardings = jax.tree.map(lambda _: rep, abstract)
+    restored = ckpt.restore_latest(jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), abstract))
+    if restored is None:
+      return jax.jit(self.init_state, out_shardings=self.shardings)(rng), []
+    state, meta = restored
+    pre_lib.log(f'Resumed fine-tuning from {ckpt.directory}/{meta["step"]}.')
+    return state, [dict(h) for h in meta.get('history', []) if h['step'] <= meta['step']]
+
+  def loss(self, params, st: FTState, batch):
+    """Cross-entropy (label smoothing if set) of a train-mode forward; aux: logits, BN stats."""
+    rngs = {'dropout': jax.random.fold_in(self.dropout_key, st.step)}  # drop-path masks
+    logits, mutated = self.model.apply({'params': params, 'batch_stats': st.batch_stats},
+                                       batch['image'], train=True, mutable=['batch_stats'],
+                                       rngs=rngs)
+    labels, smoothing = batch['label'], self.config.label_smoothing
+    if smoothing > 0:
+      onehot = optax.smooth_labels(jax.nn.one_hot(labels, self.num_classes), smoothing)
+      loss = jnp.mean(optax.softmax_cross_entropy(logits.astype(jnp.float32), onehot))
+    else:
+      loss = losses.cross_entropy(logits, labels)
+    return loss, (logits, mutated.get('batch_stats', {}))
+
+  def step_fn(self):
+    """The jitted step ``(state, batch) -> (state, metrics, None)`` (state donated)."""
+
+    def train_step(st: FTState, batch):
+      (loss, (logits, new_bs)), grads = jax.value_and_grad(self.loss, has_aux=True)(
+          st.params, st, batch)
+      updates, opt_state = self.tx.update(grads, st.opt_state, st.params)
+      new_params = optax.apply_updates(st.params, updates)
+      new = st.replace(step=st.step + 1, params=new_params, batch_stats=new_bs,
+                       opt_state=opt_state)
+      if self.use_ema:  # timm ModelEma: after the optimizer step, on the updated weights
+        new = new.replace(ema_params=ema_update(st.ema_params, new_params, self.ema_decay),
+                          ema_batch_stats=ema_update(st.ema_batch_stats, new_bs,
+                                                     self.ema_decay))
+      acc = jnp.mean(jnp.argmax(logits, -1) == batch['label'])
+      return new, {'loss': loss, 'train_top1': acc, 'lr': self.lr_fn(st.step),
+                   'finite/loss': jnp.isfinite(loss)}, None
+
+    return jax.jit(train_step, donate_argnums=(0,),
+                   out_shardings=(self.shardings, None, None))
+
+  def logits(self, st: FTState, images):
+    out = {'logits': self.model.apply({'params': st.params, 'batch_stats': st.batch_stats},
+                                      images, train=False)}
+    if self.use_ema:
+      out['ema_logits'] = self.model.apply(
+          {'params': st.ema_params, 'batch_stats': st.ema_batch_stats}, images, train=False)
+    return out
+
+  def evaluate(self, st: FTState, step: int, mesh, writer) -> dict[str, Any]:
+    """One history record: online (and EMA) top-1 / top-5 on the eval split."""
+    c = self.config
+    out = features.extract(self._logits_jit, st, self.data_cfg, split=self.data_cfg.eval_split,
+                          mesh=mesh, batch_size=c.eval_batch_size, max_examples=c.eval_examples)
+    rec: dict[str, Any] = {'epoch': step // self.spe, 'step': step,
+                           **metrics.top1_top5(out['logits'], out['label'])}
+    if self.use_ema:
+      ema = metrics.top1_top5(out['ema_logits'], out['label'])
+      rec.update({'ema_top1': ema['top1'], 'ema_top5': ema['top5']})
+    writer.write_scalars(step, {f'{TAG}/test_{k}': v for k, v in rec.items()
+                                if k not in ('epoch', 'step')})
+    ema_txt = (f' | EMA top-1 {100 * rec["ema_top1"]:.2f}% top-5 {100 * rec["ema_top5"]:.2f}%'
+               if self.use_ema else '')
+    pre_lib.log(f'[finetune epoch {rec["epoch"]}] test top-1 {100 * rec["top1"]:.2f}% top-5 '
+                f'{100 * rec["top5"]:.2f}%{ema_txt}')
+    return rec
+
+  def logger(self, writer, total_steps: int):
+    def on_log(step, avg, host, partial):
+      del host, partial
+      avg['epoch'] = step / self.spe
+      writer.write_scalars(step, {f'{TAG}/{k}': v for k, v in avg.items()})
+      pre_lib.log(f'[finetune step {step}/{total_steps}] loss {avg["loss"]:.4f} | train '
+                  f'top-1 {100 * avg["train_top1"]:.1f}% | lr {avg["lr"]:.4g}')
+    return on_log

@@ -34,9 +34,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ssl_jax import sharding
 from ssl_jax import writers
-from ssl_jax.evals import linear as linear_lib
+from ssl_jax.evals import features, metrics
 from ssl_jax.evals import pretrained as pre_lib
 from ssl_jax.ops import knn as knn_ops
+from ssl_jax.ops import losses
 
 METRICS = ('cosine', 'euclidean')
 TAG = 'offline_knn'
@@ -100,8 +101,8 @@ def knn_classify(bank_feats, bank_labels, query_feats, *, num_classes: int,
   labels = np.asarray(bank_labels, np.int32)
   queries = np.asarray(query_feats, np.float32)
   if metric == 'cosine' or l2_normalize:
-    bank = np.asarray(linear_lib.l2_normalize(jnp.asarray(bank)))
-    queries = np.asarray(linear_lib.l2_normalize(jnp.asarray(queries)))
+    bank = np.asarray(losses.l2_normalize(jnp.asarray(bank)))
+    queries = np.asarray(losses.l2_normalize(jnp.asarray(queries)))
   n = len(labels)
   settings = _settings(ks, temperatures, unweighted_ks, n)
   if not settings:
@@ -141,7 +142,7 @@ def accuracies(scores: dict[str, np.ndarray], labels) -> dict[str, float]:
   out = {}
   for name, s in scores.items():
     c = s.shape[-1]
-    corr = linear_lib.topk_correct(jnp.asarray(s), labels, (1, min(5, c)))
+    corr = metrics.topk_correct(jnp.asarray(s), labels, (1, min(5, c)))
     out[f'top1_{name}'] = float(corr[1]) / n
     out[f'top5_{name}'] = float(corr[min(5, c)]) / n
   return out
@@ -219,9 +220,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, **unused) -> dict[str, 
     variables = net.variables(mesh)
     fn = jax.jit(net.feature_fn(config.features))
     kw = dict(mesh=mesh, batch_size=config.eval_batch_size)
-    bank = pre_lib.extract(fn, variables, data_cfg, split=data_cfg.train_split,
+    bank = features.extract(fn, variables, data_cfg, split=data_cfg.train_split,
                            max_examples=config.train_examples, **kw)
-    test = pre_lib.extract(fn, variables, data_cfg, split=data_cfg.eval_split,
+    test = features.extract(fn, variables, data_cfg, split=data_cfg.eval_split,
                            max_examples=config.eval_examples, **kw)
     t_feat = time.time() - t0
     # 1. Selection on the train split: the held-out part queries the rest.
@@ -268,3 +269,53 @@ def run(config: ml_collections.ConfigDict, workdir: str, **unused) -> dict[str, 
               f'{100 * out["test_top1"]:.2f}% | top-5 {100 * out["test_top5"]:.2f}%. '
               f'Written to {workdir}/results.json.')
   return out
+
+
+# =============================================================================================
+# The kNN evaluator (training's monitor, config.evals.<name>.type = 'knn'; and --mode=knn)
+# =============================================================================================
+class KnnEvaluator:
+  """Weighted kNN top-1 of frozen features: ``train_examples`` images of the train split (a
+  seeded class-balanced subset when fewer than the split) form the bank, ``eval_examples`` of
+  the eval split query it; eval transform (centre crop), eval-mode network. When the feature
+  function also returns ``probe_logits`` (training's online probe), its top-1 on the same
+  queries is reported too. Config fields: ``k``, ``temperature``, ``train_examples``,
+  ``eval_examples`` (<= 0: the whole split), ``batch_size``; ``--mode=knn`` sweeps k and T with
+  the same :func:`knn_classify` on the same extracted features.
+  """
+
+  def __init__(self, cfg, *, data_cfg, mesh, num_classes: int, search_cfg=None):
+    del search_cfg  # the kNN vote searches exactly (the bank is small)
+    self.cfg, self.data_cfg, self.mesh, self.num_classes = cfg, data_cfg, mesh, num_classes
+
+  @staticmethod
+  def validate(cfg, key: str) -> None:
+    req = pre_lib.require
+    req(isinstance(cfg.k, int) and cfg.k >= 1, f'{key}.k', cfg.k, 'an integer >= 1')
+    req(isinstance(cfg.temperature, (int, float)) and cfg.temperature > 0, f'{key}.temperature',
+        cfg.temperature, 'a number > 0')
+    req(isinstance(cfg.batch_size, int) and cfg.batch_size > 0, f'{key}.batch_size',
+        cfg.batch_size, 'a positive integer')
+
+  def features(self, feature_fn, variables) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """``(bank, queries)`` host arrays: 'features', 'label' (and 'probe_logits' if given)."""
+    kw = dict(mesh=self.mesh, batch_size=int(self.cfg.batch_size))
+    bank = features.extract(feature_fn, variables, self.data_cfg, split=self.data_cfg.train_split,
+                           max_examples=int(self.cfg.train_examples), **kw)
+    test = features.extract(feature_fn, variables, self.data_cfg, split=self.data_cfg.eval_split,
+                           max_examples=int(self.cfg.eval_examples), **kw)
+    return bank, test
+
+  def run(self, feature_fn, variables) -> list[tuple[str, float]]:
+    bank, test = self.features(feature_fn, variables)
+    features.check_bank_classes(bank['label'], test['label'], self.data_cfg.train_split)
+    k, t = int(self.cfg.k), float(self.cfg.temperature)
+    scores = knn_classify(bank['features'], bank['label'], test['features'],
+                          num_classes=self.num_classes, ks=(k,), temperatures=(t,),
+                          mesh=self.mesh)
+    pred = next(iter(scores.values())).argmax(-1)
+    out = [('monitor/knn_top1', float(np.mean(pred == test['label'])))]
+    if 'probe_logits' in test:
+      out.append(('online_probe/test_top1',
+                  float(np.mean(test['probe_logits'].argmax(-1) == test['label']))))
+    return out

@@ -32,16 +32,14 @@ with Orbax in ``EVAL_DIR/checkpoints`` and a rerun resumes; the final numbers go
 ``EVAL_DIR/results.json``.
 
 This file also holds the labelled, augmented train input that ``--mode=finetune`` shares
-(:func:`labelled_train_iterator`).
+(:func:`ssl_jax.data.labelled.labelled_train_iterator`).
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
-import os
 import time
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.struct
 import jax
@@ -52,234 +50,19 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ssl_jax import checkpoint as ckpt_lib
-from ssl_jax import config_lib
-from ssl_jax import sharding
-from ssl_jax import writers
+from ssl_jax import config_lib, loop, optim, sharding, writers
+from ssl_jax.data import labelled
+from ssl_jax.evals import features, metrics
 from ssl_jax.evals import pretrained as pre_lib
+from ssl_jax.ops import losses
 
 FEATURE_NORMS = ('none', 'l2', 'l2_standardize')
-SCHEDULES = ('cosine', 'step', 'constant')
-AUGMENTS = ('rrc_flip', 'none')
 TAG = 'offline_linear'
 
 
 # =============================================================================================
-# Labelled train input (shared with --mode=finetune)
+# Pure pieces: feature normalisation and the linear head
 # =============================================================================================
-_INT64_MAX = np.iinfo(np.int64).max
-
-
-def _tf():
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  return tf
-
-
-@functools.lru_cache(maxsize=None)
-def _view_spec(size: int, crop_scale: tuple[float, float]):
-  from ssl_jax.data import views  # pylint: disable=import-outside-toplevel
-  return (views.ViewSpec('image', size=size, crop_scale=crop_scale, flip_p=0.5,
-                         jitter=(0.0, 0.0, 0.0, 0.0), jitter_p=0.0, gray_p=0.0, blur_p=0.0,
-                         solarize_p=0.0),)
-
-
-def _int_seed(*values: int) -> int:
-  """A 31-bit integer seed from integers (for tf.data / TFDS arguments that take ints)."""
-  state = np.random.SeedSequence([int(v) & 0xFFFFFFFF for v in values]).generate_state(1)
-  return int(state[0] & 0x7FFFFFFF)
-
-
-def example_ids(data_cfg, split: str) -> np.ndarray:
-  """Per-example string ids of ``split`` in reading order: TFDS 'file_name' (ImageNet) or 'id'
-  (CIFAR); folder datasets: the file name. Used to match a subset file of image ids."""
-  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-  from ssl_jax.data import sources  # pylint: disable=import-outside-toplevel
-  if data_cfg.get('source', 'tfds') == 'folder':
-    src = sources.build_source(data_cfg, split, 0, 1)
-    return np.array([os.path.basename(p) for p in src.paths])
-  builder = sources.tfds_builder(data_cfg)
-  key = next((k for k in ('file_name', 'id') if k in builder.info.features), None)
-  if key is None:
-    raise ValueError(f'{data_cfg.name} has no per-example id feature (file_name / id), so a '
-                     'subset file cannot be matched; accepted: a label fraction instead.')
-  ds = builder.as_dataset(split=split, shuffle_files=False,
-                          decoders={'image': tfds.decode.SkipDecoding()},
-                          read_config=tfds.ReadConfig(options=sources.deterministic_options()))
-  ds = ds.map(_tf().autograph.experimental.do_not_convert(lambda e: e[key])).batch(4096)
-  return np.concatenate([b.astype(str) for b in ds.as_numpy_iterator()])
-
-
-def split_labels(data_cfg, split: str) -> np.ndarray:
-  """All labels of ``split`` in reading order (for subset selection)."""
-  from ssl_jax.data import sources  # pylint: disable=import-outside-toplevel
-  src = sources.build_source(data_cfg, split, 0, 1)
-  if isinstance(src, (sources.ArraySource, sources.FolderSource)):
-    return np.asarray(src.labels)
-  ds = src.dataset(shuffle_seed=None).map(
-      _tf().autograph.experimental.do_not_convert(lambda e: e['label'])).batch(4096)
-  return np.concatenate(list(ds.as_numpy_iterator())).astype(np.int32)
-
-
-@dataclasses.dataclass
-class LabelledInput:
-  """An infinite iterator of ``{'image': uint8 [b, S, S, 3], 'label': int32 [b]}`` (this host's
-  slice of each global batch) and the number of steps that make one epoch of the (subset)."""
-  iterator: Iterator[dict[str, np.ndarray]]
-  steps_per_epoch: int
-  num_examples: int
-
-
-def num_selected(data_cfg, split: str, indices: np.ndarray | None = None,
-                 max_examples: int = -1) -> int:
-  """How many examples :func:`labelled_train_iterator` draws from (one epoch = this // batch)."""
-  from ssl_jax.data import pipeline  # pylint: disable=import-outside-toplevel
-  total = pipeline.num_examples(data_cfg, split) if indices is None else len(indices)
-  return min(total, max_examples) if max_examples > 0 else total
-
-
-def labelled_train_iterator(data_cfg, *, split: str, global_batch_size: int, seed: int,
-                            augment: str = 'rrc_flip',
-                            crop_scale: Sequence[float] = (0.08, 1.0), start_step: int = 0,
-                            indices: np.ndarray | None = None, max_examples: int = -1,
-                            process_index: int | None = None,
-                            process_count: int | None = None) -> LabelledInput:
-  """Shuffled, augmented, labelled batches of ``split`` (or of its examples ``indices``).
-
-  Deterministic in ``(seed, step)``: ``start_step=s`` yields what a fresh iterator yields from
-  its s-th batch on. Epoch ``e`` visits the selected examples in a permutation seeded by
-  ``(seed, e)`` (drop remainder); crops are seeded by each example's stream position and flips
-  by the step. Random-access sources (in-memory arrays, image folders) select exactly
-  ``indices`` over the whole split and give each host an even share. Streamed TFDS sources read
-  each host's own slice; there ``indices`` refer to positions in the full split too.
-
-  ``augment``: ``'rrc_flip'`` (RandomResizedCrop(``crop_scale``, 3/4-4/3) + flip p 0.5) or
-  ``'none'`` (the eval transform: shorter side to ``eval_resize``, centre crop).
-  """
-  if augment not in AUGMENTS:
-    raise ValueError(f'augment={augment!r} is invalid; accepted: {", ".join(AUGMENTS)}')
-  from ssl_jax.data import augment as aug_lib  # pylint: disable=import-outside-toplevel
-  from ssl_jax.data import pipeline, sources, views  # pylint: disable=import-outside-toplevel
-  tf = _tf()
-  pi = jax.process_index() if process_index is None else process_index
-  pc = jax.process_count() if process_count is None else process_count
-  b = pipeline.local_batch_size(global_batch_size, pc)
-  size = int(data_cfg.image_size)
-  resize = int(data_cfg.get('eval_resize') or size)
-  specs = _view_spec(size, (float(crop_scale[0]), float(crop_scale[1])))
-  root = tf.constant([_int_seed(seed, 0), _int_seed(seed, 1)], tf.int64)
-  shuffle_root = aug_lib.fold_in(root, 1)
-  example_root = aug_lib.fold_in(aug_lib.fold_in(root, pi), 4)
-  flip_root = aug_lib.fold_in(aug_lib.fold_in(root, pi), 3)
-
-  full = sources.build_source(data_cfg, split, 0, 1)
-  if not isinstance(full, sources.TfdsSource):  # random access over the whole split
-    src = full
-    sel = np.arange(src.num_examples) if indices is None else np.asarray(indices, np.int64)
-    if max_examples > 0:
-      sel = sel[:max_examples]
-    total = len(sel)
-    spe = total // global_batch_size
-    if spe < 1:
-      raise ValueError(f'batch_size={global_batch_size} exceeds the {total} selected examples '
-                       f'of {data_cfg.name}/{split}; accepted: a batch <= {total}.')
-    mine = sel[sources.even_slice(total, pi, pc)]
-    n_h = len(mine)
-    per_epoch = spe * b
-    if isinstance(src, sources.ArraySource):
-      images = tf.constant(src.images[mine])
-      labels = tf.constant(src.labels[mine])
-
-      def load(i):
-        return tf.gather(images, i), tf.gather(labels, i)
-    else:
-      paths = tf.constant(src.paths[mine].astype(str))
-      labels = tf.constant(src.labels[mine])
-
-      def load(i):
-        return sources.decode_image(tf.io.read_file(tf.gather(paths, i))), tf.gather(labels, i)
-
-    def read(pos):
-      seed_e = aug_lib.fold_in(shuffle_root, pos // per_epoch)
-      i = tf.random.experimental.index_shuffle(pos % per_epoch, seed=seed_e, max_index=n_h - 1)
-      image, label = load(i)
-      return {'image': image, 'label': label, '_pos': pos}
-
-    ds = tf.data.Dataset.range(start_step * b, _INT64_MAX)
-    ds = ds.map(tf.autograph.experimental.do_not_convert(read),
-                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  else:  # streamed TFDS: this host's slice, filtered to the selected positions
-    src = sources.build_source(data_cfg, split, pi, pc)
-    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-    ds = src.builder.as_dataset(split=src.split, shuffle_files=indices is None,
-                                decoders={'image': tfds.decode.SkipDecoding()},
-                                read_config=tfds.ReadConfig(
-                                    shuffle_seed=_int_seed(seed, pi),
-                                    options=sources.deterministic_options()))
-    has_labels = src.has_labels
-    dnc = tf.autograph.experimental.do_not_convert
-    ds = ds.map(dnc(lambda e: {'image': e['image'], 'label': tf.cast(e['label'], tf.int32)
-                               if has_labels else tf.constant(-1, tf.int32)}))
-    total = pipeline.num_examples(data_cfg, split)
-    if indices is not None:
-      # Positions of this host's slice within the split (TFDS even split into pc parts).
-      offset = sum(sources.tfds_num_examples(data_cfg, split, p, pc) for p in range(pi))
-      sel = np.asarray(indices, np.int64)
-      local = sel[(sel >= offset) & (sel < offset + src.num_examples)] - offset
-      table = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
-          tf.constant(local, tf.int64), tf.ones(len(local), tf.int64)), default_value=0)
-      ds = ds.enumerate().filter(dnc(lambda i, e: table.lookup(i) > 0)).map(dnc(lambda i, e: e))
-      total = len(sel)
-    if max_examples > 0:
-      ds = ds.take(max(1, max_examples // pc))
-      total = min(total, max_examples)
-    spe = total // global_batch_size
-    if spe < 1:
-      raise ValueError(f'batch_size={global_batch_size} exceeds the {total} selected examples '
-                       f'of {data_cfg.name}/{split}; accepted: a batch <= {total}.')
-    buffer = int(min(data_cfg.get('shuffle_buffer') or 10_000, max(total // pc, 1)))
-    ds = ds.repeat().shuffle(buffer, seed=_int_seed(seed, pi, 1), reshuffle_each_iteration=True)
-    ds = ds.skip(start_step * b).enumerate(start=start_step * b)
-    ds = ds.map(dnc(lambda pos, e: {'image': sources.decode_image(e['image']),
-                                    'label': e['label'], '_pos': pos}),
-                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-
-  if augment == 'rrc_flip':
-    crop = views.traced_crop_views_example(specs)
-    finish = views.traced_finish_views_batch(specs)
-
-    def per_example(e):
-      out = crop(e['image'], aug_lib.fold_in(example_root, e['_pos']))
-      out['label'] = e['label']
-      out['_pos'] = e['_pos']
-      return out
-
-    def per_batch(batch):
-      step = batch['_pos'][0] // b
-      out = finish(batch, aug_lib.fold_in(flip_root, step))
-      return {'image': out['image'], 'label': out['label']}
-  else:
-    def per_example(e):
-      return {'image': aug_lib.resize_shorter_center_crop(e['image'], resize, size),
-              'label': e['label']}
-
-    def per_batch(batch):
-      return batch
-
-  dnc = tf.autograph.experimental.do_not_convert
-  ds = ds.map(dnc(per_example), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  ds = ds.batch(b, drop_remainder=True)
-  ds = ds.map(dnc(per_batch), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  ds = ds.prefetch(tf.data.AUTOTUNE).with_options(sources.deterministic_options())
-  return LabelledInput(iterator=ds.as_numpy_iterator(), steps_per_epoch=spe,
-                       num_examples=total)
-
-
-# =============================================================================================
-# Pure pieces: normalisation, schedule, loss, accuracy
-# =============================================================================================
-def l2_normalize(x: jax.Array) -> jax.Array:
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
 def norm_stats(feats: jax.Array, mode: str, valid: jax.Array | None = None) -> dict[str, jax.Array]:
   """``{'mean', 'std'}`` [d] of the normalised features (``l2_standardize``), else 0 / 1."""
   if mode not in FEATURE_NORMS:
@@ -287,7 +70,7 @@ def norm_stats(feats: jax.Array, mode: str, valid: jax.Array | None = None) -> d
   d = feats.shape[-1]
   if mode != 'l2_standardize':
     return {'mean': jnp.zeros((d,), jnp.float32), 'std': jnp.ones((d,), jnp.float32)}
-  f = l2_normalize(feats.astype(jnp.float32))
+  f = losses.l2_normalize(feats.astype(jnp.float32))
   w = jnp.ones(f.shape[0], jnp.float32) if valid is None else valid.astype(jnp.float32)
   n = jnp.maximum(jnp.sum(w), 1.0)
   mean = jnp.sum(f * w[:, None], 0) / n
@@ -299,75 +82,15 @@ def apply_norm(feats: jax.Array, mode: str, stats: dict[str, jax.Array]) -> jax.
   f = feats.astype(jnp.float32)
   if mode == 'none':
     return f
-  f = l2_normalize(f)
+  f = losses.l2_normalize(f)
   if mode == 'l2':
     return f
   return (f - stats['mean']) / stats['std']
 
 
-def lr_schedule(base_lr: float, batch_size: int, steps_per_epoch: int, epochs: float, *,
-                schedule: str = 'cosine', step_epochs: Sequence[float] = (),
-                step_factor: float = 0.1, warmup_epochs: float = 0.0) -> optax.Schedule:
-  """``lr = base_lr * B / 256``; cosine to 0 over the run, steps of ``step_factor`` at
-  ``step_epochs``, or constant; optional linear warm-up."""
-  if schedule not in SCHEDULES:
-    raise ValueError(f'schedule={schedule!r} is invalid; accepted: {", ".join(SCHEDULES)}')
-  peak = base_lr * batch_size / 256.0
-  total = max(int(round(epochs * steps_per_epoch)), 1)
-  warm = min(int(round(warmup_epochs * steps_per_epoch)), total - 1)
-  if schedule == 'cosine':
-    main = optax.cosine_decay_schedule(peak, max(total - warm, 1))
-  elif schedule == 'step':
-    main = optax.piecewise_constant_schedule(
-        peak, {max(int(round(e * steps_per_epoch)) - warm, 1): step_factor
-               for e in step_epochs})
-  else:
-    main = optax.constant_schedule(peak)
-  if warm <= 0:
-    return main
-  return optax.join_schedules([optax.linear_schedule(0.0, peak, warm), main], [warm])
-
-
-def sgd(schedule: optax.Schedule, *, momentum: float = 0.9, nesterov: bool = False,
-        weight_decay: float = 0.0) -> optax.GradientTransformation:
-  """SGD + momentum; weight decay on weight matrices only (not biases), as a probe should."""
-  parts = []
-  if weight_decay > 0:
-    parts.append(optax.add_decayed_weights(weight_decay,
-                                           mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p)))
-  parts.append(optax.sgd(schedule, momentum=momentum or None, nesterov=nesterov))
-  return optax.chain(*parts)
-
-
-def cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array | None = None):
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
-                                                       jnp.maximum(labels, 0))
-  m = (labels >= 0) if mask is None else (mask & (labels >= 0))
-  m = m.astype(jnp.float32)
-  return jnp.sum(ce * m) / jnp.maximum(jnp.sum(m), 1.0)
-
-
-def topk_correct(logits: jax.Array, labels: jax.Array, ks: Sequence[int] = (1, 5)
-                 ) -> dict[int, jax.Array]:
-  """Number of rows whose label is among the top-k logits, per k (rows with label < 0 skipped).
-
-  Ties count against the label: rank = #classes with a strictly larger logit, plus the
-  equal-logit classes with a lower id.
-  """
-  c = logits.shape[-1]
-  own = jnp.take_along_axis(logits, jnp.maximum(labels, 0)[:, None], axis=1)
-  ids = jnp.arange(c)[None, :]
-  rank = jnp.sum((logits > own) | ((logits == own) & (ids < labels[:, None])), axis=1)
-  ok = labels >= 0
-  return {k: jnp.sum((rank < k) & ok) for k in ks}
-
-
-def top1_top5(logits, labels) -> dict[str, float]:
-  """Top-1 / top-5 accuracy (top-C when there are fewer than 5 classes) over labels >= 0."""
-  c = logits.shape[-1]
-  corr = topk_correct(jnp.asarray(logits), jnp.asarray(labels), (1, min(5, c)))
-  n = max(int(np.sum(np.asarray(labels) >= 0)), 1)
-  return {'top1': float(corr[1]) / n, 'top5': float(corr[min(5, c)]) / n}
+def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Mean cross-entropy over the examples with a label (>= 0)."""
+  return losses.cross_entropy(logits, labels, labels >= 0)
 
 
 def head_logits(head: dict[str, jax.Array], feats: jax.Array) -> jax.Array:
@@ -448,9 +171,9 @@ def train_linear(train_feats, train_labels, *, num_classes: int, epochs: int,
   labels_p = np.concatenate([labels, -np.ones(pad, np.int32)]) if pad else labels
   f_dev = _on_mesh(feats_p, mesh, P(sharding.DATA))
   y_dev = _on_mesh(labels_p, mesh, P(sharding.DATA))
-  lr_fn = lr_schedule(base_lr, bs, spe, epochs, schedule=schedule, step_epochs=step_epochs,
-                      step_factor=step_factor)
-  tx = sgd(lr_fn, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+  lr_fn = optim.epoch_schedule(base_lr, bs, spe, epochs, schedule=schedule,
+                               step_epochs=step_epochs, step_factor=step_factor)
+  tx = optim.probe_sgd(lr_fn, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
   if state is None:
     valid = _on_mesh(np.arange(len(labels_p)) < n, mesh, P(sharding.DATA))
     norm = jax.jit(norm_stats, static_argnums=1)(f_dev, feature_norm, valid)
@@ -471,25 +194,30 @@ def train_linear(train_feats, train_labels, *, num_classes: int, epochs: int,
         x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(sharding.DATA)))
         y = jax.lax.with_sharding_constraint(y, NamedSharding(mesh, P(sharding.DATA)))
       x = apply_norm(x, feature_norm, st.norm)
-      loss, grads = jax.value_and_grad(lambda h: cross_entropy(head_logits(h, x), y))(st.head)
+      loss, grads = jax.value_and_grad(lambda h: _cross_entropy(head_logits(h, x), y))(st.head)
       updates, opt_state = tx.update(grads, st.opt_state, st.head)
       return st.replace(step=st.step + 1, head=optax.apply_updates(st.head, updates),
                         opt_state=opt_state), loss
 
-    state, losses = jax.lax.scan(one_step, state, idx)
-    return state, jnp.mean(losses)
+    state, step_losses = jax.lax.scan(one_step, state, idx)
+    loss = jnp.mean(step_losses)
+    return state, {'loss': loss, 'finite/loss': jnp.isfinite(loss)}, loss
 
-  history = []
-  for epoch in range(start_epoch, epochs):
-    state, loss = run_epoch(state, f_dev, y_dev, jnp.int32(epoch))
+  # The one loop, one "step" per epoch (each epoch is a single jitted scan).
+  history: list[float] = []
+
+  def after_epoch(epoch, st, loss):
     history.append(float(loss))
-    if not math.isfinite(history[-1]):
-      raise FloatingPointError(f'linear probe loss is {history[-1]} at epoch {epoch + 1}; lower '
-                               f'config.optimizer.base_lr (now {base_lr}) or use '
-                               "feature_norm='l2_standardize'.")
     if on_epoch is not None:
-      on_epoch(epoch + 1, state, history[-1])
-  return LinearResult(state=state, feature_norm=feature_norm, epoch_losses=history)
+      on_epoch(epoch, st, history[-1])
+
+  out = loop.run(state, lambda st, ep: run_epoch(st, f_dev, y_dev, jnp.int32(ep)),
+                 iter(range(start_epoch, epochs)), start_step=start_epoch, total_steps=epochs,
+                 log_every=epochs, on_log=lambda *a: None,
+                 actions=[loop.Action('epoch', 1, after_epoch)], log=lambda msg: None,
+                 nonfinite_hint=f'(epochs count as steps) Lower config.optimizer.base_lr (now '
+                                f"{base_lr}) or use feature_norm='l2_standardize'.")
+  return LinearResult(state=out.state, feature_norm=feature_norm, epoch_losses=history)
 
 
 def evaluate_arrays(result: LinearResult, feats, labels, ks: Sequence[int] = (1, 5)
@@ -498,7 +226,7 @@ def evaluate_arrays(result: LinearResult, feats, labels, ks: Sequence[int] = (1,
   logits = result.logits(feats)
   c = logits.shape[-1]
   labels = jnp.asarray(labels, jnp.int32)
-  correct = topk_correct(logits, labels, tuple(min(k, c) for k in ks))
+  correct = metrics.topk_correct(logits, labels, tuple(min(k, c) for k in ks))
   n = max(int(jnp.sum(labels >= 0)), 1)
   return {f'top{k}': float(correct[min(k, c)]) / n for k in ks}
 
@@ -510,10 +238,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
   pre_lib.validate_common(c)
   req = pre_lib.require
   req(c.feature_norm in FEATURE_NORMS, 'feature_norm', c.feature_norm, ', '.join(FEATURE_NORMS))
-  req(c.augment in AUGMENTS, 'augment', c.augment, ', '.join(AUGMENTS))
+  req(c.augment in labelled.AUGMENTS, 'augment', c.augment, ', '.join(labelled.AUGMENTS))
   req(c.features in pre_lib.FEATURES, 'features', c.features, ', '.join(pre_lib.FEATURES))
-  req(c.optimizer.schedule in SCHEDULES, 'optimizer.schedule', c.optimizer.schedule,
-      ', '.join(SCHEDULES))
+  req(c.optimizer.schedule in optim.EVAL_SCHEDULES, 'optimizer.schedule', c.optimizer.schedule,
+      ', '.join(optim.EVAL_SCHEDULES))
   req(isinstance(c.epochs, int) and c.epochs > 0, 'epochs', c.epochs, 'a positive integer')
   req(isinstance(c.batch_size, int) and c.batch_size > 0, 'batch_size', c.batch_size,
       'a positive integer')
@@ -557,10 +285,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
                                 num_classes)
     finally:
       ckpt.close()
-  metrics, final_step = result
-  writer.write_scalars(final_step, {f'{TAG}/test_{k}': v for k, v in metrics.items()})
+  accs, final_step = result
+  writer.write_scalars(final_step, {f'{TAG}/test_{k}': v for k, v in accs.items()})
   writer.flush()
-  out = dict(metrics)
+  out = dict(accs)
   out.update({'pretrained': config.pretrained, 'pretrained_step': pre_step,
               'method': pre.method.name, 'backbone': pre.model.backbone,
               'dataset': data_cfg.name, 'features': config.features,
@@ -571,7 +299,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   pre_lib.write_json(workdir, 'results.json', out)
   pre_lib.log(f'Offline linear probe ({config.features} features, {config.feature_norm}, '
               f'{config.epochs} epochs) on {data_cfg.name}/{data_cfg.eval_split}: '
-              f'top-1 {100 * metrics["top1"]:.2f}% | top-5 {100 * metrics["top5"]:.2f}% '
+              f'top-1 {100 * accs["top1"]:.2f}% | top-5 {100 * accs["top5"]:.2f}% '
               f'({out["time_s"]:.0f}s). Written to {workdir}/results.json.')
   return out
 
@@ -593,9 +321,9 @@ def _abstract(state: ProbeState, mesh):
 
 def _run_cached(config, data_cfg, net, variables, feat_fn, mesh, ckpt, writer, num_classes):
   bs = config.eval_batch_size
-  train = pre_lib.extract(feat_fn, variables, data_cfg, split=data_cfg.train_split, mesh=mesh,
+  train = features.extract(feat_fn, variables, data_cfg, split=data_cfg.train_split, mesh=mesh,
                           batch_size=bs, max_examples=config.train_examples)
-  test = pre_lib.extract(feat_fn, variables, data_cfg, split=data_cfg.eval_split, mesh=mesh,
+  test = features.extract(feat_fn, variables, data_cfg, split=data_cfg.eval_split, mesh=mesh,
                          batch_size=bs, max_examples=config.eval_examples)
   pre_lib.log(f'Cached features: train {train["features"].shape}, test '
               f'{test["features"].shape}.')
@@ -609,46 +337,47 @@ def _run_cached(config, data_cfg, net, variables, feat_fn, mesh, ckpt, writer, n
             mesh=mesh)
   # The probe's shapes, to restore a checkpoint into.
   d = train['features'].shape[1]
-  tx = sgd(lr_schedule(o.base_lr, config.batch_size, spe, config.epochs), momentum=o.momentum,
-           nesterov=o.nesterov, weight_decay=o.weight_decay)
+  tx = optim.probe_sgd(optim.epoch_schedule(o.base_lr, config.batch_size, spe, config.epochs),
+                       momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay)
   zeros = {'mean': jnp.zeros((d,)), 'std': jnp.ones((d,))}
   state, meta = _restore(ckpt, _abstract(jax.eval_shape(
       lambda: init_probe(d, num_classes, tx, zeros)), mesh))
   start_epoch = int(meta['epoch']) if meta else 0
-  every = max(1, int(config.checkpoint_every_epochs))
-  eval_every = int(config.eval_every_epochs)
+  every = loop.optional(config.checkpoint_every_epochs) or 1   # in epochs: a step is an epoch
+  eval_every = loop.optional(config.eval_every_epochs)
 
   def on_epoch(epoch, st, loss):
     step = int(st.step)
     writer.write_scalars(step, {f'{TAG}/train_loss': loss, f'{TAG}/epoch': epoch})
-    if eval_every > 0 and epoch % eval_every == 0 and epoch != config.epochs:
+    if loop.itstime(epoch, eval_every, config.epochs, last=False, skip_last=True):
       res = evaluate_arrays(LinearResult(st, config.feature_norm, []), test['features'],
                             test['label'])
       writer.write_scalars(step, {f'{TAG}/test_{k}': v for k, v in res.items()})
       pre_lib.log(f'[linear epoch {epoch}/{config.epochs}] loss {loss:.4f} | '
                   f'test top-1 {100 * res["top1"]:.2f}%')
-    if epoch % every == 0 or epoch == config.epochs:
+    if loop.itstime(epoch, every, config.epochs):
       ckpt.save(step, st, {'step': step, 'epoch': epoch}, force=True)
 
   result = train_linear(train['features'], train['label'], state=state,
                         start_epoch=start_epoch, on_epoch=on_epoch, **kw)
-  metrics = evaluate_arrays(result, test['features'], test['label'])
-  return metrics, int(result.state.step)
+  return evaluate_arrays(result, test['features'], test['label']), int(result.state.step)
 
 
 def _run_streaming(config, data_cfg, net, variables, feat_fn, mesh, ckpt, writer, num_classes):
   o = config.optimizer
   key = 'features' if config.features == 'backbone' else 'proj'
   bs = config.batch_size
-  n_train = num_selected(data_cfg, data_cfg.train_split, max_examples=config.train_examples)
+  n_train = labelled.num_selected(data_cfg, data_cfg.train_split,
+                                  max_examples=config.train_examples)
   spe = n_train // bs
   if spe < 1:
     raise config_lib.ConfigError(f'config.batch_size={bs} exceeds the {n_train} train '
                                  f'examples; accepted: a batch <= {n_train}.')
   total_steps = spe * config.epochs
-  lr_fn = lr_schedule(o.base_lr, bs, spe, config.epochs, schedule=o.schedule,
-                      step_epochs=tuple(o.step_epochs), step_factor=o.step_factor)
-  tx = sgd(lr_fn, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay)
+  lr_fn = optim.epoch_schedule(o.base_lr, bs, spe, config.epochs, schedule=o.schedule,
+                               step_epochs=tuple(o.step_epochs), step_factor=o.step_factor)
+  tx = optim.probe_sgd(lr_fn, momentum=o.momentum, nesterov=o.nesterov,
+                       weight_decay=o.weight_decay)
   sample = jnp.zeros((2, int(data_cfg.image_size), int(data_cfg.image_size), 3), jnp.uint8)
   d = jax.eval_shape(lambda: net.apply(net.variables(), sample)[key]).shape[-1]
 
@@ -657,7 +386,7 @@ def _run_streaming(config, data_cfg, net, variables, feat_fn, mesh, ckpt, writer
   state, meta = _restore(ckpt, abstract)
   if state is None:
     if config.feature_norm == 'l2_standardize':
-      stats_src = pre_lib.extract(feat_fn, variables, data_cfg, split=data_cfg.train_split,
+      stats_src = features.extract(feat_fn, variables, data_cfg, split=data_cfg.train_split,
                                   mesh=mesh, batch_size=config.eval_batch_size,
                                   max_examples=config.train_examples)
       norm = norm_stats(jnp.asarray(stats_src['features']), config.feature_norm)
@@ -665,7 +394,7 @@ def _run_streaming(config, data_cfg, net, variables, feat_fn, mesh, ckpt, writer
       norm = norm_stats(jnp.zeros((1, d)), config.feature_norm)
     state = jax.device_put(init_probe(d, num_classes, tx, norm), sharding.replicated(mesh))
   start = int(jax.device_get(state.step))
-  probe_in = labelled_train_iterator(data_cfg, split=data_cfg.train_split,
+  probe_in = labelled.labelled_train_iterator(data_cfg, split=data_cfg.train_split,
                                      global_batch_size=bs, seed=config.seed,
                                      augment=config.augment, crop_scale=tuple(config.crop_scale),
                                      start_step=start, max_examples=config.train_examples)
@@ -675,13 +404,14 @@ def _run_streaming(config, data_cfg, net, variables, feat_fn, mesh, ckpt, writer
     f = jax.lax.stop_gradient(net.apply(frozen, batch['image'])[key]).astype(jnp.float32)
     x = apply_norm(f, config.feature_norm, st.norm)
     loss, grads = jax.value_and_grad(
-        lambda h: cross_entropy(head_logits(h, x), batch['label']))(st.head)
+        lambda h: _cross_entropy(head_logits(h, x), batch['label']))(st.head)
     updates, opt_state = tx.update(grads, st.opt_state, st.head)
     return st.replace(step=st.step + 1, head=optax.apply_updates(st.head, updates),
-                      opt_state=opt_state), {'loss': loss, 'lr': lr_fn(st.step)}
+                      opt_state=opt_state), {'loss': loss, 'lr': lr_fn(st.step),
+                                             'finite/loss': jnp.isfinite(loss)}, None
 
   step_fn = jax.jit(train_step, donate_argnums=(0,),
-                    out_shardings=(jax.tree.map(lambda a: a.sharding, abstract), None))
+                    out_shardings=(jax.tree.map(lambda a: a.sharding, abstract), None, None))
 
   def logits_fn(frozen_and_state, images):
     frozen, st = frozen_and_state
@@ -690,40 +420,37 @@ def _run_streaming(config, data_cfg, net, variables, feat_fn, mesh, ckpt, writer
   logits_fn = jax.jit(logits_fn)
 
   def evaluate(st) -> dict[str, float]:
-    out = pre_lib.extract(logits_fn, (variables, st), data_cfg, split=data_cfg.eval_split,
+    out = features.extract(logits_fn, (variables, st), data_cfg, split=data_cfg.eval_split,
                           mesh=mesh, batch_size=config.eval_batch_size,
                           max_examples=config.eval_examples)
-    return top1_top5(out['logits'], out['label'])
+    return metrics.top1_top5(out['logits'], out['label'])
 
   pre_lib.log(f'Linear probe: {probe_in.num_examples} train examples, batch {bs}, {spe} '
               f'steps/epoch x {config.epochs} epochs, augment={config.augment}, from step '
               f'{start}.')
-  every = max(1, int(config.checkpoint_every_epochs)) * spe
-  eval_every = int(config.eval_every_epochs) * spe
-  log_every = max(1, int(config.log_every_steps))
-  losses: list[Any] = []
-  t_last = time.time()
-  for step in range(start + 1, total_steps + 1):
-    batch = sharding.global_batch(mesh, next(probe_in.iterator))
-    state, m = step_fn(state, variables, batch)
-    losses.append(m)
-    if step % log_every == 0 or step == total_steps:
-      host = jax.device_get(losses)
-      losses.clear()
-      loss = float(np.mean([h['loss'] for h in host]))
-      if not math.isfinite(loss):
-        raise FloatingPointError(f'linear probe loss is {loss} at step {step}; lower '
-                                 f'config.optimizer.base_lr (now {o.base_lr}).')
-      now = time.time()
-      writer.write_scalars(step, {f'{TAG}/train_loss': loss, f'{TAG}/lr': float(host[-1]['lr']),
-                                  f'{TAG}/epoch': step / spe,
-                                  f'{TAG}/steps_per_sec': len(host) / max(now - t_last, 1e-9)})
-      t_last = now
-      pre_lib.log(f'[linear step {step}/{total_steps}] loss {loss:.4f}')
-    if eval_every > 0 and step % eval_every == 0 and step != total_steps:
-      res = evaluate(state)
-      writer.write_scalars(step, {f'{TAG}/test_{k}': v for k, v in res.items()})
-      pre_lib.log(f'[linear epoch {step // spe}] test top-1 {100 * res["top1"]:.2f}%')
-    if step % every == 0 or step == total_steps:
-      ckpt.save(step, state, {'step': step, 'epoch': step / spe}, force=True)
+
+  def on_log(step, avg, host, partial):
+    del host, partial
+    writer.write_scalars(step, {f'{TAG}/train_loss': avg['loss'], f'{TAG}/lr': avg['lr'],
+                                f'{TAG}/epoch': step / spe,
+                                f'{TAG}/steps_per_sec': avg['steps_per_sec']})
+    pre_lib.log(f'[linear step {step}/{total_steps}] loss {avg["loss"]:.4f}')
+
+  def eval_action(step, st, _):
+    res = evaluate(st)
+    writer.write_scalars(step, {f'{TAG}/test_{k}': v for k, v in res.items()})
+    pre_lib.log(f'[linear epoch {step // spe}] test top-1 {100 * res["top1"]:.2f}%')
+
+  batches = (sharding.global_batch(mesh, b) for b in probe_in.iterator)
+  out = loop.run(
+      state, lambda st, batch: step_fn(st, variables, batch), batches, start_step=start, total_steps=total_steps,
+      log_every=max(1, int(config.log_every_steps)), on_log=on_log, log=pre_lib.log,
+      actions=[loop.Action('eval', loop.steps(config, 'eval_every', spe), eval_action,
+                           skip_last=True),
+               loop.Action('checkpoint', loop.steps(config, 'checkpoint_every', spe, default=spe),
+                           lambda step, st, _: ckpt.save(step, st, {'step': step,
+                                                                   'epoch': step / spe},
+                                                         force=True))],
+      nonfinite_hint=f'Lower config.optimizer.base_lr (now {o.base_lr}).')
+  state = out.state
   return evaluate(state), total_steps
