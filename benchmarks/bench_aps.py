@@ -20,7 +20,6 @@ machine, for runtime estimates).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 import time
@@ -28,14 +27,11 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
+from _common import load_config  # noqa: E402  (benchmarks/ is the script's directory)
 
 
 def _config(backbone: str, batch: int, patch: int, ratio: float, dtype: str):
-  spec = importlib.util.spec_from_file_location(
-      'cfg_aps', os.path.join(os.path.dirname(__file__), '..', 'configs', 'aps.py'))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config(f'cifar10,{backbone}')
+  c = load_config('aps', f'cifar10,{backbone}')
   c.batch_size = batch
   c.model.patch_size = patch
   c.model.dtype = dtype

@@ -1,4 +1,4 @@
-"""Small shared helpers for method tests: load a config file, run a short real-data loop."""
+"""Small shared helpers for tests: load a config file, run a short real-data loop, a numpy kNN."""
 import os
 
 import numpy as np
@@ -21,7 +21,7 @@ def short_real_run(config, workdir, *, steps=30, batch=32, examples=512, knn=Fal
   config.batch_size = batch
   config.log_every_steps = 1
   config.checkpoint.every_steps = 10_000
-  config.knn.update({'at_start': knn, 'at_end': knn})
+  config.evals.knn.update({'at_start': knn, 'at_end': knn})
   config.data.data_dir = TFDS_DATA_DIR
   config.data.train_split = f'train[:{examples}]'
   config.data.shuffle_buffer = examples
@@ -32,3 +32,33 @@ def decreased(res, n=6, skip=0):
   """Mean loss of steps ``skip..skip+n`` and of the last ``n`` steps."""
   losses = np.array([l for _, l in res['loss_history']])
   return losses[skip:skip + n].mean(), losses[-n:].mean()
+
+
+def knn_reference(bank, labels, queries, num_classes, k, temperature=1.0, weighted=True,
+                  metric='cosine'):
+  """Slow obvious kNN class scores [Q, C]: ``score[q, c] = sum_{j in NN_k(q)} w_qj [y_j = c]``,
+  ``w = exp(sim / T)`` (``weighted``) or 1; ``sim`` = cosine or minus the L2 distance."""
+  bank = np.asarray(bank, np.float64)
+  queries = np.asarray(queries, np.float64)
+  if metric == 'cosine':
+    bank = bank / np.linalg.norm(bank, axis=1, keepdims=True)
+    queries = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    sims = queries @ bank.T
+  else:
+    sims = -np.linalg.norm(queries[:, None, :] - bank[None, :, :], axis=-1)
+  k = min(k, len(bank))
+  out = np.zeros((len(queries), num_classes))
+  for i in range(len(queries)):
+    for j in np.argsort(-sims[i], kind='stable')[:k]:
+      out[i, labels[j]] += np.exp(sims[i, j] / temperature) if weighted else 1.0
+  return out
+
+
+def split_images(split: str, n: int):
+  """The first ``n`` (uint8 image, label) pairs of CIFAR-10 ``split`` in reading order, read
+  with plain ``tfds.load`` (real data, or ``tfds.testing.mock_data`` inside that context)."""
+  import tensorflow_datasets as tfds
+  ds = tfds.load('cifar10', split=split, data_dir=TFDS_DATA_DIR, shuffle_files=False)
+  ex = list(tfds.as_numpy(ds.take(n)))
+  assert len(ex) == n, (split, n, len(ex))
+  return (np.stack([e['image'] for e in ex]), np.array([e['label'] for e in ex], np.int32))

@@ -1,27 +1,22 @@
 """APS: patch indices sampled inside the step, the contrastive loss, tiny training runs."""
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 import tensorflow_datasets as tfds
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from harness import load_config
 from ssl_jax import methods, sharding, train
 from ssl_jax.methods import aps
 from ssl_jax.ops import patches
 
 
 def _config(arg: str = 'cifar10,runlocal'):
-  spec = importlib.util.spec_from_file_location(
-      'cfg_aps', os.path.join(os.path.dirname(__file__), '..', 'configs', 'aps.py'))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(arg)
+  return load_config('aps', arg)
 
 
 def _batch(b: int, size: int = 32, seed: int = 0) -> dict[str, jax.Array]:
@@ -93,7 +88,16 @@ def test_indices_sampled_in_step_have_configured_sizes_and_match_selective_sampl
   np.testing.assert_allclose(full, ref, rtol=1e-6)
   np.testing.assert_array_equal(out['features'], out['cls'])   # CLS feeds the projector
   assert aux.features.shape == (b, 32)
-  assert 0.0 <= float(aux.metrics['aps/view2_cover']) < 0.9
+  # view2_cover: the mean over images of the view-1 coverage (ops.patches.coverage, checked
+  # against numpy in test_patches) of the kept view-2 cells; selective sampling keeps cells that
+  # view 1 covers less than the average cell.
+  idx1, idx2 = jax.device_get(jax.jit(m.sample_indices)(rng, batch))
+  covers = [np.asarray(patches.coverage(idx1[i], grid=m.grid, box1=batch['box1'][i],
+                                        box2=batch['box2'][i], flip1=batch['flip1'][i],
+                                        flip2=batch['flip2'][i])) for i in range(b)]
+  want = np.mean([cov[idx2[i]].mean() for i, cov in enumerate(covers)])
+  np.testing.assert_allclose(float(aux.metrics['aps/view2_cover']), want, rtol=1e-5, atol=1e-7)
+  assert want < np.mean(covers), (want, np.mean(covers))
 
 
 def _np_ctr(p, z, t):
@@ -147,6 +151,7 @@ def test_loss_decreases_on_a_fixed_batch():
   assert hist[-1] < 0.5 * hist[0] and hist[-1] < min(hist[:-1]), hist
 
 
+@pytest.mark.slow
 def test_trainer_runs_all_chunks_with_momentum_target_under_mock_data(tmp_path):
   c = _config()
   c.method.update({'chunk_mode': 'all', 'momentum_target': True})
@@ -155,10 +160,16 @@ def test_trainer_runs_all_chunks_with_momentum_target_under_mock_data(tmp_path):
   c.log_every_steps = 1
   c.checkpoint.every_steps = 100
   c.checkpoint.async_save = False
-  c.knn.update({'at_start': False, 'at_end': False})
+  c.evals.knn.update({'at_start': False, 'at_end': False})
   c.data.shuffle_buffer = 64
   with tfds.testing.mock_data(num_examples=64):
     res = train.train_and_evaluate(c, str(tmp_path))    # 4 simulated devices (conftest)
   assert [s for s, _ in res['loss_history']] == [1, 2, 3]
   assert all(np.isfinite(l) for _, l in res['loss_history'])
   assert 0.0 <= res['last_metrics']['aps/view2_cover'] < 0.9
+  # The momentum target is on: the last step (from step 2) logs the EMA schedule's rate
+  # tau = final - (final - base)(cos(pi t / T) + 1) / 2 at t = 2, T = 3.
+  e = c.ema
+  tau = e.final - (e.final - e.base) * (np.cos(np.pi * 2 / 3) + 1) / 2
+  np.testing.assert_allclose(res['last_metrics']['tau'], tau, rtol=1e-6)
+  assert tau < 1.0

@@ -3,7 +3,6 @@ run on real CIFAR-10 — plus the pure pieces against scikit-learn / numpy refer
 from __future__ import annotations
 
 import glob
-import importlib.util
 import json
 import os
 import shutil
@@ -14,28 +13,25 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import REPO, TFDS_DATA_DIR
+from conftest import TFDS_DATA_DIR
+from harness import knn_reference, load_config, split_images
 from ssl_jax import config_lib, sharding, train
 from ssl_jax.evals import embedding, finetune, knn_eval, linear, pretrained, score_plots
 
-TRAIN_SPLIT = 'train[:1024]'
-EVAL_SPLIT = 'test[:256]'
-
-
-def _load_config(name: str, arg: str):
-  spec = importlib.util.spec_from_file_location(f'cfg_{name}', REPO / 'configs' / f'{name}.py')
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(arg)
+PRETRAIN_SPLIT = 'train[:1024]'
+# The evals read these whole splits (no subset draw), in stored order: the tests' references
+# read the same images with plain tfds.load.
+TRAIN_SPLIT = 'train[:256]'
+EVAL_SPLIT = 'test[:128]'
 
 
 def _eval_config(name: str, arg: str, pretrained_dir: str):
-  c = _load_config(name, arg)
+  c = load_config(name, arg)
   c.pretrained = pretrained_dir
   c.train_split = TRAIN_SPLIT
   c.eval_split = EVAL_SPLIT
-  c.train_examples = 256
-  c.eval_examples = 128
+  c.train_examples = -1
+  c.eval_examples = -1
   c.eval_batch_size = 64
   return c
 
@@ -48,18 +44,79 @@ def _tags(workdir: str) -> set[str]:
   return tags
 
 
+def _pretrained_features(pretrained_dir: str, images: np.ndarray) -> np.ndarray:
+  """Backbone features of the run's newest checkpoint, eval mode, without the eval code."""
+  from ssl_jax.models import ssl_model
+  pre, params, batch_stats, _ = pretrained.load_pretrained(pretrained_dir)
+  net = ssl_model.build_ssl_net(pre.model, image_size=images.shape[1], with_predictor=False)
+  params, batch_stats = ({k: v for k, v in tree.items() if k in ('backbone', 'projector')}
+                         for tree in (params, batch_stats))
+  out = net.apply({'params': params, 'batch_stats': batch_stats}, images, train=False,
+                  with_predictor=False)
+  return np.asarray(out['features'], np.float64)
+
+
+def _normalize(f: np.ndarray, mode: str, train: np.ndarray):
+  """The probe's feature normalisation n(f) with statistics from ``train`` (MSF: l2 then
+  standardise with the population std + 1e-6)."""
+  if mode == 'none':
+    return f
+  l2 = lambda x: x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)  # noqa: E731
+  if mode == 'l2':
+    return l2(f)
+  t = l2(train)
+  return (l2(f) - t.mean(0)) / (t.std(0) + 1e-6)
+
+
+def _probe_reference(train_f, train_y, *, steps: int, lr: float, momentum: float,
+                     weight_decay: float, feature_norm: str, num_classes: int = 10):
+  """``(W, b)`` of a full-batch softmax regression from W = 0, b = 0, in float64:
+  ``g = grad mean CE(W n(f) + b, y) + wd W``, ``m <- g + momentum m``, ``theta <- theta - lr_t m``
+  with the cosine schedule ``lr_t = lr (1 + cos(pi t / steps)) / 2``."""
+  x = _normalize(train_f, feature_norm, train_f)
+  onehot = np.eye(num_classes)[train_y]
+  w, b = np.zeros((x.shape[1], num_classes)), np.zeros(num_classes)
+  mw, mb = np.zeros_like(w), np.zeros_like(b)
+  for t in range(steps):
+    z = x @ w + b
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    g = (p - onehot) / len(x)
+    mw = x.T @ g + weight_decay * w + momentum * mw
+    mb = g.sum(0) + momentum * mb
+    lr_t = lr * (1 + np.cos(np.pi * t / steps)) / 2
+    w, b = w - lr_t * mw, b - lr_t * mb
+  return w, b
+
+
+def _topk(scores: np.ndarray, labels: np.ndarray, k: int) -> float:
+  """Top-k accuracy; a tie counts against the label (equal scores of lower class ids rank
+  above it)."""
+  own = scores[np.arange(len(labels)), labels][:, None]
+  ids = np.arange(scores.shape[1])[None, :]
+  rank = np.sum((scores > own) | ((scores == own) & (ids < labels[:, None])), axis=1)
+  return float(np.mean(rank < k))
+
+
+@pytest.fixture(scope='module')
+def eval_data():
+  """The images the evals see: TRAIN_SPLIT (256) and EVAL_SPLIT (128), read with plain
+  tfds.load (CIFAR's eval transform, resize to 32 + centre crop 32, is the identity)."""
+  return split_images(TRAIN_SPLIT, 256), split_images(EVAL_SPLIT, 128)
+
+
 @pytest.fixture(scope='module')
 def pretrained_dir(tmp_path_factory):
   """A 3-step BYOL resnet_tiny run on real CIFAR-10 (its checkpoint is what we evaluate)."""
   assert TFDS_DATA_DIR, 'set TFDS_DATA_DIR to a data dir with cifar10 (../shared/data/tfds)'
-  c = _load_config('byol', 'cifar10,runlocal')
+  c = load_config('byol', 'cifar10,runlocal')
   c.total_steps = 3
   c.batch_size = 16
   c.log_every_steps = 3
   c.checkpoint.every_steps = 2   # checkpoints at steps 2 and 3
   c.checkpoint.async_save = False
-  c.knn.update({'at_start': False, 'at_end': False})
-  c.data.train_split = TRAIN_SPLIT
+  c.evals.knn.update({'at_start': False, 'at_end': False})
+  c.data.train_split = PRETRAIN_SPLIT
   c.data.data_dir = TFDS_DATA_DIR
   workdir = str(tmp_path_factory.mktemp('pretrain'))
   res = train.train_and_evaluate(c, workdir)
@@ -148,7 +205,7 @@ def test_finetune_summarize_history_last_and_best():
 
 def test_finetune_aps_preset_is_the_released_recipe():
   for vit, lr in (('vit_tiny', 2e-3), ('vit_small', 1e-3), ('vit_base', 5e-4)):
-    c = _load_config('eval_finetune', f'cifar100,aps,{vit}')
+    c = load_config('eval_finetune', f'cifar100,aps,{vit}')
     # Released lr x B / 512 == our base_lr x B / 256.
     assert c.optimizer.base_lr * c.batch_size / 256 == pytest.approx(lr * 128 / 512)
     assert (c.label_fraction, c.epochs, c.batch_size, c.optimizer.name) == ('100%', 100, 128,
@@ -157,12 +214,12 @@ def test_finetune_aps_preset_is_the_released_recipe():
         0.05, 5.0, 0.1)
     assert (c.drop_path, c.ema_decay, c.eval_every_epochs, c.recipe_backbone) == (
         0.1, 0.99996, 1, vit)
-  default = _load_config('eval_finetune', 'cifar10,1%')
+  default = load_config('eval_finetune', 'cifar10,1%')
   assert (default.drop_path, default.ema_decay, default.epochs) == (0.0, 0.0, 60)
   for bad in ('cifar10,vit_tiny', 'cifar10,aps,vit_huge'):
     with pytest.raises(config_lib.ConfigError, match='not recognised'):
-      _load_config('eval_finetune', bad)
-  c = _load_config('eval_finetune', 'cifar10,aps')
+      load_config('eval_finetune', bad)
+  c = load_config('eval_finetune', 'cifar10,aps')
   c.pretrained = '/x'
   for key, value in (('drop_path', 1.0), ('ema_decay', -0.1), ('ema_decay', 1.0)):
     bad = c.copy_and_resolve_references()
@@ -248,18 +305,19 @@ def test_load_pretrained_errors_name_the_problem(tmp_path):
   (tmp_path / 'config.json').write_text('{}')
   with pytest.raises(pretrained.PretrainedNotFound, match='No checkpoint in'):
     pretrained.load_pretrained(str(tmp_path))
-  c = _load_config('eval_knn', 'cifar10')
+  c = load_config('eval_knn', 'cifar10')
   c.metric = 'dot'
   c.pretrained = str(tmp_path)
   with pytest.raises(config_lib.ConfigError, match="metric='dot'.*accepted: cosine, euclidean"):
     knn_eval.validate(c)
   with pytest.raises(config_lib.ConfigError, match="'bogus'.*accepted"):
-    _load_config('eval_linear', 'cifar10,bogus')
+    load_config('eval_linear', 'cifar10,bogus')
 
 
 # =============================================================================================
 # Each mode on the tiny pretrained run
 # =============================================================================================
+@pytest.mark.slow
 def test_load_pretrained_and_export(pretrained_dir, tmp_path):
   from ssl_jax import export
   from ssl_jax import main as main_lib
@@ -290,43 +348,96 @@ def test_load_pretrained_and_export(pretrained_dir, tmp_path):
   assert tv[1].conv1.kernel_size == (3, 3)   # the CIFAR stem
 
 
-def test_linear_probe_cached_and_streaming(pretrained_dir, tmp_path):
+@pytest.mark.slow
+def test_linear_probe_cached_and_streaming(pretrained_dir, eval_data, tmp_path):
+  (train_x, train_y), (test_x, test_y) = eval_data
+  train_f = _pretrained_features(pretrained_dir, train_x)
+  test_f = _pretrained_features(pretrained_dir, test_x)
+  # Cached, full batch (256 = all train examples): 5 epochs are 5 gradient steps on the whole
+  # set, which a float64 numpy softmax regression on independently computed features repeats.
   c = _eval_config('eval_linear', 'cifar10,runlocal,cache', pretrained_dir)
   c.epochs = 5
-  c.optimizer.base_lr = 1.0
+  c.batch_size = 256
+  c.optimizer.base_lr = 0.5
+  c.optimizer.weight_decay = 1e-3
   res = linear.run(c, str(tmp_path / 'cached'))
-  assert 0.0 <= res['top1'] <= res['top5'] <= 1.0 and res['cache_features']
+  assert res['cache_features']
+  w, b = _probe_reference(train_f, train_y, steps=5, lr=0.5, momentum=0.9, weight_decay=1e-3,
+                          feature_norm='none')
+  probe, step = pretrained.restore_state(str(tmp_path / 'cached'), items=('head',))
+  assert step == 5
+  scale = np.abs(w).max()
+  np.testing.assert_allclose(probe['head']['kernel'], w, rtol=1e-3, atol=1e-3 * scale)
+  np.testing.assert_allclose(probe['head']['bias'], b, rtol=1e-3, atol=1e-3 * np.abs(b).max())
+  ref = test_f @ w + b
+  # One example of slack (1/128) for a float32-vs-float64 near-tie.
+  assert abs(res['top1'] - _topk(ref, test_y, 1)) <= 1 / 128 + 1e-9, (res, _topk(ref, test_y, 1))
+  assert abs(res['top5'] - _topk(ref, test_y, 5)) <= 1 / 128 + 1e-9, (res, _topk(ref, test_y, 5))
   # Resume: the finished run restores its last checkpoint and reports the same numbers.
   again = linear.run(c, str(tmp_path / 'cached'))
-  assert again['top1'] == res['top1']
+  assert (again['top1'], again['top5']) == (res['top1'], res['top5'])
 
+  # Streaming, MSF protocol, augmented: the checkpointed probe is the one that was scored, and
+  # its normalisation holds the train features' l2-then-standardise statistics.
   s = _eval_config('eval_linear', 'cifar10,runlocal,msf', pretrained_dir)
   s.epochs = 1
   s.batch_size = 32
-  res = linear.run(s, str(tmp_path / 'stream'))
-  assert 0.0 <= res['top1'] <= res['top5'] <= 1.0 and res['augment'] == 'rrc_flip'
-  for d in ('cached', 'stream'):
+  stream = linear.run(s, str(tmp_path / 'stream'))
+  assert stream['augment'] == 'rrc_flip' and stream['feature_norm'] == 'l2_standardize'
+  probe, step = pretrained.restore_state(str(tmp_path / 'stream'), items=('head', 'norm'))
+  assert step == 8                                                # 256 / 32 steps x 1 epoch
+  l2 = train_f / np.linalg.norm(train_f, axis=1, keepdims=True)
+  np.testing.assert_allclose(probe['norm']['mean'], l2.mean(0), rtol=1e-3, atol=1e-5)
+  np.testing.assert_allclose(probe['norm']['std'], l2.std(0) + 1e-6, rtol=1e-3, atol=1e-5)
+  logits = (_normalize(test_f, 'l2_standardize', train_f) @ probe['head']['kernel']
+            + probe['head']['bias'])
+  assert np.abs(probe['head']['kernel']).max() > 0                # trained from W = 0
+  assert abs(stream['top1'] - _topk(logits, test_y, 1)) <= 1 / 128 + 1e-9, stream
+  assert abs(stream['top5'] - _topk(logits, test_y, 5)) <= 1 / 128 + 1e-9, stream
+  for d, r in (('cached', res), ('stream', stream)):
     tags = _tags(str(tmp_path / d))
     assert {'offline_linear/test_top1', 'offline_linear/test_top5',
             'offline_linear/train_loss'} <= tags, tags
     assert not any(t.startswith(('online_probe', 'monitor')) for t in tags)
     assert os.listdir(tmp_path / d / 'checkpoints')
-    assert json.loads((tmp_path / d / 'results.json').read_text())['top1'] >= 0.0
+    saved = json.loads((tmp_path / d / 'results.json').read_text())
+    assert (saved['top1'], saved['top5']) == (r['top1'], r['top5'])
 
 
-def test_finetune_on_label_subset(pretrained_dir, tmp_path):
+def _finetuned_accuracies(state, backbone, test_x, test_y) -> dict[str, float]:
+  """Top-1 / top-5 of the fine-tuned network (online and EMA) on the eval images, in eval
+  mode, computed here rather than by the eval."""
+  net = finetune.FinetuneNet(backbone, 10)
+  out = {}
+  for prefix, p, bs in (('', state.params, state.batch_stats),
+                        ('ema_', state.ema_params, state.ema_batch_stats)):
+    if p:
+      logits = np.asarray(net.apply({'params': jax.device_get(p),
+                                     'batch_stats': jax.device_get(bs)}, test_x, train=False))
+      out.update({f'{prefix}top1': _topk(logits, test_y, 1),
+                  f'{prefix}top5': _topk(logits, test_y, 5)})
+  return out
+
+
+@pytest.mark.slow
+def test_finetune_on_label_subset(pretrained_dir, eval_data, tmp_path):
+  from ssl_jax.models import ssl_model
   c = _eval_config('eval_finetune', 'cifar10,10%,runlocal', pretrained_dir)
   c.epochs = 2
   c.eval_every_epochs = 1
   c.ema_decay = 0.5   # large, so that the EMA visibly differs from both ends of the run
   res = finetune.run(c, str(tmp_path))
-  assert 0.0 <= res['top1'] <= res['top5'] <= 1.0
+  # The reported last numbers are the final network's (online and EMA) on the 128 eval images.
+  pre = pretrained.load_pretrained(pretrained_dir)[0]
+  ref = _finetuned_accuracies(res['final_state'], ssl_model.build_backbone(pre.model, 32),
+                              *eval_data[1])
+  for key in ('top1', 'top5', 'ema_top1', 'ema_top5'):
+    assert abs(res[f'{key}_last'] - ref[key]) <= 1 / 128 + 1e-9, (key, res[f'{key}_last'], ref)
   # Last and best, online and EMA, over the per-epoch evaluations.
   assert [h['epoch'] for h in res['history']] == [1, 2]
   assert res['top1'] == res['top1_last'] == res['history'][-1]['top1']
   assert res['top1_best'] == max(h['top1'] for h in res['history']) >= res['top1_last']
   assert res['best_epoch'] in (1, 2) and res['ema_best_epoch'] in (1, 2)
-  assert 0.0 <= res['ema_top1_last'] <= res['ema_top5_last'] <= 1.0
   saved = json.loads((tmp_path / 'results.json').read_text())
   for key in ('top1_last', 'top5_last', 'top1_best', 'top5_best', 'best_epoch', 'ema_top1_last',
               'ema_top1_best', 'ema_best_epoch', 'history'):
@@ -362,7 +473,7 @@ def _fake_aps_run(workdir: str):
   compiles; the fine-tuning is what is tested.)"""
   from ssl_jax import checkpoint as ckpt_lib
   from ssl_jax.models import ssl_model
-  p = _load_config('aps', 'cifar10,runlocal')
+  p = load_config('aps', 'cifar10,runlocal')
   p.data.data_dir = TFDS_DATA_DIR
   net = ssl_model.build_ssl_net(p.model, image_size=32)
   shapes = jax.eval_shape(net.init, jax.random.key(0), jnp.zeros((2, 32, 32, 3), jnp.uint8))
@@ -382,7 +493,8 @@ def _fake_aps_run(workdir: str):
   ck.close()
 
 
-def test_finetune_aps_vit_with_drop_path_and_ema(tmp_path):
+@pytest.mark.slow
+def test_finetune_aps_vit_with_drop_path_and_ema(eval_data, tmp_path):
   """The APS fine-tune preset on an APS (vit_test) checkpoint: drop-path active in the train
   step only (eval is deterministic), EMA evaluated alongside, last / best reported."""
   from ssl_jax.models import ssl_model
@@ -401,8 +513,13 @@ def test_finetune_aps_vit_with_drop_path_and_ema(tmp_path):
   res = finetune.run(c, str(tmp_path / 'ft'))
   assert [h['epoch'] for h in res['history']] == [1, 2]
   assert res['drop_path'] == 0.1 and res['backbone'] == 'vit_test'
-  for key in ('top1_last', 'top1_best', 'ema_top1_last', 'ema_top1_best'):
-    assert 0.0 <= res[key] <= 1.0, key
+  assert res['top1_best'] == max(h['top1'] for h in res['history'])
+  assert res['ema_top1_best'] == max(h['ema_top1'] for h in res['history'])
+  # The last numbers are the final ViT's (online and EMA, eval mode: no drop-path).
+  ref = _finetuned_accuracies(res['final_state'], ssl_model.build_backbone(pre.model, 32),
+                              *eval_data[1])
+  for key in ('top1', 'top5', 'ema_top1', 'ema_top5'):
+    assert abs(res[f'{key}_last'] - ref[key]) <= 1 / 128 + 1e-9, (key, res[f'{key}_last'], ref)
   # The fine-tuning network: drop-path rates 0 .. 0.1 over the 2 blocks; train mode draws
   # per-sample masks from the 'dropout' rng, eval mode is deterministic.
   net = finetune.FinetuneNet(ssl_model.build_backbone(pre.model, 32, drop_path_rate=0.1), 10)
@@ -439,7 +556,8 @@ def test_knn_grid_sorts_numerically():
                                           'weighted_k100_t0.1', 'unweighted_k1', 'unweighted_k20']
 
 
-def test_knn_and_embed_modes(pretrained_dir, tmp_path):
+@pytest.mark.slow
+def test_knn_and_embed_modes(pretrained_dir, eval_data, tmp_path):
   c = _eval_config('eval_knn', 'cifar10,runlocal', pretrained_dir)
   c.temperatures = (0.07, 0.1)
   res = knn_eval.run(c, str(tmp_path / 'knn'))
@@ -448,6 +566,23 @@ def test_knn_and_embed_modes(pretrained_dir, tmp_path):
                       ('weighted_k20_t0.07', 'weighted_k20_t0.1', 'unweighted_k1',
                        'unweighted_k20')}
   assert res['bank_size'] == 256
+  # Every setting's test and held-out numbers against a numpy kNN on features computed here
+  # (bank: the 256 train images; held out: the seeded stratified 10% of them).
+  (train_x, train_y), (test_x, test_y) = eval_data
+  bank, test = _pretrained_features(pretrained_dir, train_x), _pretrained_features(
+      pretrained_dir, test_x)
+  fit, held = knn_eval.holdout_split(train_y, 0.1, seed=0)
+  grid = {r['setting']: r for r in res['holdout_grid']}
+  for name, k, t, weighted in (('weighted_k20_t0.07', 20, 0.07, True),
+                               ('weighted_k20_t0.1', 20, 0.1, True),
+                               ('unweighted_k1', 1, 1.0, False),
+                               ('unweighted_k20', 20, 1.0, False)):
+    ref = knn_reference(bank, train_y, test, 10, k, t, weighted)
+    val = knn_reference(bank[fit], train_y[fit], bank[held], 10, k, t, weighted)
+    for j in (1, 5):   # one query of slack for a float32 near-tie among the neighbours
+      assert abs(acc[f'top{j}_{name}'] - _topk(ref, test_y, j)) <= 1 / 128 + 1e-9, (name, j)
+      assert abs(grid[name][f'top{j}'] - _topk(val, train_y[held], j)) <= 1 / len(held) + 1e-9, (
+          name, j)
   assert 'offline_knn/top1_unweighted_k20' in _tags(str(tmp_path / 'knn'))
   # Honest selection: the setting with the best held-out (train-split) top-1, the first in
   # grid order on ties; its test accuracy is reported; grids come in numeric order.
@@ -461,7 +596,7 @@ def test_knn_and_embed_modes(pretrained_dir, tmp_path):
   held = int(res['selected_on'].split()[0])       # ~10% of each class of the 256-image bank
   assert 20 <= held <= 30 and 'held-out train' in res['selected_on'], res['selected_on']
 
-  c.embed.num_examples = 64
+  c.embed.num_examples = 128   # the whole eval split, in order
   c.embed.score_examples = 32
   res = embedding.run(c, str(tmp_path / 'embed'))
   assert res['embedding_method'] in ('umap', 'tsne')
@@ -469,8 +604,11 @@ def test_knn_and_embed_modes(pretrained_dir, tmp_path):
   for name in ('embedding.png', 'scores.png'):
     with open(tmp_path / 'embed' / name, 'rb') as f:
       assert f.read(8) == b'\x89PNG\r\n\x1a\n'
-  assert np.load(tmp_path / 'embed' / 'embedding.npz')['coords'].shape == (64, 2)
-  assert -1.0 <= res['neg_mean'] <= 1.0 and -1.0 <= res['pos_mean'] <= 1.0
+  saved = np.load(tmp_path / 'embed' / 'embedding.npz')
+  assert saved['coords'].shape == (128, 2)
+  np.testing.assert_array_equal(saved['labels'], test_y)
+  # Two views of one image score higher than views of different images (cosine, in [-1, 1]).
+  assert -1.0 <= res['neg_mean'] < res['pos_mean'] <= 1.0, res
 
 
 def test_eval_data_overrides_that_would_be_ignored_are_errors():
@@ -478,7 +616,7 @@ def test_eval_data_overrides_that_would_be_ignored_are_errors():
   import ml_collections
   from ssl_jax import config_lib, data
   pre = ml_collections.ConfigDict({'data': data.default_data_config('cifar10').to_dict()})
-  c = _load_config('eval_knn', 'cifar10')
+  c = load_config('eval_knn', 'cifar10')
   c.pretrained = '/runs/x'
   c.folder_root = '/data/my_folder'
   with pytest.raises(config_lib.ConfigError, match=r'folder_root=.* is not read: .*TFDS dataset '
@@ -487,7 +625,7 @@ def test_eval_data_overrides_that_would_be_ignored_are_errors():
   c.source = 'folder'
   d = pretrained.eval_data_config(c, pre)
   assert d.source == 'folder' and d.folder_root == '/data/my_folder'
-  c2 = _load_config('eval_knn', '')
+  c2 = load_config('eval_knn', '')
   c2.pretrained = '/runs/x'
   c2.source, c2.data_dir = 'folder', '/tfds'
   with pytest.raises(config_lib.ConfigError, match=r'data_dir=.* is not read.*folder_root'):

@@ -36,6 +36,8 @@ import sys
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow   # a float64 ResNet-18 + PyTorch subprocess per method
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 

@@ -1,6 +1,5 @@
 """Preemption and failures: SIGTERM checkpoints and exits, SIGKILL + restart equals an
 uninterrupted run, NaN stops the run naming the step and keeps the last good checkpoint."""
-import importlib.util
 import os
 import re
 import signal
@@ -14,20 +13,21 @@ import pytest
 import tensorflow_datasets as tfds
 
 from conftest import TFDS_DATA_DIR
+from harness import load_config
 from ssl_jax import train
+
+pytestmark = pytest.mark.slow   # trains, and starts the trainer as a subprocess
 
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
 STEPS = 8
 OVERRIDES = {'total_steps': STEPS, 'batch_size': 16, 'log_every_steps': 1,
-             'checkpoint.every_steps': 2, 'knn.at_start': False, 'knn.at_end': False,
-             'data.train_split': 'train[:256]', 'data.shuffle_buffer': 256}
+             'checkpoint.every_steps': 2, 'evals.knn.at_start': False,
+             'evals.knn.at_end': False, 'data.train_split': 'train[:256]',
+             'data.shuffle_buffer': 256}
 
 
 def _config():
-  spec = importlib.util.spec_from_file_location('moco_cfg', os.path.join(REPO, 'configs', 'moco.py'))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config('cifar10,runlocal')
+  c = load_config('moco', 'cifar10,runlocal')
   for k, v in OVERRIDES.items():
     section, _, field = k.rpartition('.')
     (c[section] if section else c)[field] = v
@@ -116,7 +116,8 @@ def test_nan_stops_with_step_and_metric_and_keeps_last_good_checkpoint(tmp_path)
       train.train_and_evaluate(c, str(tmp_path))
   bad_step = int(re.search(r'at step (\d+)', str(e.value)).group(1))
   steps = sorted(int(d) for d in os.listdir(tmp_path / 'checkpoints') if d.isdigit())
-  assert steps and steps[-1] < bad_step
+  # Every step is checked before it is saved, so the newest checkpoint is the step before.
+  assert steps and steps[-1] == bad_step - 1, (steps, bad_step)
   mngr = ocp.CheckpointManager(str(tmp_path / 'checkpoints'), item_names=('state', 'meta'))
   raw = mngr.restore(steps[-1], args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']
   mngr.close()

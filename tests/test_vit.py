@@ -107,13 +107,8 @@ def test_defaults_follow_the_official_aps_model():
   assert set(params['block_0']['attn']['qkv']) == {'kernel'}
   assert set(params['block_0']['attn']['proj']) == {'kernel', 'bias'}
   # configs/aps.py sets both fields; build_backbone passes them on.
-  import importlib.util
-  import os
-  path = os.path.join(os.path.dirname(__file__), '..', 'configs', 'aps.py')
-  spec = importlib.util.spec_from_file_location('aps_cfg_for_vit_test', path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config('cifar10,vit_tiny')
+  from harness import load_config
+  c = load_config('aps', 'cifar10,vit_tiny')
   assert c.model.qkv_bias is False and c.model.layer_norm_eps == 1e-5
   built = ssl_model.build_backbone(c.model, 32)
   assert (built.qkv_bias, built.layer_norm_eps, built.patch_size) == (False, 1e-5, 2)

@@ -6,7 +6,11 @@ import subprocess
 import sys
 from importlib import metadata
 
+import pytest
+
 import conftest
+
+pytestmark = pytest.mark.slow   # each check starts a Python subprocess
 
 FLAG = '--xla_cpu_experimental_ynn_fusion_type'
 PROBE = ('import os, ssl_jax, jax.numpy as jnp; '
