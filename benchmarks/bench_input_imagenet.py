@@ -13,15 +13,18 @@ views + label), and CPU-ms per image = user + system CPU time of every process a
 involved (ours: the one process, ``time.process_time``; torch: the main process and its workers,
 from ``/proc``) divided by the images.
 
-The images: the 1,000 ImageNet validation JPEGs (one per class) of
+The images: the 1,000 ImageNet JPEGs (one random image per class) of
 github.com/EliSchwartz/imagenet-sample-images, arranged as ``ROOT/train/<wnid>/<file>``::
 
   git clone --depth 1 https://github.com/EliSchwartz/imagenet-sample-images /tmp/inet
-  mkdir -p /work/imagenet_sample_folder/train
+  ROOT=/work/imagenet_sample_folder
   for f in /tmp/inet/*.JPEG; do b=$(basename $f); c=${b%%_*}
-    mkdir -p /work/imagenet_sample_folder/train/$c && ln -s $f /work/imagenet_sample_folder/train/$c/
+    mkdir -p $ROOT/train/$c && ln -s $f $ROOT/train/$c/
   done
-  python benchmarks/bench_input_imagenet.py --root /work/imagenet_sample_folder --repeats 3
+  python benchmarks/bench_input_imagenet.py --root $ROOT --repeats 3
+
+``--sides before,ours,torch --before_repo DIR`` adds the ssl_jax of another checkout (e.g. the
+commit before a change) as side 'before'.
 
 ``--stages`` instead prints our CPU-ms per image by stage (decode, crop, colour; one thread,
 inside tf.data), for finding the hot spot.
@@ -99,11 +102,18 @@ def run_torch(args) -> dict:
   import torch  # pylint: disable=import-outside-toplevel
   from PIL import Image  # pylint: disable=import-outside-toplevel
   from ssl_jax import export  # pylint: disable=import-outside-toplevel
-  from ssl_jax.data import sources  # pylint: disable=import-outside-toplevel
   warnings.filterwarnings('ignore')
   tv = export.import_torchvision()
   from torchvision.transforms import v2  # pylint: disable=import-outside-toplevel
-  paths, labels, _ = sources.list_image_folder(args.root, 'train')
+  # The folder's files as ours lists them, without importing TensorFlow into the torch side.
+  split = os.path.join(args.root, 'train')
+  classes = sorted(c for c in os.listdir(split) if not c.startswith('.'))
+  paths, labels = [], []
+  for label, c in enumerate(classes):
+    for f in sorted(os.listdir(os.path.join(split, c))):
+      if f.lower().endswith(('.jpg', '.jpeg', '.png')) and not f.startswith('.'):
+        paths.append(os.path.join(split, c, f))
+        labels.append(label)
   t1, t2 = _torch_view(v2, 1.0, 0.0), _torch_view(v2, 0.1, 0.2)
 
   class TwoViews(torch.utils.data.Dataset):
@@ -125,7 +135,8 @@ def run_torch(args) -> dict:
   it = forever()
   for _ in range(args.warmup):
     next(it)
-  pids = [os.getpid()] + [w.pid for w in loader._iterator._workers]  # pylint: disable=protected-access
+  workers = loader._iterator._workers  # pylint: disable=protected-access
+  pids = [os.getpid()] + [w.pid for w in workers]
   c0, t0 = _proc_cpu_seconds(pids), time.perf_counter()
   for _ in range(args.batches):
     v1, _, _ = next(it)

@@ -215,6 +215,10 @@ def validate(c: ml_collections.ConfigDict, *, num_devices: int | None = None,
       num_devices is None or bn_group >= num_devices or num_devices % bn_group == 0))),
       'model.bn_group_size', bn_group, '-1 (all devices) or a device count >= 1 dividing the '
       f'number of devices ({num_devices})')
+  stray = sorted(set(c.knn.keys()) - {'recall_target'})
+  require(not stray, f'knn.{stray[0] if stray else ""}', stray,
+          'only knn.recall_target here; the kNN evaluator\'s fields are config.evals.knn.* '
+          '(e.g. --config.evals.knn.train_examples)')
   recall = c.knn.get('recall_target', 1.0)
   require(_finite_number(recall) and 0 < recall <= 1, 'knn.recall_target', recall,
           'a number in (0, 1]; 1 = exact top-k')

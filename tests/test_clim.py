@@ -122,6 +122,7 @@ def _tiny_config(**method):
   return c
 
 
+@pytest.mark.slow
 def test_tiny_run_on_four_devices_compiles_once_and_loss_decreases():
   c = _tiny_config()
   parts, mesh = method_steps.build(c, 4)
@@ -168,6 +169,7 @@ def test_tiny_run_on_four_devices_compiles_once_and_loss_decreases():
 
 
 @pytest.mark.slow   # compiles the step on 1 and 4 devices
+@pytest.mark.slow
 def test_per_device_pools_on_four_devices_equal_one_device_and_move_no_image():
   """partner_pool=0 on 4 devices (4 images per device) is partner_pool=4 on one device; the
   compiled 4-device step has no collective carrying images; partner_pool=-1 (the whole batch)

@@ -157,3 +157,12 @@ def test_config_docstrings_table_the_reference():
     doc = _doc(name)
     assert 'field' in doc and 'reference' in doc and 'source' in doc, name
     assert 'Deviations' in doc and 'visresearch/aps' in doc, name
+
+
+def test_kNN_evaluator_fields_under_the_old_knn_key_are_an_error():
+  """config.knn holds only the search's recall_target since the evaluators moved to
+  config.evals: a stale ``knn.train_examples`` would be silently ignored, so it is an error."""
+  c = load_config('byol', 'cifar10,runlocal')
+  c.knn.train_examples = 64
+  with pytest.raises(config_lib.ConfigError, match=r'config\.knn\.train_examples=.*evals\.knn'):
+    train.validate_config(c, num_devices=1)

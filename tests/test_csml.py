@@ -83,6 +83,7 @@ def _tiny_config(**method):
   return c
 
 
+@pytest.mark.slow
 def test_tiny_run_per_level_queues_and_loss_decreases():
   c = _tiny_config()
   parts, mesh = method_steps.build(c, 1)
@@ -128,6 +129,7 @@ def test_tiny_run_per_level_queues_and_loss_decreases():
 
 
 @pytest.mark.slow   # compiles the step on 1 and 4 devices
+@pytest.mark.slow
 def test_per_device_pools_on_four_devices_equal_one_device():
   """partner_pool=0 on 4 devices (4 images each) is partner_pool=4 on one device."""
   rs = np.random.RandomState(1)

@@ -544,6 +544,7 @@ def global_batches(cfg, gbs, pc, steps, start_step=0, seed=0):
   return out
 
 
+@pytest.mark.slow
 def test_global_batches_do_not_depend_on_process_count_real_cifar10():
   """A faked 2-process run used to differ from one process from its first step: each host
   shuffled its own slice and drew augmentations by host-local row."""
@@ -564,6 +565,7 @@ def test_global_batches_do_not_depend_on_process_count_real_cifar10():
   assert not np.array_equal(one[0]['view1'], one[0]['view2'])
 
 
+@pytest.mark.slow
 def test_global_batches_do_not_depend_on_process_count_folder(labelled_folder):
   """Image folders: per-example crops seeded by the global position, colour by groups."""
   cfg = folder_cfg(labelled_folder, 'aps')

@@ -67,6 +67,7 @@ def test_coefficients_have_the_paper_ranges():
   assert sorted(np.asarray(perm).tolist()) == list(range(10))
 
 
+@pytest.mark.slow
 def test_short_real_run_writes_score_plots_and_loss_decreases(tmp_path):
   c = harness.load_config('ft')
   c.optimizer.base_lr = 2.0
@@ -139,6 +140,7 @@ def _step_config(**method):
 
 
 @pytest.mark.slow   # compiles the step on 1 and 4 devices
+@pytest.mark.slow
 def test_pod_law_reproduced_on_one_device_and_queue_never_moves():
   """interp_pool=0 on 4 devices (blocks of K/4 rows) is interp_pool=K/4 on one device; the
   4-device step moves no queue-sized array; interp_pool=-1 (whole queue) says it moves it."""

@@ -19,6 +19,7 @@ def _n(x):
   return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
+@pytest.mark.slow
 def test_symmetric_loss_is_the_mean_of_both_directions_with_a_queue_per_view():
   c = load_config('moco')
   c.method.symmetric = True

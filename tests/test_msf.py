@@ -2,6 +2,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from ssl_jax import sharding
 from ssl_jax.methods import msf
@@ -60,11 +61,12 @@ def test_sharded_bank_gives_same_loss_and_never_written_rows_are_masked():
   np.testing.assert_allclose(got1, ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_short_real_run_loss_decreases_and_knn_rises_above_untrained(tmp_path):
   c = harness.load_config('msf')
   c.optimizer.base_lr = 0.4
   c.method.bank_size = 1024
-  c.knn.update({'train_examples': 2000, 'eval_examples': 500, 'k': 20, 'batch_size': 500})
+  c.evals.knn.update({'train_examples': 2000, 'eval_examples': 500, 'k': 20, 'batch_size': 500})
   res = harness.short_real_run(c, tmp_path, steps=60, batch=64, examples=4096, knn=True)
   first, last = harness.decreased(res)
   assert last < first, (first, last)

@@ -6,8 +6,11 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 import mp_common
+
+pytestmark = pytest.mark.slow  # two-process runs (subprocesses)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

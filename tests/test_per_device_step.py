@@ -24,6 +24,7 @@ def _allreduce_bytes(parts, mesh, batch) -> int:
 
 
 @pytest.mark.slow   # compiles the step on 1 and 4 devices
+@pytest.mark.slow
 def test_byol_gradients_are_all_reduced_once_and_equal_one_device(monkeypatch):
   """BYOL applies the online network twice; the trainer's step all-reduces its gradients once
   (plain ``jax.value_and_grad`` reduces each application's: one more copy of the gradients),

@@ -18,6 +18,8 @@ import pytest
 from fake_gcloud import fake_gcloud as fg
 from ssl_jax import train
 
+pytestmark = pytest.mark.slow  # runs the launcher and its fake gcloud in subprocesses
+
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
 LAUNCHER = os.path.join(REPO, 'launch', 'tpu_pod.sh')
 LIBTPU = 'https://storage.googleapis.com/jax-releases/libtpu_releases.html'
