@@ -181,6 +181,11 @@ def _explain_flag_error(exc: BaseException, argv) -> str:
               f'{flag[:len(flag) - len(bad)]}{good}?')
     if isinstance(e, (AttributeError, KeyError)) and e.args:
       flag = next((a.split('=', 1)[0] for a in argv if a.startswith('--config.')), '--config.*')
+      moved = [a.split('=', 1)[0] for a in argv if a.startswith('--config.knn.')
+               and a.split('=', 1)[0] != '--config.knn.recall_target']
+      if moved:  # the kNN evaluator's fields moved under config.evals
+        return (f'{moved[0]}: no such config key; the kNN evaluator\'s fields are '
+                f'--config.evals.knn.* (did you mean --config.evals.{moved[0][len("--config."):]}?)')
       return f'{flag}: no such config key ({str(e.args[0]).strip()!s})'
   arg = _config_arg(argv) or ''
   path = arg.split(':', 1)[0]

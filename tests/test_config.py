@@ -82,6 +82,9 @@ _ENTRY_ERRORS = [
     (['--config=configs/byol.py:cifar10,runlocal', '--config.optimizer.bse_lr=0.1'],
      r'^Config error: --config.optimizer.bse_lr: no such config key; did you mean '
      r'--config.optimizer.base_lr\?$'),
+    (['--config=configs/byol.py:cifar10,runlocal', '--config.knn.train_examples=64'],
+     r'^Config error: --config.knn.train_examples: no such config key; the kNN evaluator.s '
+     r'fields are --config.evals.knn.\* \(did you mean --config.evals.knn.train_examples\?\)$'),
     (['--config=configs/byol.py:cifar10,runlocal', '--config.optimizer.name=adam'],
      r"^Config error: config.optimizer.name='adam' is invalid; accepted: sgd, lars, adamw$"),
     (['--config=configs/byol.py:cifar10,runlocal', '--config.data.data_dir=/nonexistent'],
