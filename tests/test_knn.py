@@ -255,3 +255,19 @@ def test_recall_target_on_cpu_equals_exact(recall):
       np.asarray(knn.weighted_knn_predict(q, bank, labels, 4, k=20)))
   with pytest.raises(ValueError, match='recall_target=1.5 is invalid'):
     knn.topk_cosine(jnp.asarray(q), jnp.asarray(bank), 5, recall_target=1.5)
+
+
+def test_knn_classify_with_recall_target_equals_exact_on_cpu():
+  """The kNN evaluator's search takes config.knn.recall_target; on CPU approx_max_k is exact."""
+  from ssl_jax.evals import knn_eval
+  rs = np.random.RandomState(0)
+  bank, queries = rs.randn(300, 16).astype(np.float32), rs.randn(40, 16).astype(np.float32)
+  labels = rs.randint(0, 5, 300).astype(np.int32)
+  kw = dict(num_classes=5, ks=(10,), temperatures=(0.1,))
+  exact = knn_eval.knn_classify(bank, labels, queries, **kw)
+  approx = knn_eval.knn_classify(bank, labels, queries, recall_target=0.9, **kw)
+  for name in exact:
+    np.testing.assert_allclose(approx[name], exact[name], rtol=1e-6, atol=1e-6)
+  ev = knn_eval.KnnEvaluator(None, data_cfg=None, mesh=None, num_classes=5,
+                             search_cfg={'recall_target': 0.9})
+  assert ev.recall_target == 0.9

@@ -61,8 +61,9 @@ def _settings(ks, temperatures, unweighted_ks, n):
   return out
 
 
-@functools.partial(jax.jit, static_argnames=('k', 'chunk_size', 'mesh'))
-def _search_chunks(queries, bank, bank_labels, valid, *, k, chunk_size, mesh):
+@functools.partial(jax.jit, static_argnames=('k', 'chunk_size', 'mesh', 'recall_target'))
+def _search_chunks(queries, bank, bank_labels, valid, *, k, chunk_size, mesh,
+                   recall_target=None):
   """Top-k cosine scores [Q, k] and the neighbours' labels [Q, k], queries in chunks."""
   q = queries.shape[0]
   n_chunks = -(-q // chunk_size)
@@ -70,7 +71,8 @@ def _search_chunks(queries, bank, bank_labels, valid, *, k, chunk_size, mesh):
   qp = qp.reshape(n_chunks, chunk_size, queries.shape[1])
 
   def one(qc):
-    s, i = knn_ops.topk_cosine(qc, bank, k, valid=valid, mesh=mesh)
+    s, i = knn_ops.topk_cosine(qc, bank, k, valid=valid, mesh=mesh,
+                               recall_target=recall_target)
     lab = jnp.where(i >= 0, jnp.take(bank_labels, jnp.maximum(i, 0), axis=0), -1)
     return s, lab
 
@@ -87,8 +89,8 @@ def _vote(sims, labels, *, k, num_classes, temperature, weighting):
 def knn_classify(bank_feats, bank_labels, query_feats, *, num_classes: int,
                  ks: Sequence[int] = (200,), temperatures: Sequence[float] = (0.1,),
                  unweighted_ks: Sequence[int] = (), metric: str = 'cosine',
-                 l2_normalize: bool = True, chunk_size: int = 256, mesh=None
-                 ) -> dict[str, np.ndarray]:
+                 l2_normalize: bool = True, chunk_size: int = 256, mesh=None,
+                 recall_target: float | None = None) -> dict[str, np.ndarray]:
   """Class scores ``[Q, C]`` of every kNN setting, keyed ``weighted_k{k}_t{T}`` /
   ``unweighted_k{k}``. ``k`` larger than the bank is clipped to the bank size.
 
@@ -123,7 +125,7 @@ def knn_classify(bank_feats, bank_labels, query_feats, *, num_classes: int,
   if metric == 'cosine':
     kmax = max(k for _, k, _, _ in settings)
     sims, nb_labels = _search_chunks(q_d, bank_d, labels_d, valid_d, k=kmax,
-                                     chunk_size=chunk, mesh=mesh)
+                                     chunk_size=chunk, mesh=mesh, recall_target=recall_target)
     for name, k, t, w in settings:
       out[name] = np.asarray(_vote(sims, nb_labels, k=k, num_classes=int(num_classes),
                                    temperature=t, weighting=w))
@@ -285,8 +287,10 @@ class KnnEvaluator:
   """
 
   def __init__(self, cfg, *, data_cfg, mesh, num_classes: int, search_cfg=None):
-    del search_cfg  # the kNN vote searches exactly (the bank is small)
     self.cfg, self.data_cfg, self.mesh, self.num_classes = cfg, data_cfg, mesh, num_classes
+    # config.knn.recall_target < 1: approximate top-k (approx_max_k; TPU), as the bank searches.
+    recall = None if search_cfg is None else search_cfg.get('recall_target', 1.0)
+    self.recall_target = None if recall is None or recall >= 1.0 else float(recall)
 
   @staticmethod
   def validate(cfg, key: str) -> None:
@@ -312,7 +316,7 @@ class KnnEvaluator:
     k, t = int(self.cfg.k), float(self.cfg.temperature)
     scores = knn_classify(bank['features'], bank['label'], test['features'],
                           num_classes=self.num_classes, ks=(k,), temperatures=(t,),
-                          mesh=self.mesh)
+                          mesh=self.mesh, recall_target=self.recall_target)
     pred = next(iter(scores.values())).argmax(-1)
     out = [('monitor/knn_top1', float(np.mean(pred == test['label'])))]
     if 'probe_logits' in test:
