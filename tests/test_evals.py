@@ -245,22 +245,6 @@ def test_linear_probe_matches_sklearn_logistic_regression_on_random_features():
   assert acc['top5'] == 1.0 and res.epoch_losses[-1] < res.epoch_losses[0]
 
 
-def _knn_reference(bank, labels, queries, c, k, t, weighted, metric):
-  if metric == 'cosine':
-    bank = bank / np.linalg.norm(bank, axis=1, keepdims=True)
-    queries = queries / np.linalg.norm(queries, axis=1, keepdims=True)
-    sims = queries @ bank.T
-  else:
-    sims = -np.linalg.norm(queries[:, None, :] - bank[None, :, :], axis=-1)
-  k = min(k, len(bank))
-  out = np.zeros((len(queries), c))
-  for i in range(len(queries)):
-    nn_idx = np.argsort(-sims[i], kind='stable')[:k]
-    for j in nn_idx:
-      out[i, labels[j]] += np.exp(sims[i, j] / t) if weighted else 1.0
-  return out
-
-
 @pytest.mark.parametrize('metric', ['cosine', 'euclidean'])
 def test_knn_classifier_equals_numpy_reference(metric):
   rng = np.random.default_rng(1)
@@ -277,12 +261,12 @@ def test_knn_classifier_equals_numpy_reference(metric):
   assert len(scores) == len(ks) * len(temps) + len(unweighted)
   for k in ks:
     for t in temps:
-      ref = _knn_reference(bank, labels, queries, c, k, t, True, metric)
+      ref = knn_reference(bank, labels, queries, c, k, t, True, metric)
       got = scores[knn_eval.weighted_name(k, t)]
       np.testing.assert_allclose(got, ref, rtol=2e-4, atol=1e-5)
       np.testing.assert_array_equal(got.argmax(1), ref.argmax(1))
   for k in unweighted:
-    ref = _knn_reference(bank, labels, queries, c, k, 1.0, False, metric)
+    ref = knn_reference(bank, labels, queries, c, k, 1.0, False, metric)
     np.testing.assert_array_equal(scores[knn_eval.unweighted_name(k)], ref)
   acc = knn_eval.accuracies(scores, labels[:37])
   assert set(acc) == {f'top{j}_{name}' for name in scores for j in (1, 5)}
