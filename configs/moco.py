@@ -29,8 +29,8 @@ per 256 images (``lr = base_lr x batch_size / 256``).
           --config=configs/moco.py:cifar10,quick --workdir=/tmp/moco_quick
 
   Measured (fresh clone, 2-core CPU shared with other jobs): kNN top-1 (k=200, 10,000-image
-  bank, 2,000 test images) 24.65% untrained -> 35.90% after 780 steps; online probe 8.4% ->
-  24.4%; about 5 min on the idle CPU (16 min 54 s when shared with other jobs).
+  bank, 2,000 test images: seeded class-balanced draws) 26.25% untrained -> 36.85% after 780
+  steps; online probe 9.55% -> 28.95%; about 5 min on the idle CPU.
 
 ``cifar10`` / ``cifar100`` — reference: vturrisi/solo-learn. S = scripts/pretrain/cifar/
 mocov2plus.yaml, A = scripts/pretrain/cifar/augmentations/symmetric_weak.yaml,
