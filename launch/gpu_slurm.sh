@@ -76,12 +76,13 @@ fi
 # "<latest checkpoint step> <total steps>" of WORKDIR (-1 -1 before the first checkpoint).
 progress() {
   python - "$WORKDIR" <<'EOF'
-import json, math, os, sys
+import math, sys
 import orbax.checkpoint as ocp
+from ssl_jax import paths  # a local or gs:// workdir
 workdir = sys.argv[1]
-d = os.path.join(os.path.abspath(workdir), 'checkpoints')
+d = paths.join(paths.absolute(workdir), 'checkpoints')
 step = None
-if os.path.isdir(d):
+if paths.isdir(d):
   mngr = ocp.CheckpointManager(d, item_names=('state', 'meta'),
                                options=ocp.CheckpointManagerOptions(create=False))
   step = mngr.latest_step()
@@ -89,8 +90,7 @@ if step is None:
   print(-1, -1)
   sys.exit()
 meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
-with open(os.path.join(workdir, 'config.json')) as f:
-  config = json.load(f)
+config = paths.read_json(paths.join(workdir, 'config.json'))
 if config['total_steps'] > 0:
   total = int(config['total_steps'])
 else:  # the trainer's total_steps_of(); meta's epoch is step / steps_per_epoch

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from typing import Any
 
@@ -25,13 +24,15 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from ssl_jax import paths
+
 # Fields that may change between a run and its resume without changing its results.
 RESUMABLE_CHANGES = ('log_every_steps', 'checkpoint.every_steps', 'checkpoint.keep',
                      'checkpoint.async_save', 'evals.knn.every_epochs',
                      'evals.knn.every_steps', 'evals.knn.at_start', 'evals.knn.at_end',
                      'evals.knn.batch_size', 'evals.knn.train_examples',
                      'evals.knn.eval_examples', 'score_hist_every_steps', 'data.data_dir',
-                     'data.folder_root')
+                     'data.folder_root', 'profile_steps', 'profile_start_step')
 
 
 class ConfigMismatchError(RuntimeError):
@@ -68,16 +69,15 @@ def check_workdir_config(workdir: str, config: ml_collections.ConfigDict, *,
   holds a checkpoint (without one there is nothing to resume and the new config replaces the
   old). Keys in ``RESUMABLE_CHANGES`` (logging, eval cadence, data location) may differ.
   """
-  path = os.path.join(workdir, 'config.json')
+  path = paths.join(workdir, 'config.json')
   new = _flatten(config_to_dict(config))
-  if os.path.exists(path) and not has_checkpoints(workdir):
+  if paths.exists(path) and not has_checkpoints(workdir):
     # A run that stopped before its first save (a NaN, a crash): nothing to resume, so
     # nothing to protect; this run starts fresh and its config replaces the old one.
     logging.warning('%s has a config.json but no checkpoint: starting fresh with this config.',
                     workdir)
-  elif os.path.exists(path):
-    with open(path) as f:
-      old = _flatten(json.load(f))
+  elif paths.exists(path):
+    old = _flatten(_read_config_json(path))
     diff = sorted(k for k in set(old) | set(new)
                   if old.get(k, '<missing>') != new.get(k, '<missing>')
                   and k not in RESUMABLE_CHANGES)
@@ -91,11 +91,7 @@ def check_workdir_config(workdir: str, config: ml_collections.ConfigDict, *,
       logging.warning('Resuming %s with a changed config (--allow_config_change): %s', workdir, diff)
   if jax.process_index() == 0:
     try:
-      os.makedirs(workdir, exist_ok=True)
-      tmp = path + '.tmp'
-      with open(tmp, 'w') as f:
-        json.dump(config_to_dict(config), f, indent=2, sort_keys=True)
-      os.replace(tmp, path)
+      paths.write_json(path, config_to_dict(config))   # whole or not at all (paths docstring)
     except OSError as e:
       raise WorkdirError(f'--workdir={workdir} cannot be written ({e.strerror or e}); choose a '
                          'directory you can write to.') from e
@@ -103,15 +99,14 @@ def check_workdir_config(workdir: str, config: ml_collections.ConfigDict, *,
 
 def has_checkpoints(workdir: str) -> bool:
   """True when ``WORKDIR/checkpoints`` holds at least one step directory."""
-  d = os.path.join(workdir, 'checkpoints')
-  return os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d))
+  return any(n.isdigit() for n in paths.listdir(paths.join(workdir, 'checkpoints')))
 
 
 class Checkpointer:
   """Thin wrapper around ``ocp.CheckpointManager`` with skip-damaged restore."""
 
   def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
-    self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+    self.directory = paths.join(paths.absolute(workdir), 'checkpoints')
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
@@ -156,25 +151,25 @@ class Checkpointer:
         aside = self._move_aside(step)
         logging.warning('Checkpoint %s is damaged, incomplete or of another config and is '
                         'skipped (%s: %s); moved to %s; trying the previous one.',
-                        os.path.join(self.directory, str(step)), type(e).__name__,
+                        paths.join(self.directory, str(step)), type(e).__name__,
                         str(e).splitlines()[0][:300] if str(e) else '', aside)
-        print(f'WARNING: skipping damaged checkpoint {os.path.join(self.directory, str(step))} '
+        print(f'WARNING: skipping damaged checkpoint {paths.join(self.directory, str(step))} '
               f'({type(e).__name__}); moved aside to {aside} (kept, never deleted)', flush=True)
     return None
 
   def _move_aside(self, step: int) -> str:
     """Rename an unrestorable step directory to ``damaged-<step>[-n]`` so that step can be
     saved again; every process agrees before and after process 0 renames it."""
-    src = os.path.join(self.directory, str(step))
-    dst = os.path.join(self.directory, f'damaged-{step}')
+    src = paths.join(self.directory, str(step))
+    dst = paths.join(self.directory, f'damaged-{step}')
     n = 1
-    while os.path.exists(dst):
-      dst = os.path.join(self.directory, f'damaged-{step}-{n}')
+    while paths.exists(dst):
+      dst = paths.join(self.directory, f'damaged-{step}-{n}')
       n += 1
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f'ssl_jax_move_aside_{step}')
-    if jax.process_index() == 0 and os.path.exists(src):
-      os.rename(src, dst)
+    if jax.process_index() == 0 and paths.exists(src):
+      paths.move_dir(src, dst)   # atomic locally; copy + delete on gs:// (paths docstring)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f'ssl_jax_moved_aside_{step}')
     self.manager.reload()
@@ -209,25 +204,30 @@ def _log(msg: str) -> None:
 
 def checkpoint_steps(workdir: str) -> list[int]:
   """Completed checkpoint steps in ``WORKDIR/checkpoints``, ascending (temporary dirs skipped)."""
-  root = os.path.join(workdir, 'checkpoints')
-  if not os.path.isdir(root):
-    return []
+  root = paths.join(workdir, 'checkpoints')
   steps = []
-  for name in os.listdir(root):
-    if re.fullmatch(r'\d+', name) and os.path.isdir(os.path.join(root, name, 'state')):
+  for name in paths.listdir(root):
+    if re.fullmatch(r'\d+', name) and paths.isdir(paths.join(root, name, 'state')):
       steps.append(int(name))
   return sorted(steps)
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
+  path = paths.join(workdir, 'config.json')
+  if not paths.exists(path):
     raise PretrainedNotFound(
         f'{path} does not exist: --config.pretrained={workdir!r} is not a training workdir. '
         'Accepted: the --workdir of a `python -m ssl_jax.main --mode=train` run (it holds '
         'config.json and checkpoints/<step>/).')
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return ml_collections.ConfigDict(_read_config_json(path))
+
+
+def _read_config_json(path: str) -> dict[str, Any]:
+  try:
+    return paths.read_json(path)
+  except json.JSONDecodeError as e:
+    raise WorkdirError(f'{path} is not valid JSON ({e.msg} at line {e.lineno}); restore it from '
+                       'a copy, or move it away to start this workdir afresh.') from e
 
 
 def restore_state(workdir: str, *, step: int | None = None,
@@ -243,7 +243,7 @@ def restore_state(workdir: str, *, step: int | None = None,
   steps = checkpoint_steps(workdir)
   if not steps:
     raise PretrainedNotFound(
-        f'No checkpoint in {os.path.join(workdir, "checkpoints")} (expected '
+        f'No checkpoint in {paths.join(workdir, "checkpoints")} (expected '
         'checkpoints/<step>/state from a training run). Train first, or point '
         '--config.pretrained at a workdir that has one.')
   if step is not None:
@@ -274,7 +274,7 @@ class _ItemMetadataFilter(logging.Filter):
   def filter(self, record: logging.LogRecord) -> bool:
     msg = record.getMessage()
     return not (msg.startswith('Metadata file does not exist')
-                and msg.endswith(os.path.join('state', '_CHECKPOINT_METADATA')))
+                and msg.endswith('state/_CHECKPOINT_METADATA'))
 
 
 logging.getLogger('absl').addFilter(_ItemMetadataFilter())
@@ -282,7 +282,7 @@ logging.getLogger('absl').addFilter(_ItemMetadataFilter())
 
 def _restore_step(workdir: str, step: int, items: tuple[str, ...]) -> dict[str, Any]:
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-  path = os.path.join(os.path.abspath(workdir), 'checkpoints', str(step), 'state')
+  path = paths.join(paths.absolute(workdir), 'checkpoints', str(step), 'state')
   ckptr = ocp.PyTreeCheckpointer()
   tree = ckptr.metadata(path)
   tree = getattr(tree, 'item_metadata', tree)

@@ -128,6 +128,10 @@ def base_config(args: Args, *, method: str) -> ml_collections.ConfigDict:
   c.checkpoint = ml_collections.ConfigDict({'every_steps': 1000, 'keep': 3, 'async_save': True})
   c.num_devices = -1                      # -1: every device of every host
   c.score_hist_every_steps = 500          # pos/neg score histograms (contrastive methods)
+  # jax.profiler trace of N steps into WORKDIR/plugins/profile/ (0 = off); first traced step
+  # (-1: the 5th step of the run, after compilation).
+  c.profile_steps = 0
+  c.profile_start_step = -1
   if args.seed is not None:
     c.seed = args.seed
   return c
@@ -177,7 +181,7 @@ def load_config_file(path: str, arg: str | None = None) -> ml_collections.Config
   """``get_config(arg)`` of the config file at ``path`` (e.g. a method built on MoCo's config)."""
   import importlib.util
   import os
-  name = 'ssl_jax_config_' + os.path.splitext(os.path.basename(path))[0]
+  name = 'ssl_jax_config_' + os.path.splitext(os.path.basename(path))[0]  # a local .py file
   spec = importlib.util.spec_from_file_location(name, path)
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
@@ -244,6 +248,12 @@ def validate(c: ml_collections.ConfigDict, *, num_devices: int | None = None,
   require(c.checkpoint.every_steps > 0, 'checkpoint.every_steps', c.checkpoint.every_steps,
            'a positive integer')
   require(c.checkpoint.keep >= 1, 'checkpoint.keep', c.checkpoint.keep, 'an integer >= 1')
+  if 'profile_steps' in c:
+    require(isinstance(c.profile_steps, int) and c.profile_steps >= 0, 'profile_steps',
+            c.profile_steps, 'an integer >= 0 (0 = no profile)')
+    require(isinstance(c.profile_start_step, int) and c.profile_start_step >= -1,
+            'profile_start_step', c.profile_start_step,
+            'an integer >= 1, or -1 (the 5th step of the run)')
   if num_devices is not None:
     if c.batch_size % num_devices:
       raise ConfigError(

@@ -53,7 +53,6 @@ from __future__ import annotations
 import collections
 import io
 import os
-import pathlib
 import pickle
 import re
 import struct
@@ -61,6 +60,8 @@ import zipfile
 from typing import Any, Mapping
 
 import numpy as np
+
+from ssl_jax import paths
 
 FORMATS = ('pth', 'npz')
 
@@ -292,9 +293,11 @@ class _TorchPickler(pickle._Pickler):  # pure-Python pickler: lets us emit forei
     return None
 
 
-def save_state_dict(state_dict: Mapping[str, Any], path: str | os.PathLike) -> pathlib.Path:
-  """Write ``{name: array}`` as a ``.pth`` that ``torch.load`` reads (torch not needed here)."""
-  path = pathlib.Path(path)
+def save_state_dict(state_dict: Mapping[str, Any], path: str | os.PathLike) -> str:
+  """Write ``{name: array}`` as a ``.pth`` that ``torch.load`` reads (torch not needed here).
+
+  ``path``: a local path or a gs:// URL, written whole (``ssl_jax.paths.write_bytes``)."""
+  path = os.fspath(path)
   arrays = collections.OrderedDict()
   tensors = collections.OrderedDict()
   for i, (name, value) in enumerate(state_dict.items()):
@@ -312,9 +315,8 @@ def save_state_dict(state_dict: Mapping[str, Any], path: str | os.PathLike) -> p
   records = [('data.pkl', buf.getvalue()), ('byteorder', b'little')]
   records += [(f'data/{k}', a.tobytes()) for k, a in arrays.items()]
   records += [('version', b'3\n')]
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(path.name + '.tmp')
-  with zipfile.ZipFile(tmp, 'w', compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+  out = io.BytesIO()
+  with zipfile.ZipFile(out, 'w', compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
     for name, data in records:
       info = zipfile.ZipInfo(f'archive/{name}', date_time=(1980, 1, 1, 0, 0, 0))
       info.compress_type = zipfile.ZIP_STORED
@@ -324,8 +326,7 @@ def save_state_dict(state_dict: Mapping[str, Any], path: str | os.PathLike) -> p
       pad = -start % 64
       info.extra = struct.pack('<HH', 0x4246, pad) + b'Z' * pad
       zf.writestr(info, data)
-  os.replace(tmp, path)
-  return path
+  return paths.write_bytes(path, out.getvalue())
 
 
 class _StorageType:
@@ -374,9 +375,15 @@ class _TorchUnpickler(pickle.Unpickler):
     return np.frombuffer(data, storage_type.dtype.newbyteorder('<'), count=numel)
 
 
+def _readable(path):
+  """A local path as is; a gs:// URL as an in-memory file (``ssl_jax.paths``)."""
+  return io.BytesIO(paths.read_bytes(os.fspath(path))) if paths.is_remote(os.fspath(path)) \
+      else path
+
+
 def load_state_dict(path: str | os.PathLike) -> collections.OrderedDict[str, np.ndarray]:
   """Read a ``.pth`` state dict (PyTorch zip format) into numpy arrays, without torch."""
-  with zipfile.ZipFile(path) as zf:
+  with zipfile.ZipFile(_readable(path)) as zf:
     names = zf.namelist()
     pkl = next((n for n in names if n.endswith('data.pkl') and n.count('/') == 1), None)
     if pkl is None:
@@ -393,7 +400,7 @@ def load_state_dict(path: str | os.PathLike) -> collections.OrderedDict[str, np.
 # ------------------------------------------------------------------------------------------------
 
 def export_resnet(params, batch_stats, path: str | os.PathLike, fmt: str = 'pth', fc=None, *,
-                  num_batches_tracked: int = 0) -> pathlib.Path:
+                  num_batches_tracked: int = 0) -> str:
   """Write the ResNet backbone ``(params, batch_stats)`` as a torchvision state dict.
 
   Args:
@@ -413,13 +420,12 @@ def export_resnet(params, batch_stats, path: str | os.PathLike, fmt: str = 'pth'
   if fmt not in FORMATS:
     raise ValueError(f'unknown export format {fmt!r}; accepted: {", ".join(FORMATS)}')
   sd = to_torchvision_state_dict(params, batch_stats, fc, num_batches_tracked=num_batches_tracked)
-  path = pathlib.Path(path)
+  path = os.fspath(path)
   if fmt == 'pth':
     return save_state_dict(sd, path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  with open(path, 'wb') as f:
-    np.savez(f, **sd)
-  return path
+  buf = io.BytesIO()
+  np.savez(buf, **sd)
+  return paths.write_bytes(path, buf.getvalue())
 
 
 # The loading recipe written into export.json and the README ({arch}, {base} filled in).
@@ -490,8 +496,8 @@ def torchvision_model(path: str | os.PathLike, *, preprocess: bool = True):
   import torch  # pylint: disable=import-outside-toplevel
   tv = import_torchvision()
   resnet_mod = tv.models.resnet
-  sd = load_state_dict(path) if zipfile.is_zipfile(path) and not str(path).endswith('.npz') \
-      else collections.OrderedDict(np.load(path).items())
+  sd = load_state_dict(path) if zipfile.is_zipfile(_readable(path)) \
+      and not str(path).endswith('.npz') else collections.OrderedDict(np.load(_readable(path)).items())
   bottleneck = any('.conv3.' in k for k in sd)
   blocks = [1 + max((int(m.group(1)) for k in sd
                      for m in [re.match(rf'layer{i}\.(\d+)\.', k)] if m), default=-1)
@@ -541,12 +547,12 @@ def load_resnet(path: str | os.PathLike) -> tuple[dict, dict, dict | None]:
   The format is detected from the content (zip with ``data.pkl`` → pth, otherwise npz). Arrays
   are numpy; pass them to ``ResNet.apply`` as ``{'params': params, 'batch_stats': batch_stats}``.
   """
-  with zipfile.ZipFile(path) as zf:
+  with zipfile.ZipFile(_readable(path)) as zf:
     is_pth = any(n.endswith('/data.pkl') for n in zf.namelist())
   if is_pth:
     sd = load_state_dict(path)
   else:
-    with np.load(path) as data:
+    with np.load(_readable(path)) as data:
       sd = collections.OrderedDict((k, data[k]) for k in data.files)
   return from_torchvision_state_dict(sd)
 
@@ -577,10 +583,9 @@ def run(config, workdir: str) -> dict[str, str]:
     fc = probe['probe_params']['params']
   out = {}
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
     for fmt in formats:
       path = export_resnet(params['backbone'], batch_stats.get('backbone', {}),
-                                  os.path.join(workdir, f'backbone.{fmt}'), fmt=fmt, fc=fc)
+                           paths.join(workdir, f'backbone.{fmt}'), fmt=fmt, fc=fc)
       out[fmt] = str(path)
       pre_lib.log(f'Exported {pre.model.backbone} ({pre.model.stem} stem) from '
           f'{config.pretrained}/checkpoints/{step} to {path}.')

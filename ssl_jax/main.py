@@ -189,12 +189,17 @@ def _explain_flag_error(exc: BaseException, argv) -> str:
       return f'{flag}: no such config key ({str(e.args[0]).strip()!s})'
   arg = _config_arg(argv) or ''
   path = arg.split(':', 1)[0]
-  if path and not os.path.exists(path):
-    where = os.path.dirname(path) or '.'
-    if not os.path.isdir(where):
-      where = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
-    have = sorted(os.path.relpath(p) for p in glob.glob(os.path.join(where, '*.py'))
-                  if not os.path.basename(p).startswith('_'))
+  if '://' in arg:
+    path = arg.rsplit(':', 1)[0] if arg.count(':') > 1 else arg
+    return (f'--config={path}: config files are Python code read on this machine; copy it here '
+            f'first (gcloud storage cp {path} .).')
+  # The config file is Python code on this machine (not a run path): local calls below.
+  if path and not os.path.exists(path):  # local config file
+    where = os.path.dirname(path) or '.'  # local config folder
+    if not os.path.isdir(where):  # local config folder
+      where = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')  # package's configs/
+    have = sorted(os.path.relpath(p) for p in glob.glob(os.path.join(where, '*.py'))  # local configs
+                  if not os.path.basename(p).startswith('_'))  # local config names
     return (f'config file {path!r} does not exist; available: {", ".join(have) or "none"} '
             '(e.g. --config=configs/byol.py:cifar10,runlocal)')
   last = list(_chain(exc))[-1]
@@ -216,16 +221,20 @@ def _parse_flags(argv):
     _fail(_explain_flag_error(e, argv), e)
 
 
-def _check_workdir_writable(workdir: str) -> None:
-  """The nearest existing parent of a local workdir must be writable (nothing is created)."""
-  if '://' in workdir:
-    return
-  p = os.path.abspath(workdir)
-  while not os.path.exists(p):
-    p = os.path.dirname(p)
-  if not os.path.isdir(p) or not os.access(p, os.W_OK):
-    raise _UserError(f'--workdir={workdir} cannot be written ({p} is not a writable directory); '
-                     'choose a directory you can write to.')
+def _check_run_paths(config, workdir: str, mode: str) -> None:
+  """Every run path the command names can be used: one line (exit 2) before any compilation,
+  nothing created (``paths.check_reachable``: network, credentials, bucket, permissions)."""
+  from ssl_jax import paths
+  paths.check_reachable(workdir, what='--workdir', write=True)
+  if mode != 'train' and isinstance(config.get('pretrained'), str) and config.pretrained:
+    paths.check_reachable(config.pretrained, what='--config.pretrained', write=False)
+  named = [(f'--config.{key}', config.get(key)) for key in ('data_dir', 'folder_root')]  # evals
+  if config.get('data') is not None:
+    named += [(f'--config.data.{key}', config.data.get(key)) for key in ('data_dir', 'folder_root')]
+  named.append(('TFDS_DATA_DIR', os.environ.get('TFDS_DATA_DIR')))
+  for what, v in named:
+    if isinstance(v, str) and paths.is_remote(v):
+      paths.check_reachable(v, what=what, write=False)
 
 
 def main(argv):
@@ -242,6 +251,11 @@ def main(argv):
   if config is None or _WORKDIR.value is None:
     raise app.UsageError('--config and --workdir are required, e.g. '
                          '--config=configs/byol.py:cifar10,runlocal --workdir=/tmp/byol')
+  from ssl_jax import paths
+  try:  # before any compilation, before anything is created
+    _check_run_paths(config, _WORKDIR.value, _MODE.value)
+  except paths.PathError as e:
+    _fail(str(e), e)
   try:  # before any module can start a JAX backend
     _maybe_initialize_distributed()
   except _UserError as e:
@@ -250,17 +264,35 @@ def main(argv):
   from ssl_jax.data import sources
   from ssl_jax.evals import pretrained
   errors = (_UserError, config_lib.ConfigError, checkpoint.WorkdirError, sources.DatasetNotFound, sources.DataConfigError,
-            checkpoint.ConfigMismatchError, pretrained.PretrainedNotFound)
+            checkpoint.ConfigMismatchError, pretrained.PretrainedNotFound, paths.PathError)
   try:
-    _check_workdir_writable(_WORKDIR.value)
     if _MODE.value == 'train':
-      from ssl_jax import train
-      config_lib.validate(config)
-      train.train_and_evaluate(config, _WORKDIR.value, allow_config_change=_ALLOW_CHANGE.value)
+      _train(config, _WORKDIR.value, errors)
       return
     run_eval(_MODE.value, config, _WORKDIR.value, allow_config_change=_ALLOW_CHANGE.value)
   except errors as e:
     _fail(str(e), e)
+
+
+def _train(config, workdir: str, errors: tuple) -> None:
+  """``--mode=train``, recording how it ended in ``WORKDIR/outcome.json`` (``train.write_outcome``:
+  done / stopped / failed, the exit code and the final line; launch/tpu_pod.sh reads it)."""
+  from ssl_jax import config_lib, train
+  try:
+    config_lib.validate(config)
+    results = train.train_and_evaluate(config, workdir, allow_config_change=_ALLOW_CHANGE.value)
+  except errors as e:
+    train.write_outcome(workdir, 'failed', 2, f'Config error: {e}')
+    raise
+  except BaseException as e:  # noqa: BLE001 — recorded, then re-raised unchanged
+    code = e.code if isinstance(e, SystemExit) and isinstance(e.code, int) else (
+        130 if isinstance(e, KeyboardInterrupt) else 1)
+    first = str(e).splitlines()[0] if str(e) else ''
+    train.write_outcome(workdir, 'failed', code, f'{type(e).__name__}: {first}'[:500])
+    raise
+  stopped = 'preempted_at' in results
+  train.write_outcome(workdir, 'stopped' if stopped else 'done', 0, results.get('final_line', ''),
+                      step=results.get('preempted_at', results.get('final_step')))
 
 
 def run_eval(mode: str, config, workdir: str, *, allow_config_change: bool = False):

@@ -6,6 +6,7 @@ its loss (``ssl_jax/methods``); this file does the rest. Read it top to bottom:
 """
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import signal
@@ -21,7 +22,7 @@ import optax
 from jax.experimental import multihost_utils
 
 from ssl_jax import checkpoint as ckpt_lib
-from ssl_jax import config_lib, data, loop, methods, optim, sharding, writers
+from ssl_jax import config_lib, data, loop, methods, optim, paths, sharding, writers
 from ssl_jax.evals import collapse, evaluators, score_plots
 from ssl_jax.ops import losses
 from ssl_jax.state import TrainState, state_shardings
@@ -256,6 +257,7 @@ class _Run:
     self.evaluators = evaluators.from_config(config, mesh=mesh, steps_per_epoch=steps_per_epoch)
     self.collapse_monitor = collapse.CollapseMonitor()
     self.score_plots = _ScorePlots(config, workdir, self.writer, steps_per_epoch, total_steps)
+    self.profile = _Profile(config, workdir, start_step, total_steps)
     self.results: dict[str, Any] = {'start_step': start_step, 'loss_history': []}
     self.last_saved = start_step if start_step > 0 else None   # a resumed step is on disk
 
@@ -299,7 +301,10 @@ class _Run:
       _log(f'Preemption notice (SIGTERM) before the first step of this run (step '
            f'{self.start_step}): nothing new to save; exiting. Rerun the same command to '
            'continue.')
-      return dict(results, preempted_at=self.start_step, state=state)
+      self.writer.close()
+      return dict(results, preempted_at=self.start_step, state=state,
+                  final_line='Preemption notice (SIGTERM) before the first step; nothing new '
+                             'to save.')
     t_start = time.time()
     out = loop.run(
         state, self.parts.train_step, self._batches(), start_step=self.start_step,
@@ -310,11 +315,13 @@ class _Run:
         nonfinite_hint='Lower --config.optimizer.base_lr, set '
                        '--config.optimizer.grad_clip_norm, or check the input.')
     if out.stopped:
-      _log(f'Stopping at step {out.step} ({out.stopped}): saving a checkpoint and exiting.')
+      line = f'Stopping at step {out.step} ({out.stopped}): saving a checkpoint and exiting.'
+      _log(line)
       self.save(out.step, out.state, force=True)
       self.ckpt.wait()
       self.ckpt.require_saved(out.step)
-      return dict(results, preempted_at=out.step, state=out.state)
+      self.writer.close()
+      return dict(results, preempted_at=out.step, state=out.state, final_line=line)
     self.ckpt.wait()
     self.ckpt.require_saved(out.step)   # never exit 0 with the last save missing
     return self._finish(out.state, out.step, time.time() - t_start)
@@ -336,7 +343,8 @@ class _Run:
 
   def _actions(self) -> list[loop.Action]:
     ckpt_every = int(self.config.checkpoint.every_steps)
-    acts = [loop.Action('score plots', 1, self.score_plots, last=True),
+    acts = [loop.Action('profile', 1, self.profile, last=True),
+            loop.Action('score plots', 1, self.score_plots, last=True),
             loop.Action('checkpoint', ckpt_every, lambda step, state, _: self.save(step, state))]
     for ev in self.evaluators:   # the final evals run after the loop (at_end)
       acts.append(loop.Action(ev.name, ev.every, lambda step, state, _, ev=ev: self.evaluate(
@@ -375,15 +383,17 @@ class _Run:
     final = [ev for ev in self.evaluators if ev.at_end]
     if final:
       results['final'] = self.evaluate(step, state, final)
-    self.writer.flush()
+    self.writer.close()   # on a gs:// workdir: the last events are uploaded now
     results.update(final_step=step, collapse_warnings=list(self.collapse_monitor.warned_steps),
                    train_time_s=train_time_s, state=state)
     if self.collapse_monitor.collapsing:
       _log(f'WARNING: the run ended collapsed (first flagged at step '
            f'{self.collapse_monitor.warned_steps[-1]}): '
            f'{collapse.describe(results["last_metrics"])}.')
+    results['final_line'] = f'Finished {step} steps.'
     if 'final' in results:
-      _log(_final_line(self.config, step, results))
+      results['final_line'] = _final_line(self.config, step, results)
+      _log(results['final_line'])
     _log(_summary_block(self.config, self.workdir))
     return results
 
@@ -430,9 +440,70 @@ class _ScorePlots:
       self.plotted_epoch = epoch = step // self.spe
       name = f'epoch_{epoch:04d}.png' if step % self.spe == 0 else f'step_{step:07d}.png'
       score_plots.write_score_plot(
-          os.path.join(self.workdir, 'score_plots', name), host['pos'], host['neg'],
+          paths.join(self.workdir, 'score_plots', name), host['pos'], host['neg'],
           f'{self.config.method.name}: pos/neg cosine scores, epoch {step / self.spe:.2f}'
           f' (step {step})')
+
+
+class _Profile:
+  """``config.profile_steps`` steps traced with ``jax.profiler`` into
+  ``WORKDIR/plugins/profile/<run>/`` (TensorBoard's profile tab), from step
+  ``config.profile_start_step`` (-1: the 5th step of this run, after compilation). The profiler
+  writes through its own file layer, so on a gs:// workdir it writes into a local
+  ``paths.Mirror`` that is uploaded when the trace stops. Every process traces its own host."""
+
+  def __init__(self, config, workdir: str, start_step: int, total_steps: int):
+    n = int(config.get('profile_steps', 0))
+    first = int(config.get('profile_start_step', -1))
+    first = start_step + 5 if first < 0 else first
+    self.first, self.last = first, min(first + n - 1, total_steps)
+    self.on = n > 0 and start_step < first <= total_steps
+    if n > 0 and not self.on:
+      _log(f'WARNING: no profile: profile_start_step {first} is outside this run\'s steps '
+           f'{start_step + 1}..{total_steps}.')
+    self.workdir, self.mirror, self.tracing = workdir, None, False
+
+  def __call__(self, step: int, state, aux) -> None:
+    del aux
+    if not self.on:
+      return
+    if step == self.first - 1 or (step == self.first and not self.tracing):
+      # Start after step first-1 has been dispatched: the trace holds steps first..last.
+      jax.block_until_ready(state)
+      self.mirror = paths.Mirror(self.workdir)
+      jax.profiler.start_trace(self.mirror.local)
+      self.tracing = True
+    elif self.tracing and step >= self.last:
+      jax.block_until_ready(state)
+      jax.profiler.stop_trace()
+      self.tracing, self.on = False, False
+      self.mirror.close()
+      _log(f'Profile of steps {self.first}..{step} in '
+           f'{paths.join(self.workdir, "plugins", "profile")}/ (TensorBoard: Profile tab).')
+
+
+def write_outcome(workdir: str, status: str, exit_code: int, final_line: str, *,
+                  step: int | None = None) -> None:
+  """``WORKDIR/outcome.json`` (process 0): how a ``--mode=train`` run ended.
+
+  ``{"status": "done"|"stopped"|"failed", "exit_code", "final_line", "step", "launch_id"
+  (env SSL_JAX_LAUNCH_ID, set by launch/tpu_pod.sh), "time"}``. Written only into a workdir
+  this run took (its config.json exists): a command refused before that creates nothing. A
+  failure to write it is a warning (the run's own error, if any, is the one that matters).
+  """
+  if jax.process_index() != 0:
+    return
+  path = paths.join(workdir, 'outcome.json')
+  try:
+    if not paths.exists(paths.join(workdir, 'config.json')):
+      return
+    paths.write_json(path, {
+        'status': status, 'exit_code': int(exit_code), 'final_line': final_line,
+        'step': None if step is None else int(step),
+        'launch_id': os.environ.get('SSL_JAX_LAUNCH_ID') or None,
+        'time': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')})
+  except Exception as e:  # noqa: BLE001
+    print(f'WARNING: could not write {path} ({type(e).__name__}: {e})', flush=True)
 
 
 def _final_line(config, step: int, results: dict[str, Any]) -> str:
@@ -458,10 +529,11 @@ def _summary_block(config, workdir: str) -> str:
       '',
       f'Outputs in {workdir}:',
       f'  TensorBoard:  tensorboard --logdir {workdir}',
-      f'  checkpoints:  {os.path.join(workdir, "checkpoints")}/<step>/  (rerun the same command '
+      f'  checkpoints:  {paths.join(workdir, "checkpoints")}/<step>/  (rerun the same command '
       'to resume)',
-      f'  score plots:  {os.path.join(workdir, "score_plots")}/',
-      f'  config:       {os.path.join(workdir, "config.json")}',
+      f'  score plots:  {paths.join(workdir, "score_plots")}/',
+      f'  config:       {paths.join(workdir, "config.json")}',
+      f'  outcome:      {paths.join(workdir, "outcome.json")}',
       'Next:',
       f'  linear probe: python -m ssl_jax.main --mode=linear --config=configs/eval_linear.py '
       f'--config.pretrained={workdir} --workdir={workdir}_linear',

@@ -6,15 +6,21 @@ Without clu (and so without TensorFlow, e.g. on an accelerator image that has on
 fallback :class:`JsonlWriter` appends one JSON line per ``write_scalars`` call to
 ``WORKDIR/metrics.jsonl`` and logs it; histograms are summarised (count, mean, min, max). A
 named warning says that TensorBoard files are not written.
+
+A ``gs://`` workdir: CLU's writer goes through TensorFlow's own file system, which this
+project's path layer cannot route, so it writes into a :class:`ssl_jax.paths.Mirror` (a local
+staging folder) that is uploaded to the workdir after each ``flush()`` (at most every 30 s) and
+at ``close()``; the JSON-lines fallback writes through ``ssl_jax.paths`` directly.
 """
 from __future__ import annotations
 
 import json
 import logging
-import os
 from typing import Any
 
 import numpy as np
+
+from ssl_jax import paths
 
 log = logging.getLogger(__name__)
 
@@ -23,15 +29,15 @@ class JsonlWriter:
   """Scalars as JSON lines in ``WORKDIR/metrics.jsonl`` (process 0), and in the log."""
 
   def __init__(self, workdir: str, *, just_logging: bool):
-    self._path = None if just_logging else os.path.join(workdir, 'metrics.jsonl')
-    if self._path:
-      os.makedirs(workdir, exist_ok=True)
+    self._path = None if just_logging else paths.join(workdir, 'metrics.jsonl')
+    self._pending: list[str] = []
 
   def _write(self, record: dict[str, Any]) -> None:
     log.info('%s', record)
     if self._path:
-      with open(self._path, 'a', encoding='utf-8') as f:
-        f.write(json.dumps(record) + '\n')
+      self._pending.append(json.dumps(record) + '\n')
+      if not paths.is_remote(self._path):
+        self.flush()
 
   def write_scalars(self, step: int, scalars: dict[str, Any]) -> None:
     self._write({'step': int(step), **{k: float(v) for k, v in scalars.items()}})
@@ -47,10 +53,45 @@ class JsonlWriter:
     self._write({'step': int(step), **summary})
 
   def flush(self) -> None:
-    pass
+    if self._path and self._pending:
+      paths.append_text(self._path, ''.join(self._pending))
+      self._pending = []
 
   def close(self) -> None:
-    pass
+    self.flush()
+
+
+class MirroredWriter:
+  """A CLU writer writing into ``mirror.local``; uploaded to the run folder at most every
+  ``mirror.min_interval_s`` while writing, and whole on ``flush()``/``close()``."""
+
+  def __init__(self, writer, mirror: paths.Mirror):
+    self._writer, self._mirror = writer, mirror
+
+  def _written(self) -> None:
+    if self._mirror.due():
+      self._writer.flush()
+      self._mirror.sync()
+
+  def write_scalars(self, step: int, scalars: dict[str, Any]) -> None:
+    self._writer.write_scalars(step, scalars)
+    self._written()
+
+  def write_histograms(self, step: int, arrays: dict[str, Any], num_buckets=None) -> None:
+    self._writer.write_histograms(step, arrays, num_buckets)
+    self._written()
+
+  def write_images(self, step: int, images: dict[str, Any]) -> None:
+    self._writer.write_images(step, images)
+    self._written()
+
+  def flush(self) -> None:
+    self._writer.flush()
+    self._mirror.sync(force=True)
+
+  def close(self) -> None:
+    self._writer.close()
+    self._mirror.close()
 
 
 def create(workdir: str, *, just_logging: bool):
@@ -62,4 +103,8 @@ def create(workdir: str, *, just_logging: bool):
       print(f'WARNING: clu is not installed: metrics go to {workdir}/metrics.jsonl, not '
             'TensorBoard (pip install -r requirements.txt for TensorBoard files).', flush=True)
     return JsonlWriter(workdir, just_logging=just_logging)
-  return metric_writers.create_default_writer(workdir, just_logging=just_logging)
+  if just_logging or not paths.is_remote(workdir):
+    return metric_writers.create_default_writer(workdir, just_logging=just_logging)
+  mirror = paths.Mirror(workdir)
+  return MirroredWriter(
+      metric_writers.create_default_writer(mirror.local, just_logging=False), mirror)

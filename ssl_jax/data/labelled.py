@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from typing import Iterator, Sequence
 
 import jax
@@ -15,6 +14,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from ssl_jax import paths
 from ssl_jax.data import augment as aug_lib
 from ssl_jax.data import pipeline, sources, views
 
@@ -35,7 +35,7 @@ def example_ids(data_cfg, split: str) -> np.ndarray:
   (CIFAR); folder datasets: the file name. Used to match a subset file of image ids."""
   if data_cfg.get('source', 'tfds') == 'folder':
     src = sources.build_source(data_cfg, split, 0, 1)
-    return np.array([os.path.basename(p) for p in src.paths])
+    return np.array([paths.basename(p) for p in src.paths])
   builder = sources.tfds_builder(data_cfg)
   key = next((k for k in ('file_name', 'id') if k in builder.info.features), None)
   if key is None:

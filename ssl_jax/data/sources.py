@@ -32,6 +32,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
+import io
 import logging
 import os
 from typing import Any
@@ -39,6 +40,8 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+
+from ssl_jax import paths
 
 log = logging.getLogger('ssl_jax.data')
 
@@ -352,36 +355,36 @@ def list_image_folder(root: str, split: str) -> tuple[list[str], list[int], tupl
   if not root:
     raise DataConfigError('--config.data.folder_root is not set: point it at a directory holding '
                      '<split>/<class>/*.jpg (or <split>/*.jpg).')
-  split_dir = os.path.join(root, split)
-  if not os.path.isdir(split_dir):
-    have = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))) \
-        if os.path.isdir(root) else None
+  split_dir = paths.join(root, split)
+  if not paths.isdir(split_dir):
+    have = [d for d in paths.listdir(root) if paths.isdir(paths.join(root, d))] \
+        if paths.isdir(root) else None
     if have is None:
       raise DatasetNotFound(f'Image folder root {root!r} does not exist (--config.data.folder_root).')
     raise DataConfigError(f'Unknown split {split!r}: no directory {split_dir!r}; accepted '
                      f'(sub-directories of {root!r}): {have}.')
   # Hidden entries (.ipynb_checkpoints, .DS_Store, ...) are never classes or images.
-  entries = sorted(e for e in os.listdir(split_dir) if not e.startswith('.'))
-  classes = tuple(d for d in entries if os.path.isdir(os.path.join(split_dir, d)))
-  loose = [f for f in entries if _is_image(f) and os.path.isfile(os.path.join(split_dir, f))]
-  paths, labels = [], []
+  entries = [e for e in paths.listdir(split_dir) if not e.startswith('.')]
+  classes = tuple(d for d in entries if paths.isdir(paths.join(split_dir, d)))
+  loose = [f for f in entries if _is_image(f) and paths.isfile(paths.join(split_dir, f))]
+  files, labels = [], []
   if classes:
     if loose:
       log.warning('%d image files directly in %s are ignored because class directories '
                   'exist.', len(loose), split_dir)
     for label, cls in enumerate(classes):
-      for dirpath, dirnames, filenames in os.walk(os.path.join(split_dir, cls)):
+      for dirpath, dirnames, filenames in paths.walk(paths.join(split_dir, cls)):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith('.'))
         for f in sorted(filenames):
           if _is_image(f) and not f.startswith('.'):
-            paths.append(os.path.join(dirpath, f))
+            files.append(paths.join(dirpath, f))
             labels.append(label)
   else:
-    paths = [os.path.join(split_dir, f) for f in loose]
-    labels = [-1] * len(paths)
-  if not paths:
+    files = [paths.join(split_dir, f) for f in loose]
+    labels = [-1] * len(files)
+  if not files:
     raise DatasetNotFound(f'No images ({"/".join(IMAGE_EXTENSIONS)}) under {split_dir!r}.')
-  return paths, labels, classes
+  return files, labels, classes
 
 
 def _check_decode(path: str) -> str | None:
@@ -397,14 +400,14 @@ def _check_decode(path: str) -> str | None:
 def _check_header(path: str) -> str | None:
   from PIL import Image  # pylint: disable=import-outside-toplevel
   try:
-    with Image.open(path) as im:
+    with Image.open(io.BytesIO(paths.read_bytes(path)) if paths.is_remote(path) else path) as im:  # PIL, not the built-in: gs:// read via paths
       im.verify()
     return None
   except Exception as e:  # pylint: disable=broad-except
     return f'{type(e).__name__}: {e}'
 
 
-def validate_images(paths: list[str], mode: str = 'decode', num_threads: int | None = None
+def validate_images(files: list[str], mode: str = 'decode', num_threads: int | None = None
                     ) -> np.ndarray:
   """Bool mask of the files that can be read; warns naming each bad file, logs the count.
 
@@ -417,18 +420,18 @@ def validate_images(paths: list[str], mode: str = 'decode', num_threads: int | N
   if mode not in VALIDATE_MODES:
     raise DataConfigError(f'Unknown folder_validate mode {mode!r}; accepted: {list(VALIDATE_MODES)}.')
   if mode == 'none':
-    return np.ones(len(paths), bool)
+    return np.ones(len(files), bool)
   check = _check_decode if mode == 'decode' else _check_header
   threads = num_threads or min(32, 2 * (os.cpu_count() or 1))
   with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-    errors = list(pool.map(check, paths, chunksize=64))
+    errors = list(pool.map(check, files, chunksize=64))
   ok = np.array([e is None for e in errors], bool)
-  for path, err in zip(paths, errors):
+  for path, err in zip(files, errors):
     if err is not None:
       log.warning('Skipping undecodable image %s (%s).', path, err)
   if not ok.all():
     log.warning('Skipped %d of %d image files that could not be decoded.',
-                int((~ok).sum()), len(paths))
+                int((~ok).sum()), len(files))
   return ok
 
 
@@ -441,9 +444,9 @@ def even_slice(n: int, process_index: int, process_count: int) -> slice:
 @functools.lru_cache(maxsize=8)
 def _folder_all(root: str, split: str, validate: str) -> FolderSource:
   """The whole validated folder split (memoised per process: validation runs once)."""
-  paths, labels, classes = list_image_folder(root, split)
-  ok = validate_images(paths, validate)
-  return FolderSource(paths=np.array(paths, dtype=object)[ok],
+  files, labels, classes = list_image_folder(root, split)
+  ok = validate_images(files, validate)
+  return FolderSource(paths=np.array(files, dtype=object)[ok],
                       labels=np.array(labels, np.int32)[ok], class_names=classes,
                       num_skipped=int((~ok).sum()))
 

@@ -14,7 +14,7 @@ r"""2-D embeddings of frozen test features and score distributions (``--mode=emb
 """
 from __future__ import annotations
 
-import os
+import io
 import time
 from typing import Any
 
@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ssl_jax import loop, sharding
+from ssl_jax import loop, paths, sharding
 from ssl_jax import writers
 from ssl_jax.evals import features
 from ssl_jax.evals import pretrained as pre_lib
@@ -104,10 +104,9 @@ def render_embedding(coords: np.ndarray, labels: np.ndarray, title: str, *,
 
 def write_png(path: str, img: np.ndarray) -> str:
   from PIL import Image  # pylint: disable=import-outside-toplevel
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  Image.fromarray(img).save(path + '.tmp.png')
-  os.replace(path + '.tmp.png', path)
-  return path
+  buf = io.BytesIO()
+  Image.fromarray(img).save(buf, format='PNG')
+  return paths.write_bytes(path, buf.getvalue())
 
 
 def pair_scores(net: pre_lib.FrozenNet, variables, pre_config, data_cfg, *, mesh,
@@ -182,14 +181,16 @@ def run(config: ml_collections.ConfigDict, workdir: str, **unused) -> dict[str, 
     names = sources.class_names(data_cfg, data_cfg.eval_split)
     img = render_embedding(coords, test['label'], title, class_names=names)
     out['legend'] = list(names) if names else None
-    out['embedding_png'] = write_png(os.path.join(workdir, 'embedding.png'), img)
-    np.savez(os.path.join(workdir, 'embedding.npz'), coords=coords, labels=test['label'])
+    out['embedding_png'] = write_png(paths.join(workdir, 'embedding.png'), img)
+    buf = io.BytesIO()
+    np.savez(buf, coords=coords, labels=test['label'])
+    paths.write_bytes(paths.join(workdir, 'embedding.npz'), buf.getvalue())
     writer.write_images(pre_step, {f'embedding/{used}': img[None]})
     out['embedding_method'] = used
     if pos is not None:
       title = (f'{pre.method.name} step {pre_step}: {config.features} scores, '
                f'{data_cfg.name}/{data_cfg.eval_split}')
-      out['scores_png'] = score_plots.write_score_plot(os.path.join(workdir, 'scores.png'),
+      out['scores_png'] = score_plots.write_score_plot(paths.join(workdir, 'scores.png'),
                                                        pos, neg, title)
       writer.write_images(pre_step, {'scores/distribution':
                                      score_plots.render_score_plot(pos, neg, title)[None]})

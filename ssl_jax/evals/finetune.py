@@ -45,8 +45,8 @@ evaluation history travels in their metadata) and ``results.json`` in EVAL_DIR (
 """
 from __future__ import annotations
 
+import io
 import math
-import os
 import time
 from typing import Any, Sequence
 
@@ -59,7 +59,7 @@ import numpy as np
 import optax
 
 from ssl_jax import checkpoint as ckpt_lib
-from ssl_jax import config_lib, loop, optim, sharding, writers
+from ssl_jax import config_lib, loop, optim, paths, sharding, writers
 from ssl_jax.data import labelled
 from ssl_jax.evals import features, metrics
 from ssl_jax.evals import pretrained as pre_lib
@@ -121,20 +121,19 @@ def class_balanced_subset(labels: np.ndarray, fraction: float, seed: int = 0) ->
 
 def read_subset_file(path: str) -> list[str]:
   """Image ids from a subset file: one per line; blank lines and ``#`` comments skipped."""
-  if not os.path.exists(path):
+  if not paths.exists(path):
     raise FileNotFoundError(
         f'config.subset_file={path!r} does not exist. Accepted: a text file of image ids, one '
         'per line (e.g. SimCLR imagenet_subsets/1percent.txt), or subset_file=\'\' for a '
         'seeded class-balanced subset of label_fraction.')
-  with open(path) as f:
-    ids = [line.strip() for line in f]
+  ids = [line.strip() for line in paths.read_text(path).splitlines()]
   return [i for i in ids if i and not i.startswith('#')]
 
 
 def match_ids(split_ids: Sequence[str], wanted: Sequence[str]) -> np.ndarray:
   """Sorted indices of ``split_ids`` whose id (or basename) is in ``wanted``; all must be found."""
-  want = {os.path.basename(w) for w in wanted}
-  base = [os.path.basename(str(s)) for s in split_ids]
+  want = {paths.basename(w) for w in wanted}
+  base = [paths.basename(str(s)) for s in split_ids]
   idx = np.array([i for i, s in enumerate(base) if s in want], np.int64)
   found = {base[i] for i in idx}
   missing = sorted(want - found)
@@ -280,8 +279,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   pre_lib.log(f'Fine-tuning {pre.method.name} / {pre.model.backbone} from '
               f'{config.pretrained}/checkpoints/{pre_step} on {data_cfg.name}: {desc}.')
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    np.save(os.path.join(workdir, 'subset_indices.npy'), subset)
+    buf = io.BytesIO()
+    np.save(buf, subset)
+    paths.write_bytes(paths.join(workdir, 'subset_indices.npy'), buf.getvalue())
   bs = config.batch_size
   spe = len(subset) // bs
   if spe < 1:

@@ -21,9 +21,7 @@ average pool / ViT CLS) and ``proj`` (projector output). ``ssl_jax.evals.feature
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
 from typing import Any, Callable
 
 import jax
@@ -31,7 +29,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from ssl_jax import checkpoint as ckpt_lib
-from ssl_jax import config_lib, loop
+from ssl_jax import config_lib, loop, paths
 from ssl_jax import data as data_lib
 from ssl_jax import sharding
 
@@ -228,10 +226,8 @@ def load_for_eval(c: ml_collections.ConfigDict):
 
 
 def write_json(workdir: str, name: str, payload: dict[str, Any]) -> str:
-  path = os.path.join(workdir, name)
+  """``WORKDIR/name`` as JSON, whole or not at all (``paths.write_json``), by process 0."""
+  path = paths.join(workdir, name)
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(path + '.tmp', 'w') as f:
-      json.dump(payload, f, indent=2, sort_keys=True, default=float)
-    os.replace(path + '.tmp', path)
+    paths.write_json(path, payload)
   return path

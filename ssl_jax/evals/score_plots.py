@@ -11,9 +11,11 @@ to call from the training loop). ``pos`` is typically the method's ``scores['pos
 """
 from __future__ import annotations
 
-import os
+import io
 
 import numpy as np
+
+from ssl_jax import paths
 
 
 def _clean(x) -> np.ndarray:
@@ -56,13 +58,11 @@ def render_score_plot(pos, neg, title: str, **kw) -> np.ndarray:
 def write_score_plot(path_png: str, pos, neg, title: str, **kw) -> str:
   """Histograms of positive (``pos``) and negative (``neg``) pair scores -> ``path_png``.
 
-  Creates the parent directory; writes atomically (temporary file + rename). Returns the path.
+  A local path or gs:// URL, written whole (``paths.write_bytes``). Returns the path.
   """
   fig, canvas = _figure(pos, neg, title, **kw)
-  d = os.path.dirname(os.path.abspath(path_png))
-  os.makedirs(d, exist_ok=True)
-  tmp = path_png + '.tmp.png'
-  canvas.print_png(tmp)
-  os.replace(tmp, path_png)
+  buf = io.BytesIO()
+  canvas.print_png(buf)
+  paths.write_bytes(path_png, buf.getvalue())
   fig.clear()
   return path_png
