@@ -17,16 +17,29 @@
 #     refuses, or a request that ends FAILED, is an error (exit 1).
 #  2. If the workers already run this workdir (an earlier launch), attach to its log and start
 #     nothing; a different workdir running there is an error (exit 2).
-#  3. Copy this checkout to ~/ssl_jax on every worker (its .venv is kept) and install it:
+#  3. Copy this checkout to ~/ssl_jax on every worker and install it into ~/ssl_jax/.venv. The
+#     venv's Python (one line on each worker says which and why): an existing .venv whose python
+#     is >= 3.11 (with pip) is kept and reused; else TPU_PYTHON if set (an error if it is missing
+#     or < 3.11); else python3 if >= 3.11; else (the default image tpu-ubuntu2204-base has 3.10)
+#     a uv-managed CPython 3.11: `python3 -m pip install --user -q uv` (no pip there: an error
+#     naming `sudo apt-get install -y python3-pip`), `~/.local/bin/uv python install 3.11`,
+#     `uv venv --seed --python 3.11 .venv` (seeded with pip). Then, with the venv's pip,
 #     requirements.txt, then jax[tpu] pinned to the jax version that step installed
 #     (pip install "jax[tpu]==$V" -f .../libtpu_releases.html, per JAX's install docs), so jax,
 #     flax and orbax stay the versions requirements.txt selects and the tests ran with.
 #  4. Start the trainer detached on every worker (setsid nohup; a lock file allows one run per
 #     worker): a dropped ssh connection does not stop it. Log on each worker:
-#     ~/ssl_jax_run/train.log (an earlier start's: ~/ssl_jax_run/train.<UTC time>.<pid>.log).
+#     ~/ssl_jax_run/train.log (a restart within the same launch appends to it; an earlier
+#     launch's: ~/ssl_jax_run/train.<UTC time>.<pid>.log). Each launch has an id LAUNCH_ID
+#     (UTC time + 4 hex digits, chosen here once; a launch that attaches to a running run takes
+#     that run's), given to the trainer as SSL_JAX_LAUNCH_ID. The detached wrapper copies the log
+#     to WORKDIR/logs/LAUNCH_ID/<worker hostname>.log (gcloud storage cp) every TPU_LOG_SYNC_S
+#     seconds, at once on SIGTERM, and when the trainer has exited, so the logs of a preempted
+#     slice survive it (up to the last copy). A copy that fails is one warning line in the log.
 #  5. Stream worker 0's log (tail -F over ssh) until the run ends there. Exit 0: the run is done,
 #     or only the stream was lost (the run goes on; rerun this command to re-attach). Exit 1:
-#     the run failed, or stopped early (e.g. a preemption notice: rerun to resume).
+#     the run failed, stopped early (e.g. a preemption notice: rerun to resume), or its outcome
+#     could not be read.
 #  --watch: stream the log in the background and poll the slice every TPU_POLL_S seconds; on
 #     preemption (node PREEMPTED or gone, queued resource SUSPENDING/SUSPENDED) delete and
 #     recreate the slice, reinstall and restart the run (it resumes); a run that stopped on a
@@ -34,11 +47,21 @@
 #     exit 1 when it fails on a healthy slice (after TPU_GRACE_S, in case a preemption is about
 #     to show) or the slice cannot be created.
 #
-# "Done": the trainer exited 0 AND its log holds the trainer's completion line
-# "Outputs in WORKDIR:" (ssl_jax.train prints it on process 0 after the final checkpoint and the
-# final evals). Exit code 0 alone is not enough: a preemption notice (SIGTERM) also exits 0. The
-# detached wrapper records, on each worker, ~/ssl_jax_run/exit_code and ~/ssl_jax_run/outcome
-# (done | exited: 0 without that line | failed).
+# "Done": once every worker's run has ended, WORKDIR/outcome.json (gcloud storage cat, parsed
+# with python3 here) has "launch_id" equal to this launch's id and "status": "done". The trainer
+# (process 0) writes it when a --mode=train run ends, one JSON object:
+#   {"status": "done"|"stopped"|"failed", "exit_code": N, "final_line": "...", "step": N|null,
+#    "launch_id": "<SSL_JAX_LAUNCH_ID>"|null, "time": "<UTC ISO time>"}
+# done: trained to the end, final checkpoint and final evals written (exit 0); stopped: stopped
+# early after checkpointing (SIGTERM / preemption notice, Ctrl-C; exit 0: rerun to resume);
+# failed: an error (exit != 0). If the trainer dies without writing one for this start (killed
+# -9, OOM, segfault, python missing), worker 0's wrapper writes {"status": "failed", the exit
+# code, the log's last line as final_line, the launch id, "written_by": "launcher"}. Worker 0 =
+# JAX process 0: $TPU_WORKER_ID where set, else the TPU VM metadata attribute agent-worker-number
+# (as jax.distributed reads it). An outcome.json of another launch is ignored ("could not
+# tell": exit 1). Exit code 0 alone says nothing: a preemption notice also exits 0. The wrapper
+# also records, on each worker, ~/ssl_jax_run/exit_code and ~/ssl_jax_run/outcome (exited: 0 |
+# failed), which only say whether the run there has ended.
 # Stop a run: gcloud compute tpus tpu-vm ssh TPU_NAME --zone ZONE --worker=all \
 #     --command 'kill -TERM -- -$(cat ~/ssl_jax_run/pid)'    (checkpoints, then exits)
 #
@@ -56,35 +79,75 @@
 #   gcloud compute tpus tpu-vm ssh TPU_NAME --zone ZONE --worker=all --command ...
 #       (run status, unpack + install, detached start)
 #   gcloud compute tpus tpu-vm ssh TPU_NAME --zone ZONE --worker=0 --command ...   (log stream)
+#   gcloud storage cat WORKDIR/outcome.json                                 (how the run ended)
+# and on the workers (the TPU VM images have the gcloud CLI):
+#   gcloud storage cp ~/ssl_jax_run/train.log WORKDIR/logs/LAUNCH_ID/HOSTNAME.log
+#   gcloud storage cat WORKDIR/outcome.json; gcloud storage cp TMP WORKDIR/outcome.json (worker 0)
 #
 # Env: TPU_SOFTWARE_VERSION (default tpu-ubuntu2204-base), TFDS_DATA_DIR (gs:// data dir),
-# PREEMPTIBLE=1 (= --spot), TPU_PYTHON (the workers' Python for the venv, default python3;
-# jax>=0.10 needs >= 3.11), TPU_SETUP (a command run on every worker before installing, e.g.
-# 'sudo apt-get update -qq && sudo apt-get install -y -qq python3.11-venv'), TPU_POLL_S (60),
-# TPU_GRACE_S (120).
+# PREEMPTIBLE=1 (= --spot), TPU_PYTHON (the workers' Python for the venv; jax>=0.10 needs
+# >= 3.11: one that is older is an error. Unset: python3 if >= 3.11, else a uv-managed 3.11, see
+# step 3), TPU_SETUP (a command run on every worker before installing, e.g.
+# 'sudo apt-get update -qq && sudo apt-get install -y python3-pip'), TPU_POLL_S (60),
+# TPU_GRACE_S (120), TPU_LOG_SYNC_S (60: seconds between the workers' log copies).
+# This machine needs python3 (to read outcome.json). The trainer gets SSL_JAX_LAUNCH_ID.
 set -euo pipefail
 LIBTPU_FIND_LINKS=https://storage.googleapis.com/jax-releases/libtpu_releases.html
 
 # ----------------------------------------------------------------------------------------------
 # Worker side: `bash ~/ssl_jax/launch/tpu_pod.sh _<step> ...`, run over ssh from the copied
-# checkout. Run state lives in ~/ssl_jax_run: lock, pid, workdir, train.log, exit_code, outcome.
+# checkout. Run state lives in ~/ssl_jax_run: lock, pid, workdir, launch_id, train.log,
+# exit_code, outcome.
 # ----------------------------------------------------------------------------------------------
 w_die() { echo "tpu_pod[$(hostname)]: error: $*" >&2; exit 1; }
+w_py311() { "$1" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; }
+w_venv_ok() { [ -x .venv/bin/python ] && [ -x .venv/bin/pip ] && w_py311 .venv/bin/python; }
 
-w_install() {  # TPU_PYTHON TPU_SETUP
-  local py=${1:-python3} setup=${2:-} v after
+w_install() {  # TPU_PYTHON (empty: not set) TPU_SETUP
+  local want=${1:-} setup=${2:-} host v after uv="$HOME/.local/bin/uv"
+  host=$(hostname)
   cd "$HOME/ssl_jax"
   if [ -n "$setup" ]; then
-    echo "tpu_pod[$(hostname)]: TPU_SETUP: $setup"
+    echo "tpu_pod[$host]: TPU_SETUP: $setup"
     bash -c "$setup" || w_die "TPU_SETUP failed: $setup"
   fi
-  command -v "$py" >/dev/null || w_die "$py (TPU_PYTHON) is not installed on this worker"
-  "$py" -c 'import sys; sys.exit(sys.version_info < (3, 11))' ||
-    w_die "$("$py" --version 2>&1) is too old: jax>=0.10 (requirements.txt) needs Python >= 3.11." \
-          "Set TPU_PYTHON=python3.11 TPU_SETUP='sudo apt-get update -qq &&" \
-          "sudo apt-get install -y -qq python3.11-venv', or a newer TPU_SOFTWARE_VERSION."
-  [ -x .venv/bin/python ] || "$py" -m venv .venv
-  . .venv/bin/activate
+  if [ -n "$want" ]; then  # an explicit TPU_PYTHON must do
+    command -v "$want" >/dev/null || w_die "$want (TPU_PYTHON) is not installed on this worker"
+    w_py311 "$want" ||
+      w_die "TPU_PYTHON=$want is $("$want" --version 2>&1), too old: jax>=0.10 (requirements.txt)" \
+            "needs Python >= 3.11. Unset TPU_PYTHON (a uv-managed Python 3.11 is then installed)," \
+            "or set TPU_PYTHON=python3.11 TPU_SETUP='sudo apt-get update -qq &&" \
+            "sudo apt-get install -y -qq python3.11-venv'."
+  fi
+  if [ -e .venv ] && ! w_venv_ok; then
+    echo "tpu_pod[$host]: removing ~/ssl_jax/.venv ($(.venv/bin/python --version 2>&1 ||
+          echo 'no python')): not a Python >= 3.11 venv with pip"
+    rm -rf .venv
+  fi
+  # The venv's interpreter, one line saying which and why.
+  if [ -d .venv ]; then
+    echo "tpu_pod[$host]: Python: reusing ~/ssl_jax/.venv ($(.venv/bin/python --version 2>&1))"
+  elif [ -n "$want" ]; then
+    echo "tpu_pod[$host]: Python: $want ($("$want" --version 2>&1)), from TPU_PYTHON"
+    "$want" -m venv .venv
+  elif command -v python3 >/dev/null && w_py311 python3; then
+    echo "tpu_pod[$host]: Python: python3 ($(python3 --version 2>&1), >= 3.11)"
+    python3 -m venv .venv
+  else
+    command -v python3 >/dev/null ||
+      w_die "python3 is not installed on this worker; set TPU_PYTHON to a Python >= 3.11"
+    echo "tpu_pod[$host]: Python: a uv-managed Python 3.11 (python3 is" \
+         "$(python3 --version 2>&1), < 3.11, and TPU_PYTHON is not set)"
+    python3 -m pip --version >/dev/null 2>&1 ||
+      w_die "python3 ($(python3 --version 2>&1)) has no pip, needed to install uv: set" \
+            "TPU_SETUP='sudo apt-get update -qq && sudo apt-get install -y python3-pip'" \
+            "(or TPU_PYTHON to a Python >= 3.11)"
+    python3 -m pip install --user -q uv || w_die "pip install --user uv failed (messages above)"
+    "$uv" python install 3.11 || w_die "uv python install 3.11 failed (messages above)"
+    # --seed: pip in the venv, so both kinds of venv are installed into (and reused) alike.
+    "$uv" venv --seed --python 3.11 .venv || w_die "uv venv --python 3.11 failed (messages above)"
+  fi
+  set +u; . .venv/bin/activate; set -u
   pip install -q -U pip
   pip install -q -r requirements.txt
   v=$(python -c 'import jax; print(jax.__version__)')
@@ -92,10 +155,10 @@ w_install() {  # TPU_PYTHON TPU_SETUP
   pip install -q "jax[tpu]==$v" -f "$LIBTPU_FIND_LINKS"
   after=$(python -c 'import jax; print(jax.__version__)')
   [ "$after" = "$v" ] || w_die "installing jax[tpu]==$v changed jax to $after"
-  echo "tpu_pod[$(hostname)]: installed jax $v with jax[tpu]==$v"
+  echo "tpu_pod[$host]: installed jax $v with jax[tpu]==$v"
 }
 
-w_start() {  # WORKDIR CONFIG TFDS_DATA_DIR [trainer flags]
+w_start() {  # WORKDIR LAUNCH_ID LOG_SYNC_S CONFIG TFDS_DATA_DIR [trainer flags]
   local d="$HOME/ssl_jax_run" other
   mkdir -p "$d"
   if ! flock -n "$d/lock" true; then
@@ -104,11 +167,16 @@ w_start() {  # WORKDIR CONFIG TFDS_DATA_DIR [trainer flags]
     echo "tpu_pod[$(hostname)]: $1 is already running here; not starting a second copy"
     return 0
   fi
-  [ ! -f "$d/train.log" ] || mv "$d/train.log" "$d/train.$(date -u +%Y%m%dT%H%M%SZ).$$.log"
+  # A restart within the same launch appends (its log copy in the bucket then holds every start);
+  # an earlier launch's log is moved aside.
+  if [ -f "$d/train.log" ] && [ "$(cat "$d/launch_id" 2>/dev/null)" != "$2" ]; then
+    mv "$d/train.log" "$d/train.$(date -u +%Y%m%dT%H%M%SZ).$$.log"
+  fi
   rm -f "$d/pid" "$d/exit_code" "$d/outcome"
   printf '%s\n' "$1" > "$d/workdir"
+  printf '%s\n' "$2" > "$d/launch_id"
   # A new session (setsid): no controlling terminal, so nothing of the ssh session reaches it.
-  setsid nohup bash "$HOME/ssl_jax/launch/tpu_pod.sh" _run "$@" </dev/null >"$d/train.log" 2>&1 &
+  setsid nohup bash "$HOME/ssl_jax/launch/tpu_pod.sh" _run "$@" </dev/null >>"$d/train.log" 2>&1 &
   for _ in $(seq 100); do
     if [ -s "$d/pid" ] || [ -f "$d/exit_code" ]; then break; fi
     sleep 0.1
@@ -117,41 +185,135 @@ w_start() {  # WORKDIR CONFIG TFDS_DATA_DIR [trainer flags]
   echo "tpu_pod[$(hostname)]: started (process group $(cat "$d/pid")); log: $d/train.log"
 }
 
-w_run() {  # WORKDIR CONFIG TFDS_DATA_DIR [trainer flags]; the detached wrapper
-  local d="$HOME/ssl_jax_run" workdir=$1 config=$2 tfds=$3 rc outcome term=0
-  shift 3
+# This worker's number, 0 for JAX process 0: $TPU_WORKER_ID where set, else the TPU VM metadata
+# attribute agent-worker-number (what jax.distributed reads on a TPU VM; gcloud's --worker=N
+# counts the same way). Empty if neither answers.
+w_worker_id() {
+  local id=${TPU_WORKER_ID:-}
+  [ -n "$id" ] || id=$(curl -sf -m 10 -H 'Metadata-Flavor: Google' \
+    "http://${GCE_METADATA_IP:-metadata.google.internal}/computeMetadata/v1/instance/attributes/agent-worker-number" \
+    2>/dev/null || true)
+  case "$id" in ''|*[!0-9]*) echo '';; *) echo "$id";; esac
+}
+
+w_copy_log() {  # LOG DEST: one try; a failure is one warning line (in the log) and nothing else
+  local err
+  if ! err=$(gcloud storage cp "$1" "$2" 2>&1 >/dev/null); then
+    echo "tpu_pod[$(hostname)]: warning: could not copy the log to $2: $(tail -n 1 <<<"$err")"
+  fi
+}
+
+# Worker 0, after the trainer exited: if WORKDIR/outcome.json is not one the trainer wrote for
+# this start (this launch id, and not the file that was there before it started), write a
+# failed one: the trainer died without writing it (killed, OOM, segfault, python missing).
+w_outcome() {  # WORKDIR LAUNCH_ID EXIT_CODE BEFORE(outcome.json at the start) PYTHON(or empty)
+  local workdir=$1 launch_id=$2 rc=$3 before=$4 py=$5 now last tmp verdict d="$HOME/ssl_jax_run"
+  now=$(gcloud storage cat "$workdir/outcome.json" 2>/dev/null || true)
+  last=$(grep -v -e '^tpu_pod\[' -e '^[[:space:]]*$' "$d/train.log" | tail -n 1 || true)
+  tmp=$(mktemp)
+  if [ -n "$py" ]; then
+    verdict=$(printf '%s' "$now" | "$py" -c '
+import datetime, json, sys
+before, launch_id, rc, last, tmp = sys.argv[1:6]
+now = sys.stdin.read()
+try:
+  o = json.loads(now)
+except ValueError:
+  o = None
+if isinstance(o, dict) and o.get("launch_id") == launch_id and now != before:
+  print("trainer %s" % o.get("status"))
+  sys.exit()
+with open(tmp, "w") as f:
+  json.dump({"status": "failed", "exit_code": int(rc), "final_line": last, "step": None,
+             "launch_id": launch_id,
+             "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+             "written_by": "launcher"}, f)
+print("write")
+' "$before" "$launch_id" "$rc" "$last" "$tmp" 2>&1) || verdict="error $verdict"
+  elif [ -n "$now" ] && [ "$now" != "$before" ] &&
+       grep -Eq "\"launch_id\"[[:space:]]*:[[:space:]]*\"$launch_id\"" <<<"$now"; then
+    verdict="trainer ? (no python3 here to read it)"
+  else  # no python3 at all: the JSON by hand
+    last=$(printf '%s' "$last" | tr -d '\000-\010\013-\037' | tr '\t' ' ')
+    last=${last//\\/\\\\}; last=${last//\"/\\\"}
+    printf '{"status": "failed", "exit_code": %d, "final_line": "%s", "step": null, "launch_id": "%s", "time": "%s", "written_by": "launcher"}\n' \
+      "$rc" "$last" "$launch_id" "$(date -u +%Y-%m-%dT%H:%M:%S+00:00)" > "$tmp"
+    verdict='write'
+  fi
+  case "$verdict" in
+    trainer*) echo "tpu_pod[$(hostname)]: $workdir/outcome.json (the trainer's): status ${verdict#trainer }";;
+    write)
+      if gcloud storage cp "$tmp" "$workdir/outcome.json" >/dev/null 2>&1; then
+        echo "tpu_pod[$(hostname)]: the trainer wrote no outcome.json for this start;" \
+             "wrote $workdir/outcome.json: status failed, exit code $rc"
+      else
+        echo "tpu_pod[$(hostname)]: warning: could not write $workdir/outcome.json" \
+             "(status failed, exit code $rc)"
+      fi;;
+    *) echo "tpu_pod[$(hostname)]: warning: could not check $workdir/outcome.json: ${verdict#error }";;
+  esac
+  rm -f "$tmp"
+}
+
+w_run() {  # WORKDIR LAUNCH_ID LOG_SYNC_S CONFIG TFDS_DATA_DIR [trainer flags]; the detached wrapper
+  local d="$HOME/ssl_jax_run" workdir=$1 launch_id=$2 sync_s=$3 config=$4 tfds=$5
+  local rc=1 outcome term=0 me=$$ wid py before='' dest sync_pid
+  shift 5
   exec 9>>"$d/lock"  # held (with the trainer, which inherits it) for the whole run
   flock -n 9 || { echo "tpu_pod[$(hostname)]: another run holds $d/lock; not starting"; exit 75; }
   echo $$ > "$d/pid"  # = its process group (setsid): kill -TERM -- -PID stops the run
   trap 'term=1' TERM  # SIGTERM reaches the trainer too; record the outcome after it exits
   [ -z "$tfds" ] || export TFDS_DATA_DIR="$tfds"
-  export PYTHONUNBUFFERED=1
-  echo "tpu_pod[$(hostname)]: $(date -u): python -m ssl_jax.main --config=$config" \
-       "--workdir=$workdir --distributed=yes $*"
-  if ! { cd "$HOME/ssl_jax" && . .venv/bin/activate; }; then
-    echo failed > "$d/outcome"; echo 1 > "$d/exit_code"
-    echo "tpu_pod[$(hostname)]: error: cannot activate ~/ssl_jax/.venv"; exit 1
+  export PYTHONUNBUFFERED=1 SSL_JAX_LAUNCH_ID="$launch_id"
+  dest="$workdir/logs/$launch_id/$(hostname).log"
+  wid=$(w_worker_id)
+  py=$(command -v python3 || true)  # the system's, for outcome.json (the venv's may be broken)
+  echo "tpu_pod[$(hostname)]: $(date -u): worker ${wid:-?}, launch $launch_id:" \
+       "python -m ssl_jax.main --config=$config --workdir=$workdir --distributed=yes $*"
+  echo "tpu_pod[$(hostname)]: copying this log to $dest every ${sync_s}s, on SIGTERM and at the end"
+  [ -n "$wid" ] || echo "tpu_pod[$(hostname)]: warning: this worker's number is unknown" \
+                        "(TPU_WORKER_ID, metadata agent-worker-number): it writes no outcome.json"
+  # The log copier: every sync_s seconds, and at once on SIGTERM (a preemption notice: the VM
+  # may be gone before the trainer has exited). Not holding the lock; ends with the wrapper.
+  (
+    exec 9>&-
+    sp=''
+    trap 'w_copy_log "$d/train.log" "$dest"' TERM
+    trap 'kill "$sp" 2>/dev/null; exit 0' USR1
+    while kill -0 "$me" 2>/dev/null; do
+      sleep "$sync_s" & sp=$!
+      if wait "$sp"; then w_copy_log "$d/train.log" "$dest"; else kill "$sp" 2>/dev/null || true; fi
+    done
+  ) &
+  sync_pid=$!
+  if [ "$wid" = 0 ]; then before=$(gcloud storage cat "$workdir/outcome.json" 2>/dev/null || true); fi
+  if { cd "$HOME/ssl_jax" && set +u && . .venv/bin/activate && set -u; }; then
+    set +e
+    python -m ssl_jax.main --config="$config" --workdir="$workdir" --distributed=yes "$@"
+    rc=$?
+    set -e
+  else
+    set -u
+    echo "tpu_pod[$(hostname)]: error: cannot activate ~/ssl_jax/.venv"
   fi
-  set +e
-  python -m ssl_jax.main --config="$config" --workdir="$workdir" --distributed=yes "$@"
-  rc=$?
-  set -e
+  kill -USR1 "$sync_pid" 2>/dev/null || true
+  wait "$sync_pid" 2>/dev/null || true
   outcome=failed
-  if [ "$rc" = 0 ]; then
-    outcome=exited
-    if grep -qF "Outputs in $workdir:" "$d/train.log"; then outcome="done"; fi
-  fi
+  [ "$rc" != 0 ] || outcome=exited
+  echo "tpu_pod[$(hostname)]: trainer exit code $rc$([ "$term" = 0 ] || echo ' (SIGTERM)')"
+  if [ "$wid" = 0 ]; then w_outcome "$workdir" "$launch_id" "$rc" "$before" "$py"; fi
+  w_copy_log "$d/train.log" "$dest"
   echo "$outcome" > "$d/outcome"
   echo "$rc" > "$d/exit_code"  # written last: the run has ended
-  echo "tpu_pod[$(hostname)]: trainer exit code $rc: $outcome$([ "$term" = 0 ] || echo ' (SIGTERM)')"
 }
 
-w_status() {  # one line: tpu_pod_status HOST STATE OUTCOME WORKDIR (tab-separated)
+w_status() {  # one line: tpu_pod_status HOST STATE OUTCOME WORKDIR LAUNCH_ID (tab-separated)
   local d="$HOME/ssl_jax_run" state=none
   [ ! -f "$d/workdir" ] || state=exited
   if [ -f "$d/lock" ] && ! flock -n "$d/lock" true; then state=running; fi
-  printf 'tpu_pod_status\t%s\t%s\t%s\t%s\n' "$(hostname)" "$state" \
-    "$(cat "$d/outcome" 2>/dev/null || echo -)" "$(cat "$d/workdir" 2>/dev/null || echo -)"
+  printf 'tpu_pod_status\t%s\t%s\t%s\t%s\t%s\n' "$(hostname)" "$state" \
+    "$(cat "$d/outcome" 2>/dev/null || echo -)" "$(cat "$d/workdir" 2>/dev/null || echo -)" \
+    "$(cat "$d/launch_id" 2>/dev/null || echo -)"
 }
 
 w_logs() {  # follow this worker's log until its run ends
@@ -163,7 +325,7 @@ w_logs() {  # follow this worker's log until its run ends
   fi
   tail -n 100 "$d/train.log"
   echo "tpu_pod[$(hostname)]: the run here has ended: exit code $(cat "$d/exit_code" 2>/dev/null ||
-        echo unknown), $(cat "$d/outcome" 2>/dev/null || echo 'no outcome recorded')"
+        echo unknown) ($(cat "$d/outcome" 2>/dev/null || echo 'no outcome recorded'))"
 }
 
 case "${1:-}" in
@@ -188,7 +350,13 @@ for a in "$@"; do
   case "$a" in --spot) SPOT=1;; --watch) WATCH=1;; *) TRAIN_ARGS+=("$a");; esac
 done
 VERSION=${TPU_SOFTWARE_VERSION:-tpu-ubuntu2204-base}
-POLL_S=${TPU_POLL_S:-60}; GRACE_S=${TPU_GRACE_S:-120}
+POLL_S=${TPU_POLL_S:-60}; GRACE_S=${TPU_GRACE_S:-120}; LOG_SYNC_S=${TPU_LOG_SYNC_S:-60}
+case "$LOG_SYNC_S" in ''|*[!0-9.]*|*.*.*) LOG_SYNC_S=bad;; esac
+case "$LOG_SYNC_S" in *[1-9]*) ;; *) echo "TPU_LOG_SYNC_S must be a number of seconds > 0, got '${TPU_LOG_SYNC_S:-}'" >&2; exit 2;; esac
+command -v python3 >/dev/null || { echo "tpu_pod: python3 is needed on this machine (to read WORKDIR/outcome.json)" >&2; exit 2; }
+# This launch's id: the workers' log folder WORKDIR/logs/LAUNCH_ID/ and the trainer's
+# SSL_JAX_LAUNCH_ID, so that only this launch's WORKDIR/outcome.json is taken as its outcome.
+LAUNCH_ID=$(date -u +%Y%m%dT%H%M%SZ)-$(od -An -N2 -tx1 /dev/urandom | tr -d ' \n')
 REPO_DIR="$(cd "$(dirname "$0")/.." && pwd)"
 G="gcloud compute tpus tpu-vm"; QR="gcloud compute tpus queued-resources"
 # shellcheck disable=SC2088  # expanded by the workers' shell
@@ -280,31 +448,66 @@ ensure_slice() {
   done
 }
 
-# Aggregate the workers' run state into RUN_STATE: running | busy (another workdir) | done |
-# failed | stopped | none; RUN_DETAIL: hosts / the other workdir. Returns 1 if ssh failed.
+# Aggregate the workers' run state into RUN_STATE: running | busy (another workdir) | ended (every
+# worker's run of this workdir has ended: read outcome.json) | none; RUN_DETAIL: the other
+# workdir; FAILED_ON: hosts whose trainer exited != 0; RUN_LAUNCH_ID: the launch id of this
+# workdir's run on the workers. Returns 1 if ssh failed.
 run_status() {
-  local out tag host state outcome wd n=0 running=0 done=0 exited=0 failed='' other=''
-  RUN_STATE=unknown; RUN_DETAIL=''
-  out=$(on_workers all "if [ -f $SCRIPT ]; then bash $SCRIPT _status; else printf 'tpu_pod_status\t%s\tnone\t-\t-\n' \"\$(hostname)\"; fi") || return 1
-  while IFS=$'\t' read -r tag host state outcome wd; do
+  local out tag host state outcome wd lid n=0 running=0 ended=0 other=''
+  RUN_STATE=unknown; RUN_DETAIL=''; FAILED_ON=''; RUN_LAUNCH_ID=''
+  out=$(on_workers all "if [ -f $SCRIPT ]; then bash $SCRIPT _status; else printf 'tpu_pod_status\t%s\tnone\t-\t-\t-\n' \"\$(hostname)\"; fi") || return 1
+  while IFS=$'\t' read -r tag host state outcome wd lid; do
     [ "$tag" = tpu_pod_status ] || continue
     n=$((n + 1))
     if [ "$state" = running ]; then
-      if [ "$wd" = "$WORKDIR" ]; then running=$((running + 1)); else other=$wd; fi
+      if [ "$wd" = "$WORKDIR" ]; then running=$((running + 1)); RUN_LAUNCH_ID=${lid:--}; else other=$wd; fi
     elif [ "$state" = exited ] && [ "$wd" = "$WORKDIR" ]; then
-      case "$outcome" in done) done=$((done + 1));; failed) failed="$failed $host";; *) exited=$((exited + 1));; esac
+      ended=$((ended + 1))
+      [ "$outcome" != failed ] || FAILED_ON="$FAILED_ON $host"
     fi
   done <<<"$out"
   [ "$n" -gt 0 ] || return 1
   if [ -n "$other" ]; then RUN_STATE=busy; RUN_DETAIL=$other
   elif [ "$running" -gt 0 ]; then RUN_STATE=running
-  elif [ "$done" -gt 0 ]; then
-    RUN_STATE="done"
-    [ -z "$failed" ] || say "warning: the run is done but the trainer failed on$failed"
-  elif [ -n "$failed" ]; then RUN_STATE=failed; RUN_DETAIL=$failed
-  elif [ "$exited" -gt 0 ]; then RUN_STATE=stopped
+  elif [ "$ended" -gt 0 ]; then RUN_STATE=ended
   else RUN_STATE=none
   fi
+}
+
+# How the run ended, from WORKDIR/outcome.json (written by the trainer, process 0, or by worker
+# 0's wrapper when the trainer died without writing it), taken only when its launch_id is this
+# launch's. OUTCOME: done | stopped | failed | unknown; OUTCOME_DETAIL: one line about it.
+read_outcome() {
+  local raw err
+  err=$(mktemp)
+  OUTCOME=unknown
+  if ! raw=$(gcloud storage cat "$WORKDIR/outcome.json" 2>"$err"); then
+    OUTCOME_DETAIL="no $WORKDIR/outcome.json ($(tail -n 1 "$err"))"
+    rm -f "$err"; return 0
+  fi
+  rm -f "$err"
+  IFS=$'\t' read -r OUTCOME OUTCOME_DETAIL < <(printf '%s' "$raw" | python3 -c '
+import json, sys
+launch_id, path = sys.argv[1:3]
+def line(s):
+  return " ".join(str(s).split())
+try:
+  o = json.loads(sys.stdin.buffer.read().decode("utf-8", "replace"))
+except ValueError as e:
+  o = e
+if not isinstance(o, dict):
+  print("unknown\t%s is not a JSON object (%s)" % (path, line(o)))
+elif o.get("launch_id") != launch_id:
+  print("unknown\t%s is from launch %s, not this one (%s): ignored" % (path, o.get("launch_id"), launch_id))
+elif o.get("status") not in ("done", "stopped", "failed"):
+  print("unknown\t%s has status %r" % (path, o.get("status")))
+else:
+  print("%s\toutcome.json: %s, exit code %s%s: %s" % (
+      o["status"], o["status"], o.get("exit_code"),
+      " (written by worker 0: the trainer died without writing it)"
+      if o.get("written_by") == "launcher" else "", line(o.get("final_line"))))
+' "$LAUNCH_ID" "$WORKDIR/outcome.json") || true
+  [ -n "${OUTCOME:-}" ] || { OUTCOME=unknown; OUTCOME_DETAIL="could not read $WORKDIR/outcome.json"; }
 }
 
 copy_and_install() {
@@ -318,13 +521,14 @@ copy_and_install() {
   fi
   rm -rf "$tmp"
   say "installing on every worker (jax[tpu] pinned to the installed jax)"
-  on_workers all "set -e; mkdir -p ~/ssl_jax; find ~/ssl_jax -mindepth 1 -maxdepth 1 ! -name .venv -exec rm -rf {} +; tar -C ~/ssl_jax -xzf ~/ssl_jax.tgz; bash $SCRIPT _install $(q "${TPU_PYTHON:-python3}" "${TPU_SETUP:-}")" ||
+  on_workers all "set -e; mkdir -p ~/ssl_jax; find ~/ssl_jax -mindepth 1 -maxdepth 1 ! -name .venv -exec rm -rf {} +; tar -C ~/ssl_jax -xzf ~/ssl_jax.tgz; bash $SCRIPT _install $(q "${TPU_PYTHON:-}" "${TPU_SETUP:-}")" ||
     { say "installing on $TPU_NAME failed (messages above)"; return 1; }
 }
 
 start_run() {
-  say "starting the run detached on every worker: $CONFIG -> $WORKDIR"
-  on_workers all "bash $SCRIPT _start $(q "$WORKDIR" "$CONFIG" "${TFDS_DATA_DIR:-}" ${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"})" ||
+  say "starting the run detached on every worker: $CONFIG -> $WORKDIR (launch $LAUNCH_ID;" \
+      "logs: $WORKDIR/logs/$LAUNCH_ID/)"
+  on_workers all "bash $SCRIPT _start $(q "$WORKDIR" "$LAUNCH_ID" "$LOG_SYNC_S" "$CONFIG" "${TFDS_DATA_DIR:-}" ${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"})" ||
     { say "starting the run on $TPU_NAME failed (messages above)"; return 1; }
 }
 
@@ -350,6 +554,9 @@ reconnect_stream() {  # if the stream was cut (ssh failed); not if it ended with
   wait "$STREAM_PID" || rc=$?
   STREAM_PID=
   if [ "$rc" != 0 ]; then say "the log stream was cut (ssh exit $rc); reconnecting"; start_stream; fi
+}
+done_warning() {
+  [ -z "$FAILED_ON" ] || say "warning: the run is done but the trainer exited non-zero on$FAILED_ON"
 }
 stop_stream() {
   if stream_alive; then kill -- -"$STREAM_PID" 2>/dev/null || kill "$STREAM_PID" 2>/dev/null || true; fi
@@ -381,21 +588,25 @@ watch_loop() {
     run_status || { say "could not read the run state over ssh; retrying"; continue; }
     case "$RUN_STATE" in
       running) reconnect_stream;;
-      done) stop_stream; say "the run is done ($WORKDIR)"; exit 0;;
-      failed)
-        say "the trainer failed on$RUN_DETAIL; checking the slice again in ${GRACE_S}s"
-        sleep "$GRACE_S"
-        s=$(slice_state)
-        if [ "$s" = READY ]; then
-          stop_stream
-          fail 1 "the run failed on$RUN_DETAIL with $TPU_NAME healthy (log above; ~/ssl_jax_run/train.log on each worker)"
-        fi;;
-      stopped)
-        stops=$((stops + 1))
-        [ "$stops" -le 3 ] || fail 1 "the run stopped $stops times in a row without finishing on a healthy slice; see ~/ssl_jax_run/train.log"
-        say "the run stopped before finishing (exit 0 without the trainer's completion line: a preemption notice?); restarting it on $TPU_NAME"
-        stop_stream
-        watch_step start_run && start_stream;;
+      ended)
+        read_outcome
+        case "$OUTCOME" in
+          done) stop_stream; done_warning; say "the run is done ($WORKDIR): $OUTCOME_DETAIL"; exit 0;;
+          stopped)
+            stops=$((stops + 1))
+            [ "$stops" -le 3 ] || fail 1 "the run stopped $stops times in a row without finishing on a healthy slice; see $WORKDIR/logs/$LAUNCH_ID/"
+            say "the run stopped before finishing ($WORKDIR): $OUTCOME_DETAIL; restarting it on $TPU_NAME"
+            stop_stream
+            watch_step start_run && start_stream;;
+          *)
+            say "the run failed ($WORKDIR): $OUTCOME_DETAIL; checking the slice again in ${GRACE_S}s"
+            sleep "$GRACE_S"
+            s=$(slice_state)
+            if [ "$s" = READY ]; then
+              stop_stream
+              fail 1 "the run failed with $TPU_NAME healthy ($WORKDIR): $OUTCOME_DETAIL (logs: $WORKDIR/logs/$LAUNCH_ID/)"
+            fi;;
+        esac;;
       none)
         say "no run on the workers; installing and starting it"
         stop_stream
@@ -410,7 +621,11 @@ ATTACH=0
 if [ "$CREATED" = 0 ]; then
   run_status || fail 1 "could not read the run state on the workers of $TPU_NAME over ssh"
   case "$RUN_STATE" in
-    running) ATTACH=1; say "$WORKDIR is already running on $TPU_NAME: attaching to its log (starting nothing)";;
+    running)
+      ATTACH=1
+      # Its outcome.json carries the launch id it was started with: adopt it.
+      [ "$RUN_LAUNCH_ID" = - ] || LAUNCH_ID=$RUN_LAUNCH_ID
+      say "$WORKDIR is already running on $TPU_NAME (launch $LAUNCH_ID): attaching to its log (starting nothing)";;
     busy) fail 2 "$TPU_NAME is running another run ($RUN_DETAIL); stop it first (see the header of $0)";;
   esac
 fi
@@ -431,11 +646,16 @@ if [ "$rc" = 0 ]; then  # the run ended on worker 0: let the other workers finis
   done
 fi
 case "$RUN_STATE" in
-  done) say "the run is done ($WORKDIR)"; exit 0;;
   running) say "the log stream ended (ssh exit $rc) but the run goes on, detached, on $TPU_NAME" \
                "(log: ~/ssl_jax_run/train.log on each worker); run the same command again to re-attach"
            exit 0;;
-  failed) fail 1 "the run failed on$RUN_DETAIL (log above; ~/ssl_jax_run/train.log on each worker)";;
-  stopped) fail 1 "the run stopped before finishing (a preemption notice?); run the same command again to resume";;
+  ended)
+    read_outcome
+    case "$OUTCOME" in
+      done) done_warning; say "the run is done ($WORKDIR): $OUTCOME_DETAIL"; exit 0;;
+      stopped) fail 1 "the run stopped before finishing ($WORKDIR): $OUTCOME_DETAIL; run the same command again to resume";;
+      failed) fail 1 "the run failed ($WORKDIR): $OUTCOME_DETAIL (logs: $WORKDIR/logs/$LAUNCH_ID/)";;
+      *) fail 1 "could not tell how the run ended: $OUTCOME_DETAIL (logs: $WORKDIR/logs/$LAUNCH_ID/)";;
+    esac;;
   *) fail 1 "could not tell how the run ended (log stream: ssh exit $rc; run state: $RUN_STATE); run the same command again to re-attach or resume";;
 esac

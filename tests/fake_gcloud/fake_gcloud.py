@@ -9,8 +9,12 @@ state. Each call appends its argv to `state_dir/calls.jsonl` and works on `state
   `qr_fail=True`). A slice of type vX-N has max(1, N // 8) workers.
 * `tpu-vm scp SRC NAME:DEST` copies SRC into every worker's home; `tpu-vm ssh --command CMD`
   runs `bash -c CMD` locally in each selected worker's home (a fresh directory per created
-  slice), with PATH = stub `python3`/`hostname` (fake_python.py) + this shim + /usr/bin:/bin,
-  in a new process group that is SIGKILLed when the command returns (the session's end).
+  slice), with PATH = stub `python3`/`python3.10`/`curl`/`hostname` (fake_python.py) + this
+  shim + /usr/bin:/bin and FAKE_GCS_ROOT = the fake bucket root (for the stub trainer), in a new
+  process group that is SIGKILLed when the command returns (the session's end). The workers'
+  `python3` claims Python `worker_python` ('' = the real interpreter's version; '3.10.12' = the
+  default TPU VM image's), `python3.10` claims 3.10.12; `worker_pip=False`: no pip for python3.
+  The metadata server (stub `curl`) answers `agent-worker-number` with the worker's index.
   With `drop_stream_after_s`, the first log stream (`... _logs`) is cut after that many seconds
   (ssh exit 255), as a dropped connection would.
 * `events`: [{'at_step': s, 'kind': 'sigterm' | 'preempt' | 'hold'}]. The stub trainer pauses
@@ -18,8 +22,13 @@ state. Each call appends its argv to `state_dir/calls.jsonl` and works on `state
   SIGTERM to each worker's detached run (its process group, ~/ssl_jax_run/pid), as a maintenance
   notice would; 'preempt' SIGKILLs them, deletes the workers' homes and the node, and marks the
   queued resource SUSPENDED (a spot preemption). 'hold' waits for the test to `release(step)`.
+  'fail' / 'kill9' are done by the stub trainer itself (see fake_python.py).
+* `storage cp SRC DST` (either side gs://), `storage cat URL...`, `storage ls [-r] [URL...]`
+  work on a local directory standing in for Cloud Storage: `gs://B/P` is `state_dir/gcs/B/P`.
+  `gcs_fail`: substrings; a `cp` whose SRC or DST holds one fails (as a network error would).
 
-`gs://B/P` paths map to `state_dir/gcs/B/P`. Never calls the real gcloud.
+Each call is recorded with the worker (`FAKE_WORKER_ID`) it came from (None: the launcher).
+Never calls the real gcloud.
 """
 from __future__ import annotations
 
@@ -37,23 +46,30 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def setup(state_dir: str, *, jax_version: str, total_steps: int = 6, step_s: float = 0.05,
           summary: str = '', events=(), wait_polls: int = 1, qr_fail: bool = False,
-          drop_stream_after_s: float | None = None) -> dict:
+          drop_stream_after_s: float | None = None, worker_python: str = '',
+          worker_pip: bool = True, trainer_outcome: bool = True, stop_s: float = 0,
+          gcs_fail=()) -> dict:
   """Creates the fake's state and shims; returns the environment for the launcher."""
   os.makedirs(os.path.join(state_dir, 'bin'), exist_ok=True)
   os.makedirs(os.path.join(state_dir, 'worker_bin'), exist_ok=True)
-  def shim(path, script, argv0=False):
+  def shim(path, script, version=None):
     with open(path, 'w') as f:
-      f.write('#!/bin/sh\n' + (f'FAKE_ARGV0="$0" ' if argv0 else '') +
+      f.write('#!/bin/sh\n' + ('' if version is None else
+                               f'FAKE_PY_VERSION={version} FAKE_ARGV0="$0" ') +
               f'exec {sys.executable} -S {os.path.join(HERE, script)} "$@"\n')
     os.chmod(path, 0o755)
   shim(os.path.join(state_dir, 'bin', 'gcloud'), 'fake_gcloud.py')
-  for name in ('python3', 'hostname'):
-    shim(os.path.join(state_dir, 'worker_bin', name), 'fake_python.py', argv0=True)
+  for name, version in (('python3', worker_python), ('python3.10', '3.10.12'), ('curl', ''),
+                        ('hostname', '')):
+    shim(os.path.join(state_dir, 'worker_bin', name), 'fake_python.py', version)
+  os.makedirs(os.path.join(state_dir, 'gcs'), exist_ok=True)
   _save(state_dir, {
       'qr': None, 'node': None, 'generation': 0, 'wait_polls': wait_polls,
       'qr_fail': qr_fail, 'events': [dict(e, fired=False) for e in events],
       'drop_stream_after_s': drop_stream_after_s, 'total_steps': total_steps,
-      'step_s': step_s, 'summary': summary, 'jax_version': jax_version})
+      'step_s': step_s, 'summary': summary, 'jax_version': jax_version,
+      'worker_pip': worker_pip, 'trainer_outcome': trainer_outcome, 'stop_s': stop_s,
+      'gcs_fail': list(gcs_fail)})
   env = {k: v for k, v in os.environ.items() if not k.startswith(('FAKE_', 'TPU_'))}
   env.update(FAKE_GCLOUD_DIR=state_dir,
              PATH=os.path.join(state_dir, 'bin') + os.pathsep + os.environ['PATH'])
@@ -65,8 +81,14 @@ def calls(state_dir: str) -> list[dict]:
     return [json.loads(line) for line in f]
 
 
+def gcs(state_dir: str, url: str) -> str:
+  """The local path standing in for gs://B/P."""
+  assert url.startswith('gs://'), url
+  return os.path.join(state_dir, 'gcs', url[len('gs://'):])
+
+
 def records(state_dir: str, name: str) -> list[dict]:
-  """What the stub python recorded: 'pip' installs, 'trainer' starts."""
+  """What the stubs recorded: 'pip' and 'uv' calls, 'trainer' starts, 'trainer_exit's."""
   path = os.path.join(state_dir, f'{name}.jsonl')
   if not os.path.exists(path):
     return []
@@ -262,6 +284,7 @@ def _run_on_workers(st_node, workers, cmd, state_dir, drop_after):
     host = f'{st_node["name"]}-g{st_node["generation"]}-w{w}'
     env = {'HOME': home, 'LANG': 'C.UTF-8', 'FAKE_GCLOUD_DIR': state_dir,
            'FAKE_WORKER_ID': str(w), 'FAKE_HOSTNAME': host,
+           'FAKE_GCS_ROOT': os.path.join(state_dir, 'gcs'),
            'FAKE_SSH_ID': str(os.getpid()), 'FAKE_NUM_WORKERS': str(len(st_node['homes'])),
            'PATH': os.pathsep.join([os.path.join(state_dir, 'worker_bin'),
                                     os.path.join(state_dir, 'bin'), '/usr/bin', '/bin'])}
@@ -326,10 +349,75 @@ def _tpu_vm(verb, pos, flags, state_dir):
   _die(f'fake gcloud: unsupported tpu-vm {verb}', 2)
 
 
+def _storage(verb, args, state_dir):
+  """`gcloud storage cp|cat|ls` on state_dir/gcs (gs://B/P -> state_dir/gcs/B/P)."""
+  root = os.path.join(state_dir, 'gcs')
+  pos = [a for a in args if not a.startswith('-')]
+  what = f'(gcloud.storage.{verb})'
+
+  def local(url):
+    if not url.startswith('gs://'):
+      return None
+    path = os.path.normpath(os.path.join(root, url[len('gs://'):]))
+    if not (path + os.sep).startswith(root + os.sep):
+      _die(f'{what} fake gcloud: bad URL {url}', 2)
+    return path
+
+  if verb == 'cp':
+    if len(pos) != 2:
+      _die(f'{what} fake gcloud: expected cp SRC DST', 2)
+    src, dst = pos
+    for bad in load(state_dir).get('gcs_fail', []):
+      if bad in src or bad in dst:
+        _die(f'{what} HTTPError 503: fake failure copying {src} to {dst}')
+    s, d = local(src) or src, local(dst) or dst
+    if not os.path.isfile(s):
+      _die(f'{what} The following URLs matched no objects or files:\n-{src}')
+    if dst.endswith('/'):
+      d = os.path.join(d, os.path.basename(s))
+    os.makedirs(os.path.dirname(d), exist_ok=True)
+    tmp = f'{d}.fake_tmp.{os.getpid()}'
+    shutil.copyfile(s, tmp)
+    os.replace(tmp, d)
+    print(f'Copying {src} to {dst}', file=sys.stderr)
+  elif verb == 'cat':
+    if not pos:
+      _die(f'{what} fake gcloud: expected cat URL...', 2)
+    for url in pos:
+      p = local(url)
+      if p is None or not os.path.isfile(p):
+        _die(f'{what} The following URLs matched no objects or files:\n-{url}')
+      with open(p, 'rb') as f:
+        sys.stdout.buffer.write(f.read())
+  elif verb == 'ls':
+    recursive = '-r' in args or '--recursive' in args
+    out = []
+    for url in pos or ['gs://']:
+      p = root if url == 'gs://' else local(url)
+      if p is None or not os.path.exists(p):
+        _die(f'{what} One or more URLs matched no objects.')
+      prefix = url if url.endswith('/') else url + '/'
+      if os.path.isfile(p):
+        out.append(url)
+      elif recursive:
+        out += sorted(prefix + os.path.relpath(os.path.join(d, name), p)
+                      for d, _, files in os.walk(p) for name in files)
+      else:
+        out += [prefix + name + ('/' if os.path.isdir(os.path.join(p, name)) else '')
+                for name in sorted(os.listdir(p))]
+    print('\n'.join(out))
+  else:
+    _die(f'fake gcloud: unsupported storage {verb}', 2)
+
+
 def main(argv):
   state_dir = os.environ['FAKE_GCLOUD_DIR']
   with open(os.path.join(state_dir, 'calls.jsonl'), 'a') as f:
-    f.write(json.dumps({'t': time.time(), 'argv': argv}) + '\n')
+    f.write(json.dumps({'t': time.time(), 'argv': argv,
+                        'worker': os.environ.get('FAKE_WORKER_ID')}) + '\n')
+  if argv[:1] == ['storage'] and len(argv) >= 2:
+    _storage(argv[1], argv[2:], state_dir)
+    return 0
   if argv[:2] != ['compute', 'tpus'] or len(argv) < 5:
     _die(f'fake gcloud: unsupported call {argv}', 2)
   group, verb = argv[2], argv[3]
