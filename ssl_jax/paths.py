@@ -63,10 +63,14 @@ def is_remote(p: str) -> bool:
   return '://' in str(p)
 
 
-def _check_scheme(p: str) -> None:
+def _check_scheme(p: str, what: str = '') -> None:
   s = str(p)
+  name = f'{what}={s}' if what else s
   if is_remote(s) and not s.startswith(SCHEMES):
-    raise PathError(f'{s}: unsupported URL scheme; accepted: a local path or gs://BUCKET/PATH.')
+    raise PathError(f'{name}: unsupported URL scheme; accepted: a local path or gs://BUCKET/PATH.')
+  if s.startswith('gs:') and not s.startswith('gs://'):   # would be a local folder named gs:
+    raise PathError(f'{name} is not a Cloud Storage URL (it would be a local folder named "gs:"); '
+                    f'did you mean gs://{s[3:].lstrip("/")}?')
 
 
 _GCSFS_CHOSEN = False
@@ -237,7 +241,7 @@ def check_reachable(p: str, *, what: str, write: bool) -> None:
   endpoint is dialled (10 s at most), so no client library's retry loop runs on a dead route.
   """
   p = str(p)
-  _check_scheme(p)
+  _check_scheme(p, what)
   if not is_remote(p):
     q = os.path.abspath(p)  # local path arithmetic
     while not os.path.exists(q):  # local

@@ -9,13 +9,15 @@ named warning says that TensorBoard files are not written.
 
 A ``gs://`` workdir: CLU's writer goes through TensorFlow's own file system, which this
 project's path layer cannot route, so it writes into a :class:`ssl_jax.paths.Mirror` (a local
-staging folder) that is uploaded to the workdir after each ``flush()`` (at most every 30 s) and
-at ``close()``; the JSON-lines fallback writes through ``ssl_jax.paths`` directly.
+staging folder) that is uploaded to the workdir at most every 30 s while it writes, and on
+``flush()``/``close()``; the JSON-lines fallback writes through ``ssl_jax.paths`` directly (on
+gs://, which has no append, the file is re-uploaded at most every 30 s and on ``flush()``).
 """
 from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import Any
 
 import numpy as np
@@ -31,12 +33,14 @@ class JsonlWriter:
   def __init__(self, workdir: str, *, just_logging: bool):
     self._path = None if just_logging else paths.join(workdir, 'metrics.jsonl')
     self._pending: list[str] = []
+    self._flushed = time.monotonic()
 
   def _write(self, record: dict[str, Any]) -> None:
     log.info('%s', record)
     if self._path:
       self._pending.append(json.dumps(record) + '\n')
-      if not paths.is_remote(self._path):
+      # gs:// has no append (each flush re-uploads the file): at most every 30 s there.
+      if not paths.is_remote(self._path) or time.monotonic() - self._flushed >= 30:
         self.flush()
 
   def write_scalars(self, step: int, scalars: dict[str, Any]) -> None:
@@ -56,6 +60,7 @@ class JsonlWriter:
     if self._path and self._pending:
       paths.append_text(self._path, ''.join(self._pending))
       self._pending = []
+    self._flushed = time.monotonic()
 
   def close(self) -> None:
     self.flush()

@@ -9,16 +9,17 @@ process index (real CIFAR-10); process 0 writes the per-step losses and the fina
 import os
 import sys
 
-import jax
-import numpy as np
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import ssl_jax  # noqa: E402,F401  (first, as in conftest: its XLA:CPU defaults precede the backend)
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
 
 pid, nproc, port, out = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 jax.config.update('jax_cpu_collectives_implementation', 'gloo')
 jax.config.update('jax_threefry_partitionable', True)
 jax.distributed.initialize(coordinator_address=f'localhost:{port}', num_processes=nproc,
                            process_id=pid)
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import mp_common  # noqa: E402
 

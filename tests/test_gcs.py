@@ -239,6 +239,10 @@ def test_bad_cloud_storage_paths_are_one_line_before_anything_runs(gcs, tmp_path
   line = _one_line_exit_2(rc, out, err)
   assert line.startswith(f'Config error: gs://{BUCKET}/nothing-here/config.json does not '
                          'exist'), line
+  # A mistyped URL would be a local folder named `gs:`.
+  line = _one_line_exit_2(*_cli(cwd, *train, f'--workdir=gs:/{BUCKET}/run4'))
+  assert line == (f'Config error: --workdir=gs:/{BUCKET}/run4 is not a Cloud Storage URL (it would be a '
+                  f'local folder named "gs:"); did you mean gs://{BUCKET}/run4?'), line
   # A config file on gs:// (config files are Python code read on this machine).
   line = _one_line_exit_2(*_cli(cwd, f'--config=gs://{BUCKET}/moco.py:cifar10',
                                 f'--workdir=gs://{BUCKET}/run3'))
@@ -312,3 +316,21 @@ def test_paths_mirror_uploads_new_and_changed_files(root, tmp_path):
                                      'h.xplane.pb')) == b'trace'
   m.close()
   assert not os.path.exists(m.local)
+
+
+def test_jsonl_metrics_writer_on_any_root(root):
+  """The TF-free metric writer (no clu): local appends, gs:// re-uploads the whole file."""
+  import json
+  from ssl_jax import paths, writers
+  w = writers.JsonlWriter(paths.join(root, 'run'), just_logging=False)
+  w.write_scalars(1, {'loss': 2.5})
+  w.write_histograms(2, {'h': [1.0, 3.0]})
+  w.close()
+  w = writers.JsonlWriter(paths.join(root, 'run'), just_logging=False)   # a resumed run appends
+  w.write_scalars(3, {'loss': 1.5})
+  w.close()
+  lines = [json.loads(x) for x in paths.read_text(paths.join(root, 'run', 'metrics.jsonl'))
+           .splitlines()]
+  assert lines == [{'step': 1, 'loss': 2.5},
+                   {'step': 2, 'h/count': 2, 'h/mean': 2.0, 'h/min': 1.0, 'h/max': 3.0},
+                   {'step': 3, 'loss': 1.5}]
