@@ -17,8 +17,10 @@ images (``lr = base_lr x batch_size / 256``), as in both references.
   lightly's 200-epoch kNN (k=200) anchor on CIFAR-10 is 86.8%. Runtime: roughly 8 GPU-hours on
   one A100-class GPU (an estimate from solo-learn's reports, not measured with this code yet).
 * ``imagenet100``: solo-learn's ImageNet-100 recipe — ResNet-18, batch 256, LARS lr 0.5,
-  eta 0.02 with clipping, wd 1e-6, predictor 4096-8192-256, 400 epochs. Expected (solo-learn
-  README): 80.16% online / 80.32% offline linear.
+  eta 0.02 with clipping, wd 1e-6, projector 512-4096-256, predictor 256-8192-256 (its input
+  is the projector's 256-d output: ``pred_hidden_dim: 8192`` in the ImageNet-100 byol.yaml,
+  ``nn.Linear(output_dim, pred_hidden_dim)`` in solo/methods/byol.py), 400 epochs. Expected
+  (solo-learn README): 80.16% online / 80.32% offline linear.
 * ``imagenet``: DeepMind's 300-epoch preset — ResNet-50, batch 4096, LARS lr 0.3, eta 1e-3
   without clipping, wd 1e-6, tau 0.99 -> 1, 300 epochs (paper: ~72.5% linear at 300 ep; the
   reference's 1000-epoch preset — ``epochs=1000`` plus ``--config.optimizer.base_lr=0.2

@@ -30,11 +30,15 @@ per 256 images (``lr = base_lr x batch_size / 256``).
 
   Measured (fresh clone, 2-core CPU shared with other jobs): kNN top-1 (k=200, 10,000-image
   bank, 2,000 test images: seeded class-balanced draws) 26.25% untrained -> 36.85% after 780
-  steps; online probe 9.55% -> 28.95%; about 5 min on the idle CPU.
+  steps; online probe 9.55% -> 28.95%; about 5 min on the idle CPU. Measured with the former
+  3-tap blur kernel at 32 px (0.70x PIL's strength over sigma ~ U(0.1, 2)); ``quick`` blurs
+  (p 0.5, both views) and now uses 9 taps (``augment.gaussian_kernel_size``): these numbers are
+  to be re-measured.
 
 ``cifar10`` / ``cifar100`` — reference: vturrisi/solo-learn. S = scripts/pretrain/cifar/
 mocov2plus.yaml, A = scripts/pretrain/cifar/augmentations/symmetric_weak.yaml,
-M = solo/methods/mocov2plus.py, P = solo/args/pretrain.py, B = solo/methods/base.py::
+M = solo/methods/mocov2plus.py, P = solo/args/pretrain.py, B = solo/methods/base.py,
+D = solo/data/pretrain_dataloader.py (``GaussianBlur``)::
 
     field                        | ours                      | reference                 | source
     model.backbone               | resnet18, CIFAR stem      | resnet18, 3x3 conv, no    | S, B
@@ -57,7 +61,9 @@ M = solo/methods/mocov2plus.py, P = solo/args/pretrain.py, B = solo/methods/base
     data.crop_scale              | (0.08, 1), 32 px          | 0.08-1, 32 px             | A
     colour jitter                | 0.4/0.4/0.4/0.1, p 0.8    | 0.4/0.4/0.4/0.1, p 0.8    | A
     grayscale / flip             | p 0.2 / p 0.5             | p 0.2 / p 0.5             | A
-    blur (data.blur True)        | p 0.5, sigma 0.1-2        | p 0.5, sigma 0.1-2        | A
+    blur (data.blur True)        | p 0.5, sigma 0.1-2; 9-tap | p 0.5, sigma 0.1-2; PIL   | A, D
+                                 | Gaussian at 32 px: 0.98-  | GaussianBlur(radius =     |
+                                 | 1.04x PIL's strength      | sigma)                    |
     solarize                     | 0                         | 0                         | A
     probe.lr (online linear)     | 0.3                       | classifier_lr 0.3         | S
     BatchNorm                    | global batch              | sync_batchnorm True       | S

@@ -399,7 +399,7 @@ def test_color_ops_semantics():
   blurred = augment.gaussian_blur(noisy, tf.constant([0.1, 2.0]), 5).numpy()
   np.testing.assert_allclose(blurred[0], noisy[0], atol=1e-3)  # sigma 0.1 ~ identity
   assert blurred[1].std() < 0.6 * noisy[1].numpy().std()
-  assert augment.gaussian_kernel_size(224) == 23 and augment.gaussian_kernel_size(32) == 3
+  assert augment.gaussian_kernel_size(224) == 23 and augment.gaussian_kernel_size(32) == 9
 
 
 def test_normalize():
