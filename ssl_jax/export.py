@@ -22,10 +22,19 @@ The drop-in way: :func:`torchvision_model` builds the matching torchvision ResNe
 any width), loads the file and puts the input preprocessing inside, so raw uint8 images give
 the features our backbone computes::
 
+  import numpy as np, torch
+  from PIL import Image
   from ssl_jax.export import torchvision_model
-  model = torchvision_model('OUT/backbone.pth')            # eval mode; fc = Identity
-  images = torchvision.io.read_image('cat.png')[None]      # uint8 [N, 3, H, W]
-  features = model(images)                                 # [N, C]: the pooled backbone features
+  model = torchvision_model('OUT/backbone.pth')             # eval mode; fc = Identity
+  image = np.array(Image.open('cat.png').convert('RGB'))    # uint8 [H, W, 3], RGB
+  images = torch.from_numpy(image).permute(2, 0, 1)[None]   # uint8 [N, 3, H, W]
+  with torch.no_grad():
+    features = model(images)  # [N, C]: the pooled backbone features
+
+C = 8 x the base width for ResNet-18/34 (512 at width 1; 64 for the README quick start's
+ResNet-18 at 1/8 width, base 8), 32 x the base width for ResNet-50 (``export.json`` records
+``base_width``). Pillow reads the image: ``torchvision.io`` needs torchvision's C extensions,
+which a CUDA torchvision beside a CPU torch cannot load (:func:`import_torchvision`).
 
 By hand, with a stock torchvision model: see :data:`LOAD_SNIPPET` (also in ``export.json``).
 
@@ -440,7 +449,7 @@ model.eval()
 preprocess = torchvision.transforms.v2.Compose([
     torchvision.transforms.v2.ToDtype(torch.float32, scale=True),
     torchvision.transforms.v2.Normalize(mean={mean}, std={std})])
-features = model(preprocess(uint8_images_nchw))  # [N, C] pooled backbone features"""
+features = model(preprocess(uint8_images_nchw))  # [N, {channels}] pooled backbone features"""
 
 _CIFAR_STEM = ("model.conv1 = torch.nn.Conv2d(3, {base}, kernel_size=3, stride=1, padding=1, "
                "bias=False)\nmodel.maxpool = torch.nn.Identity()             # CIFAR stem\n")
@@ -448,10 +457,17 @@ _CIFAR_STEM = ("model.conv1 = torch.nn.Conv2d(3, {base}, kernel_size=3, stride=1
 from ssl_jax.models.normalize import MEAN_RGB, STDDEV_RGB  # noqa: E402  (the training input's)
 
 
+def _pooled_width(backbone: str, base_width: int) -> int:
+  """The feature size C of the snippets' ``[N, C]`` comments: the pooled stage-4 channels."""
+  from ssl_jax.models import resnet  # pylint: disable=import-outside-toplevel
+  return resnet.feature_dims(backbone, base_width=base_width)['pooled']
+
+
 def load_snippet(backbone: str, stem: str, base_width: int = 64) -> str:
   """The by-hand loading code for a stock torchvision model (widths other than 64 need
   :func:`torchvision_model`)."""
   return LOAD_SNIPPET.format(arch=backbone, base=base_width,
+                             channels=_pooled_width(backbone, base_width),
                              stem=_CIFAR_STEM.format(base=base_width) if stem == 'cifar' else '',
                              mean=list(MEAN_RGB), std=list(STDDEV_RGB))
 
@@ -594,7 +610,7 @@ def run(config, workdir: str) -> dict[str, str]:
   how = {
       'drop_in': "from ssl_jax.export import torchvision_model; model = torchvision_model("
                  f"{out.get('pth') or out.get('npz') or 'backbone.pth'!r})  # raw uint8 "
-                 "[N,3,H,W] in, features out",
+                 f"[N,3,H,W] in, [N,{_pooled_width(pre.model.backbone, sd_base)}] features out",
       'by_hand': load_snippet(pre.model.backbone, pre.model.stem, sd_base).split('\n'),
       'preprocessing': {'scale': '1/255', 'mean': list(MEAN_RGB),
                         'std': list(STDDEV_RGB), 'layout': 'RGB'},
