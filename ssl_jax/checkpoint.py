@@ -13,9 +13,11 @@
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
+import sys
 from typing import Any
 
 import jax
@@ -61,26 +63,75 @@ def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return json.loads(config.to_json_best_effort(sort_keys=True))
 
 
+def config_meta(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """What every checkpoint's meta carries about its config: the method, the whole config and a
+  fingerprint (sha256 of the config without ``RESUMABLE_CHANGES``), so a workdir whose
+  config.json is lost still knows what wrote it."""
+  cfg = config_to_dict(config)
+  kept = {k: v for k, v in _flatten(cfg).items() if k not in RESUMABLE_CHANGES}
+  digest = hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
+  return {'config_method': config.method.name, 'config_fingerprint': digest, 'config': cfg}
+
+
+def _newest_meta(workdir: str) -> tuple[dict[str, Any] | None, str]:
+  """The meta JSON of the newest checkpoint that has a readable one, and its path."""
+  for step in reversed(checkpoint_steps(workdir)):
+    path = paths.join(workdir, 'checkpoints', str(step), 'meta', 'metadata')
+    try:
+      return paths.read_json(path), path
+    except Exception:  # noqa: BLE001 — a damaged step: try the previous one
+      continue
+  return None, paths.join(workdir, 'checkpoints')
+
+
 def check_workdir_config(workdir: str, config: ml_collections.ConfigDict, *,
                          allow_config_change: bool = False) -> None:
   """Refuse a workdir written by a different config (unless ``allow_config_change``).
 
   The first run writes ``WORKDIR/config.json``; later runs compare against it when the workdir
   holds a checkpoint (without one there is nothing to resume and the new config replaces the
-  old). Keys in ``RESUMABLE_CHANGES`` (logging, eval cadence, data location) may differ.
+  old). When config.json is missing the newest checkpoint's meta (:func:`config_meta`) is the
+  reference; a corrupt config.json is an error naming it. Keys in ``RESUMABLE_CHANGES``
+  (logging, eval cadence, data location) may differ. Checkpoints of another method cannot be
+  resumed at all: ``allow_config_change`` does not change that.
   """
   path = paths.join(workdir, 'config.json')
   new = _flatten(config_to_dict(config))
-  if paths.exists(path) and not has_checkpoints(workdir):
-    # A run that stopped before its first save (a NaN, a crash): nothing to resume, so
-    # nothing to protect; this run starts fresh and its config replaces the old one.
-    logging.warning('%s has a config.json but no checkpoint: starting fresh with this config.',
-                    workdir)
-  elif paths.exists(path):
-    old = _flatten(_read_config_json(path))
+  if not has_checkpoints(workdir):
+    if paths.exists(path):
+      # A run that stopped before its first save (a NaN, a crash): nothing to resume, so
+      # nothing to protect; this run starts fresh and its config replaces the old one.
+      logging.warning('%s has a config.json but no checkpoint: starting fresh with this config.',
+                      workdir)
+  else:
+    method_only = False
+    if paths.exists(path):
+      old_cfg, source = _read_config_json(path), path
+    else:
+      meta, source = _newest_meta(workdir)
+      old_cfg = (meta or {}).get('config')
+      if old_cfg is None:   # checkpoints from before metas carried the config
+        old_cfg = {'method': {'name': (meta or {}).get('config_method', '<unknown>')}}
+        method_only = True
+        if not allow_config_change:
+          raise ConfigMismatchError(
+              f'{path} is missing and the checkpoints in {workdir} do not record their config, '
+              'so this config cannot be checked against them. Accepted: restore config.json, '
+              'a new --workdir, or --allow_config_change to resume anyway.')
+      _print(f'{path} is missing: checking this config against the checkpoint\'s own record '
+             f'({source}).')
+    old = _flatten(old_cfg)
+    old_method, new_method = old.get('method.name'), new.get('method.name')
+    if old_method != new_method:
+      raise ConfigMismatchError(
+          f'the checkpoints in {workdir} are of method {old_method!r}, which {new_method!r} '
+          'cannot load (another network and state). Accepted: a new --workdir, or the same '
+          'method.')
     diff = sorted(k for k in set(old) | set(new)
                   if old.get(k, '<missing>') != new.get(k, '<missing>')
                   and k not in RESUMABLE_CHANGES)
+    if method_only:
+      diff = []   # only the method is known (an old checkpoint): nothing more to compare
     if diff and not allow_config_change:
       details = '; '.join(f'{k}: {old.get(k, "<missing>")!r} -> {new.get(k, "<missing>")!r}'
                           for k in diff[:10])
@@ -95,6 +146,11 @@ def check_workdir_config(workdir: str, config: ml_collections.ConfigDict, *,
     except OSError as e:
       raise WorkdirError(f'--workdir={workdir} cannot be written ({e.strerror or e}); choose a '
                          'directory you can write to.') from e
+
+
+def _print(msg: str) -> None:
+  if jax.process_index() == 0:
+    print(msg, flush=True)
 
 
 def has_checkpoints(workdir: str) -> bool:
@@ -140,6 +196,7 @@ class Checkpointer:
 
   def restore_latest(self, abstract_state: Any) -> tuple[Any, dict[str, Any]] | None:
     """Newest checkpoint that restores cleanly, or None. Damaged ones are skipped with a warning."""
+    _quiet_closed_event_loop()
     for step in reversed(self.steps()):
       try:
         restored = self.manager.restore(step, args=ocp.args.Composite(
@@ -149,7 +206,7 @@ class Checkpointer:
         return state, meta
       except Exception as e:  # noqa: BLE001 — any failure means this checkpoint is unusable
         aside = self._move_aside(step)
-        logging.warning('Checkpoint %s is damaged, incomplete or of another config and is '
+        logging.info('Checkpoint %s is damaged, incomplete or of another config and is '
                         'skipped (%s: %s); moved to %s; trying the previous one.',
                         paths.join(self.directory, str(step)), type(e).__name__,
                         str(e).splitlines()[0][:300] if str(e) else '', aside)
@@ -178,6 +235,29 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+_QUIET_LOOP = []
+
+
+def _quiet_closed_event_loop() -> None:
+  """After a restore fails part-way, tensorstore completes the reads still in flight on its own
+  threads and calls back into the asyncio loop that Orbax has already closed: every callback's
+  ``RuntimeError('Event loop is closed')`` reaches ``sys.unraisablehook`` (hundreds of tracebacks
+  around a correct recovery). From the first damaged checkpoint on, those — and only those —
+  are dropped; every other unraisable exception is printed as before."""
+  if _QUIET_LOOP:
+    return
+  default = sys.unraisablehook
+
+  def hook(unraisable):
+    e = unraisable.exc_value
+    if isinstance(e, RuntimeError) and str(e) == 'Event loop is closed':
+      return
+    default(unraisable)
+
+  sys.unraisablehook = hook
+  _QUIET_LOOP.append(hook)
 
 
 def _check_finite_step(state: Any, step: int) -> None:
@@ -252,6 +332,7 @@ def restore_state(workdir: str, *, step: int | None = None,
                                f'accepted: {steps}')
     return _restore_step(workdir, step, items), int(step)
   # Newest first; a damaged checkpoint is skipped with a warning (as the trainer's resume does).
+  _quiet_closed_event_loop()
   for i, s in enumerate(reversed(steps)):
     try:
       return _restore_step(workdir, s, items), int(s)

@@ -27,6 +27,7 @@ launcher sets the cluster environment).
 """
 from __future__ import annotations
 
+import logging as logging_std
 import os
 import sys
 
@@ -186,7 +187,8 @@ def _explain_flag_error(exc: BaseException, argv) -> str:
       if moved:  # the kNN evaluator's fields moved under config.evals
         return (f'{moved[0]}: no such config key; the kNN evaluator\'s fields are '
                 f'--config.evals.knn.* (did you mean --config.evals.{moved[0][len("--config."):]}?)')
-      return f'{flag}: no such config key ({str(e.args[0]).strip()!s})'
+      hint = _suggest_key(flag, argv) or f' ({str(e.args[0]).strip()!s})'
+      return f'{flag}: no such config key{hint}'
   arg = _config_arg(argv) or ''
   path = arg.split(':', 1)[0]
   if '://' in arg:
@@ -206,6 +208,66 @@ def _explain_flag_error(exc: BaseException, argv) -> str:
   return f'--config={arg}: {type(last).__name__}: {str(last).splitlines()[0] if str(last) else ""}'
 
 
+# Names users type for our config keys (the difflib match alone would not find them).
+_SYNONYMS = {'learning_rate': 'base_lr', 'lr': 'base_lr', 'wd': 'weight_decay', 'epochs':
+             'total_epochs', 'steps': 'total_steps', 'bs': 'batch_size', 'num_steps':
+             'total_steps', 'num_epochs': 'total_epochs', 'warmup': 'warmup_epochs'}
+
+
+def _config_keys(argv) -> list[str]:
+  """Every dotted key of the --config file named in ``argv`` ([] if it does not load)."""
+  arg = _config_arg(argv) or ''
+  path, _, cfg_arg = arg.partition(':')
+  try:
+    from ssl_jax import checkpoint, config_lib
+    c = config_lib.load_config_file(path, cfg_arg or None)
+    return sorted(checkpoint._flatten(checkpoint.config_to_dict(c)))  # pylint: disable=protected-access
+  except Exception:  # noqa: BLE001 — no suggestion then
+    return []
+
+
+def _closest(name: str, keys: list[str]) -> str | None:
+  import difflib
+  last = name.rsplit('.', 1)[-1]
+  want = _SYNONYMS.get(last)
+  if want:
+    prefix = name[:len(name) - len(last)]
+    for k in keys:
+      if k == prefix + want or (k.endswith('.' + want) or k == want) and k.startswith(prefix):
+        return k
+  if name in keys:
+    return name
+  tails = [k for k in keys if k.rsplit('.', 1)[-1] == last]
+  if len(tails) == 1:
+    return tails[0]
+  close = difflib.get_close_matches(name, keys, n=1, cutoff=0.75)
+  return close[0] if close else None
+
+
+def _suggest_key(flag: str, argv) -> str:
+  """'; did you mean --config.X?' for a --config.<key> that does not exist."""
+  key = _closest(flag[len('--config.'):], _config_keys(argv)) if flag.startswith('--config.') \
+      else None
+  return f'; did you mean --config.{key}?' if key else ''
+
+
+def _suggest_flag(e: BaseException, argv) -> str:
+  """'; did you mean ...?' for an unknown command-line flag (a program flag or a config key)."""
+  import difflib
+  import re
+  m = re.search(r"Unknown command line flag '([^']+)'", str(e))
+  if not m:
+    return ''
+  name = m.group(1)
+  key = _closest(name, _config_keys(argv))
+  if not key and 'Did you mean' in str(e):
+    return ''   # absl named the program flag already
+  if key:
+    return f'; did you mean --config.{key}?'
+  close = difflib.get_close_matches(name, [n for n in flags.FLAGS if len(n) > 2], n=1, cutoff=0.7)
+  return f'; did you mean --{close[0]}?' if close else ''
+
+
 def _parse_flags(argv):
   """absl's flag parsing, with config-file and override errors as one line (exit 2)."""
   try:
@@ -215,7 +277,8 @@ def _parse_flags(argv):
       _fail(_explain_flag_error(e, argv), e)
     if _VERBOSE:
       raise
-    print(f'Flag error: {e}', file=sys.stderr)
+    hint = _suggest_flag(e, argv)
+    print(f'Flag error: {e}{hint}', file=sys.stderr)
     sys.exit(2)
   except (AttributeError, KeyError, TypeError, ValueError) as e:  # a --config.<key> override
     _fail(_explain_flag_error(e, argv), e)
@@ -237,11 +300,44 @@ def _check_run_paths(config, workdir: str, mode: str) -> None:
       paths.check_reachable(v, what=what, write=False)
 
 
+class _LibraryErrors(logging_std.Filter):
+  """Orbax reports a failed background save on each of its threads, each with a traceback (a
+  disk-full save: five of them, 345 lines). On a clean screen the first one is kept as one line;
+  all of them, tracebacks included, go to WORKDIR/error.log if the run fails (``_stop_error``)."""
+
+  def __init__(self):
+    super().__init__()
+    self.records: list[str] = []
+
+  def filter(self, record) -> bool:
+    # Orbax's own error records, and asyncio's 'Task exception was never retrieved' for the
+    # writes of Orbax's background threads that failed alongside.
+    ours = '/orbax/' in record.pathname.replace('\\', '/') or record.name == 'asyncio'
+    if record.levelno < logging_std.ERROR or not ours:
+      return True
+    text = record.getMessage()
+    if record.exc_info:
+      import traceback
+      text += '\n' + ''.join(traceback.format_exception(*record.exc_info))
+    self.records.append(text)
+    if len(self.records) > 1:
+      return False
+    record.msg, record.args = text.splitlines()[0][:240] + ' [Orbax]', None
+    record.exc_info = record.exc_text = None
+    return True
+
+
+_LIBRARY_ERRORS = _LibraryErrors()
+
+
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    print(f'Flag error: unexpected arguments {argv[1:]}; flags are written --name=value (e.g. '
+          '--config.batch_size=256).', file=sys.stderr)
+    sys.exit(2)
   if not _VERBOSE:  # library INFO logs (Orbax, TFDS, absl) off; --verbosity=0|1 turns them on
     logging.set_verbosity(logging.WARNING)
+    logging.get_absl_handler().addFilter(_LIBRARY_ERRORS)   # every record that reaches the screen
   try:
     config = _CONFIG.value
     if config is not None:
@@ -249,8 +345,11 @@ def main(argv):
   except Exception as e:  # pylint: disable=broad-except
     _fail(_explain_flag_error(e, sys.argv), e)
   if config is None or _WORKDIR.value is None:
-    raise app.UsageError('--config and --workdir are required, e.g. '
-                         '--config=configs/byol.py:cifar10,runlocal --workdir=/tmp/byol')
+    missing = ' and '.join(f for f, v in (('--config', config), ('--workdir', _WORKDIR.value))
+                           if v is None)
+    print(f'Flag error: {missing} {"is" if " and " not in missing else "are"} required, e.g. '
+          '--config=configs/byol.py:cifar10,runlocal --workdir=/tmp/byol', file=sys.stderr)
+    sys.exit(2)
   from ssl_jax import paths
   try:  # before any compilation, before anything is created
     _check_run_paths(config, _WORKDIR.value, _MODE.value)
@@ -265,6 +364,7 @@ def main(argv):
   from ssl_jax.evals import pretrained
   errors = (_UserError, config_lib.ConfigError, checkpoint.WorkdirError, sources.DatasetNotFound, sources.DataConfigError,
             checkpoint.ConfigMismatchError, pretrained.PretrainedNotFound, paths.PathError)
+  from ssl_jax import loop
   try:
     if _MODE.value == 'train':
       _train(config, _WORKDIR.value, errors)
@@ -272,6 +372,53 @@ def main(argv):
     run_eval(_MODE.value, config, _WORKDIR.value, allow_config_change=_ALLOW_CHANGE.value)
   except errors as e:
     _fail(str(e), e)
+  except loop.NonFiniteError as e:
+    _stop_error('Stopped', str(e), e, _WORKDIR.value)
+  except KeyboardInterrupt as e:
+    _stop_error('Interrupted', 'Ctrl-C: exiting at once, nothing saved since the last '
+                'checkpoint; rerun the same command to resume', e, _WORKDIR.value, code=130,
+                keep_traceback=False)
+  except Exception as e:  # noqa: BLE001 — a few lines here, the traceback in WORKDIR/error.log
+    _stop_error('Error', _explain_runtime_error(e), e, _WORKDIR.value)
+
+
+def _explain_runtime_error(e: BaseException) -> str:
+  """The cause of an unexpected failure in one line, with the fix where one is known."""
+  import errno
+  import re
+  for c in _chain(e):
+    full = isinstance(c, OSError) and c.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    text = str(c)
+    if full or 'No space left on device' in text or "os_error_code='28'" in text:
+      m = re.search(r'(?:local file|Failed writing:) "([^"]+)"', text)
+      where = c.filename if full and c.filename else (m.group(1) if m else '')
+      return (f'No space left on device{" writing " + where if where else ""}: the disk is '
+              'full. Free space or choose another --workdir, then rerun the same command (it '
+              'resumes from the last complete checkpoint).')
+  first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ''
+  return f'{type(e).__name__}: {first}'
+
+
+def _stop_error(kind: str, msg: str, exc: BaseException, workdir: str, code: int = 1,
+                keep_traceback: bool = True) -> None:
+  """At most a few lines on stderr; the full traceback goes to WORKDIR/error.log (process 0),
+  or to the screen with --verbosity."""
+  import traceback
+  if _VERBOSE:
+    raise exc
+  where = ''
+  try:
+    import jax
+    from ssl_jax import paths
+    if keep_traceback and jax.process_index() == 0 and paths.exists(workdir):
+      log = paths.join(workdir, 'error.log')
+      paths.write_text(log, ''.join(traceback.format_exception(exc)) + ''.join(
+          f'\n--- logged by Orbax ---\n{r}' for r in _LIBRARY_ERRORS.records))
+      where = f'\n(full traceback: {log}; or rerun with --verbosity=0 to print it)'
+  except Exception:  # noqa: BLE001 — the error itself is what matters
+    pass
+  print(f'{kind}: {msg}{where}', file=sys.stderr, flush=True)
+  sys.exit(code)
 
 
 def _train(config, workdir: str, errors: tuple) -> None:

@@ -175,9 +175,14 @@ def write_bytes(p: str, data: bytes) -> str:
     return p
   makedirs(dirname(p))
   tmp = f'{p}.tmp-{os.getpid()}'
-  with _epath(tmp).open('wb') as f:  # epath, local temporary name
-    f.write(data)
-  os.replace(tmp, p)  # local and atomic (see the module docstring)
+  try:
+    with _epath(tmp).open('wb') as f:  # epath, local temporary name
+      f.write(data)
+    os.replace(tmp, p)  # local and atomic (see the module docstring)
+  except BaseException:
+    if os.path.exists(tmp):  # local temporary name: no half file left behind (disk full)
+      os.remove(tmp)  # local temporary name
+    raise
   return p
 
 

@@ -7,6 +7,7 @@ its loss (``ssl_jax/methods``); this file does the rest. Read it top to bottom:
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import os
 import signal
@@ -94,14 +95,16 @@ def make_train_step(method, tx, probe, probe_tx, lr_fn, tau_fn):
     # Never let a non-finite update into the state: keep the previous one (the host stops).
     loss_ok = jnp.isfinite(loss)
     grad_ok = jnp.isfinite(grad_norm)
-    ok = loss_ok & grad_ok
+    probe_ok = jnp.isfinite(p_loss)   # every loss of the step is guarded, the probe's too
+    ok = loss_ok & grad_ok & probe_ok
     new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state.replace(step=new.step))
     metrics = dict(aux.metrics)
     if uses_target:
       metrics['tau'] = tau
     metrics.update({'loss': loss, 'lr': lr_fn(state.step), 'grad_norm': grad_norm,
                     'online_probe/train_loss': p_loss, 'online_probe/train_top1': p_acc,
-                    'finite/loss': loss_ok, 'finite/grad_norm': grad_ok})
+                    'finite/loss': loss_ok, 'finite/grad_norm': grad_ok,
+                    'finite/online_probe/train_loss': probe_ok})
     return new, metrics, aux.scores
 
   return train_step
@@ -169,25 +172,35 @@ def build(config: ml_collections.ConfigDict, mesh, method, *, steps_per_epoch: i
 # The whole run
 # =============================================================================================
 class _PreemptionNotice:
-  """SIGTERM (a preemption notice) sets ``received``; installed for the whole run, so a notice
-  during compilation or the start-up evals is seen too (the loop checkpoints and exits 0)."""
+  """SIGTERM (a preemption notice) or a first Ctrl-C (SIGINT) sets ``received``; installed for
+  the whole run, so a notice during compilation or the start-up evals is seen too (the loop
+  checkpoints and exits 0). A second Ctrl-C stops at once (KeyboardInterrupt)."""
 
   def __init__(self):
-    self.received = False
-    self._old = None
+    self.received = None    # None, or 'preemption notice (SIGTERM)' / 'Ctrl-C (SIGINT)'
+    self._old = {}
 
   def _on_sigterm(self, signum, frame):
     del signum, frame
-    self.received = True
+    self.received = 'preemption notice (SIGTERM)'
+
+  def _on_sigint(self, signum, frame):
+    del signum, frame
+    if self.received:
+      raise KeyboardInterrupt
+    self.received = 'Ctrl-C (SIGINT)'
+    _log('Ctrl-C: saving a checkpoint after this step, then exiting (Ctrl-C again: exit at once, '
+         'nothing saved).')
 
   def __enter__(self):
     if _main_thread():
-      self._old = signal.signal(signal.SIGTERM, self._on_sigterm)
+      self._old = {signal.SIGTERM: signal.signal(signal.SIGTERM, self._on_sigterm),
+                   signal.SIGINT: signal.signal(signal.SIGINT, self._on_sigint)}
     return self
 
   def __exit__(self, *exc):
-    if self._old is not None:
-      signal.signal(signal.SIGTERM, self._old)
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -203,11 +216,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     mesh = sharding.make_mesh(loop.optional(config.num_devices))
     validate_config(config, num_devices=mesh.shape[sharding.DATA],
                     process_count=jax.process_count())
+    t0 = time.time()
+    _log(f'Reading {config.data.name} ({config.data.train_split} / {config.data.eval_split})...')
     steps_per_epoch = data.steps_per_epoch(config.data, config.batch_size)
     data.check_same_classes(config.data, config.data.train_split, config.data.eval_split)
     ckpt_lib.check_workdir_config(workdir, config, allow_config_change=allow_config_change)
     total_steps = loop.total_steps(config, steps_per_epoch)
+    done = ckpt_lib.checkpoint_steps(workdir)
+    if done and done[-1] >= total_steps:
+      return _already_complete(workdir, done[-1], total_steps)
     # 2.-4. input, model & state, the update step
+    _log(f'Input ready ({time.time() - t0:.0f} s); building {config.method.name} / '
+         f'{config.model.backbone} and its train state...')
     method = methods.get(config.method.name)(config, steps_per_epoch)
     parts = build(config, mesh, method, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
     with jax.set_mesh(mesh):
@@ -222,6 +242,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         return run.train(state, notice, stop_at_step)
       finally:
         ckpt.close()
+
+
+def _already_complete(workdir: str, step: int, total_steps: int) -> dict[str, Any]:
+  """A rerun of a finished run: say so with its final line (outcome.json), write nothing."""
+  final_line = ''
+  try:
+    outcome = paths.read_json(paths.join(workdir, 'outcome.json'))
+    if outcome.get('status') == 'done' and outcome.get('step') == step:
+      final_line = outcome.get('final_line', '')
+  except Exception:  # noqa: BLE001 — no outcome.json (a run from before it existed)
+    pass
+  _log(f'Already complete: {workdir} holds the final checkpoint (step {step} of {total_steps}); '
+       'nothing to train. For other numbers, run an evaluation mode on it (--mode=knn, linear).')
+  if final_line:
+    _log(final_line)
+  return {'final_step': step, 'already_complete': True, 'final_line': final_line}
 
 
 def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | None = None,
@@ -259,6 +295,7 @@ class _Run:
     self.score_plots = _ScorePlots(config, workdir, self.writer, steps_per_epoch, total_steps)
     self.profile = _Profile(config, workdir, start_step, total_steps)
     self.results: dict[str, Any] = {'start_step': start_step, 'loss_history': []}
+    self.config_meta = ckpt_lib.config_meta(config)   # in every checkpoint's meta
     self.last_saved = start_step if start_step > 0 else None   # a resumed step is on disk
 
   # --------------------------------------------------------------------------------- 6. evals
@@ -281,7 +318,7 @@ class _Run:
     if step == self.last_saved:
       return
     self.ckpt.save(step, state, {'step': step, 'epoch': step / self.steps_per_epoch,
-                                 'config_method': self.config.method.name}, force=force)
+                                 **self.config_meta}, force=force)
     self.last_saved = step
 
   # ------------------------------------------------------------------------------ 7. the loop
@@ -295,16 +332,17 @@ class _Run:
     if skipped:  # named one by one in the warnings above; counted in the run's own record
       _log(f'WARNING: {skipped} undecodable training image(s) skipped (data/skipped_files).')
     self.writer.write_scalars(self.start_step, {'data/skipped_files': skipped})
+    # TensorBoard's Text tab: the whole config of this run (each start, so a changed resume shows).
+    self.writer.write_texts(self.start_step, {'config': '```\n' + json.dumps(
+        ckpt_lib.config_to_dict(config), indent=2, sort_keys=True) + '\n```'})
     if self.start_step == 0 and any(ev.at_start for ev in self.evaluators):
       results['untrained'] = self.evaluate(0, state, [e for e in self.evaluators if e.at_start])
     if notice.received:  # the notice came during start-up (compile, initial evals)
-      _log(f'Preemption notice (SIGTERM) before the first step of this run (step '
-           f'{self.start_step}): nothing new to save; exiting. Rerun the same command to '
-           'continue.')
+      line = (f'Stopping before the first step of this run (step {self.start_step}, '
+              f'{notice.received}): nothing new to save. Rerun the same command to continue.')
+      _log(line)
       self.writer.close()
-      return dict(results, preempted_at=self.start_step, state=state,
-                  final_line='Preemption notice (SIGTERM) before the first step; nothing new '
-                             'to save.')
+      return dict(results, preempted_at=self.start_step, state=state, final_line=line)
     t_start = time.time()
     out = loop.run(
         state, self.parts.train_step, self._batches(), start_step=self.start_step,
@@ -382,6 +420,7 @@ class _Run:
     results = self.results
     final = [ev for ev in self.evaluators if ev.at_end]
     if final:
+      _log(f'Final evaluation at step {step}: {", ".join(ev.name for ev in final)}...')
       results['final'] = self.evaluate(step, state, final)
     self.writer.close()   # on a gs:// workdir: the last events are uploaded now
     results.update(final_step=step, collapse_warnings=list(self.collapse_monitor.warned_steps),
@@ -408,7 +447,7 @@ def kept_checkpoint_text(ckpt) -> str:
 
 def _stop_reason(notice, step: int, stop_at_step: int | None, ckpt) -> str | None:
   if notice.received:
-    return 'preemption notice (SIGTERM)'
+    return notice.received
   if step == stop_at_step or ckpt.manager.reached_preemption(step):
     return 'stop requested'
   return None
@@ -439,10 +478,13 @@ class _ScorePlots:
     if plot_now and jax.process_index() == 0 and {'pos', 'neg'} <= set(host):
       self.plotted_epoch = epoch = step // self.spe
       name = f'epoch_{epoch:04d}.png' if step % self.spe == 0 else f'step_{step:07d}.png'
-      score_plots.write_score_plot(
-          paths.join(self.workdir, 'score_plots', name), host['pos'], host['neg'],
-          f'{self.config.method.name}: pos/neg cosine scores, epoch {step / self.spe:.2f}'
-          f' (step {step})')
+      title = (f'{self.config.method.name}: pos/neg cosine scores, epoch {step / self.spe:.2f}'
+               f' (step {step})')
+      score_plots.write_score_plot(paths.join(self.workdir, 'score_plots', name), host['pos'],
+                                   host['neg'], title)
+      # The same picture in TensorBoard's Images tab.
+      self.writer.write_images(step, {'scores/distribution': score_plots.render_score_plot(
+          host['pos'], host['neg'], title)[None]})
 
 
 class _Profile:

@@ -56,6 +56,13 @@ class JsonlWriter:
                       f'{k}/max': float(v.max()) if v.size else 0.0})
     self._write({'step': int(step), **summary})
 
+  def write_texts(self, step: int, texts: dict[str, str]) -> None:
+    self._write({'step': int(step), **{f'{k}/chars': len(v) for k, v in texts.items()}})
+
+  def write_images(self, step: int, images: dict[str, Any]) -> None:
+    self._write({'step': int(step), **{f'{k}/shape': 'x'.join(map(str, np.shape(v)))
+                                        for k, v in images.items()}})
+
   def flush(self) -> None:
     if self._path and self._pending:
       paths.append_text(self._path, ''.join(self._pending))
@@ -88,6 +95,10 @@ class MirroredWriter:
 
   def write_images(self, step: int, images: dict[str, Any]) -> None:
     self._writer.write_images(step, images)
+    self._written()
+
+  def write_texts(self, step: int, texts: dict[str, str]) -> None:
+    self._writer.write_texts(step, texts)
     self._written()
 
   def flush(self) -> None:

@@ -91,7 +91,32 @@ _ENTRY_ERRORS = [
      r"^Config error: TFDS dataset 'cifar10' was not found .* Fix: point --config.data.data_dir"),
     (['--config=configs/eval_knn.py:cifar10', '--mode=knn',
       '--config.pretrained=/nonexistent_run'], r'^Config error: .*nonexistent_run'),
+    (['--config=configs/byol.py:cifar10,runlocal', '--batch_size=64'],
+     r"^Flag error: Unknown command line flag 'batch_size'; did you mean --config.batch_size\?$"),
+    (['--config=configs/byol.py:cifar10,runlocal', '--config.optimizer.learning_rate=0.1'],
+     r'^Config error: --config.optimizer.learning_rate: no such config key; did you mean '
+     r'--config.optimizer.base_lr\?$'),
+    (['--config=configs/byol.py:cifar10,runlocal', '--config.epochs=3'],
+     r'^Config error: --config.epochs: no such config key; did you mean '
+     r'--config.total_epochs\?$'),
 ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('args,line', [
+    (['--config=configs/byol.py:cifar10,runlocal'],
+     'Flag error: --workdir is required, e.g. --config=configs/byol.py:cifar10,runlocal '
+     '--workdir=/tmp/byol'),
+    ([], 'Flag error: --config and --workdir are required, e.g. '
+         '--config=configs/byol.py:cifar10,runlocal --workdir=/tmp/byol'),
+    (['--config=configs/byol.py:cifar10,runlocal', '--work_dir=/tmp/x'],
+     "Flag error: Unknown command line flag 'work_dir'. Did you mean: workdir ?"),
+])
+def test_missing_or_mistyped_program_flags_are_one_line_exit_2(args, line):
+  r = subprocess.run([sys.executable, '-m', 'ssl_jax.main', *args], cwd=REPO,
+                     env=dict(os.environ, JAX_PLATFORMS='cpu'), capture_output=True, text=True,
+                     timeout=300)
+  assert (r.returncode, r.stderr.strip(), r.stdout) == (2, line, ''), r.stderr[-3000:]
 
 
 @pytest.mark.slow
