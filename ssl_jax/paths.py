@@ -118,6 +118,11 @@ def dirname(p: str) -> str:
   return posixpath.dirname(s) if is_remote(s) else os.path.dirname(absolute(s))  # local only
 
 
+def realpath(p: str) -> str:
+  """A local path with its symbolic links resolved; a URL unchanged (no links there)."""
+  return str(p) if is_remote(p) else os.path.realpath(p)  # local only
+
+
 def exists(p: str) -> bool:
   return _epath(p).exists()
 
@@ -140,7 +145,7 @@ def listdir(p: str) -> list[str]:
 
 
 def walk(p: str, *, followlinks: bool = False):
-  """``os.walk``-like ``(dirpath, dirnames, filenames)`` over a local folder or a URL."""
+  """Like the os module's walk: ``(dirpath, dirnames, filenames)``, local folder or URL."""
   if not is_remote(p):
     yield from os.walk(p, followlinks=followlinks)  # local
     return
@@ -313,7 +318,7 @@ class Mirror:
     self.remote = is_remote(self.target)
     self.min_interval_s = min_interval_s
     self._seen: dict[str, tuple[int, float]] = {}
-    self._last = 0.0
+    self._last = time.monotonic()   # the first periodic upload: min_interval_s from now
     if self.remote:
       self.local = tempfile.mkdtemp(prefix='ssl_jax_stage_')
       atexit.register(self._at_exit)

@@ -326,7 +326,7 @@ class _Run:
     config, results = self.config, self.results
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     _log(f'{config.method.name} | {config.model.backbone} ({n_params / 1e6:.2f}M params) | '
-         f'{config.data.name} | global batch {config.batch_size} on {self.n_dev} device(s), '
+         f'{data.describe(config.data)} | global batch {config.batch_size} on {self.n_dev} device(s), '
          f'{jax.process_count()} host(s) | {self.total_steps} steps ({self.steps_per_epoch}/epoch)')
     skipped = data.num_skipped(config.data, config.data.train_split)
     if skipped:  # named one by one in the warnings above; counted in the run's own record

@@ -501,7 +501,8 @@ def test_train_and_test_class_folders_must_match(tmp_path):
   _class_folder(tmp_path, 'train', ['cat', 'dog', 'emu'], 1)
   _class_folder(tmp_path, 'val', ['cat', 'dog', 'fox'], 1)
   cfg = folder_cfg(str(tmp_path))
-  with pytest.raises(data.DataConfigError, match=r"only in train: \['emu'\]; only in val: \['fox'\]"):
+  with pytest.raises(data.DataConfigError, match=r"train/ has classes not in val/: \['emu'\]; "
+                     r"val/ has classes not in train/: \['fox'\]"):
     data.check_same_classes(cfg, 'train', 'val')
   data.check_same_classes(cfg, 'train', 'train')
 

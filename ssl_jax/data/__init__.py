@@ -17,15 +17,22 @@ name                TFDS builder name ('cifar10', 'imagenet2012'), or a label fo
                     (step benchmarks; ``data/synthetic.py``, ``synthetic_examples`` per epoch)
 source              'tfds' or 'folder'
 data_dir            TFDS data dir; None -> $TFDS_DATA_DIR, else TFDS's default
-download            let TFDS download and prepare a missing dataset (needs network)
-folder_root         image folder root: <root>/<split>/<class>/*.jpg|png or <root>/<split>/*.jpg
+download            let TFDS download and prepare a missing dataset (needs network; off by
+                    default: a run never touches the network unless asked, and on a pod every
+                    host would download at once; with no network the run stops at once with one
+                    line naming the data dir to fill)
+folder_root         image folder root: <root>/<split>/<class>/**/*.jpg|png (sub-folders, linked
+                    ones included, are read) or <root>/<split>/*.jpg (unlabelled)
 folder_validate     'decode' (every file decoded once at start-up; bad ones skipped and named),
                     'header' (PIL verify only), 'none'
 train_split         e.g. 'train' (TFDS slicing such as 'train[:10%]' works)
 eval_split          e.g. 'test' / 'validation' / 'val'
 image_size          side of the (main) train views and of eval images
 eval_resize         eval: shorter side resized to this, then centre crop image_size
-num_classes         number of labels (for probes)
+num_classes         number of labels (for probes). Image folders: from the class folders unless
+                    set (<= 0 or the preset's own value: from the folders; another value must
+                    equal them; ``check_folder_source``). Labels outside [0, num_classes) stop
+                    the run when the data is loaded.
 views               recipe name: 'byol', 'moco', 'weak_strong', 'multi_res', 'aps' (views.RECIPES)
 crop_scale          None -> each recipe's own RandomResizedCrop scale; (lo, hi) overrides all views
 blur                False disables every Gaussian blur (CIFAR presets)
@@ -50,7 +57,7 @@ _LAZY = {
     'MEAN_RGB': 'pipeline', 'STDDEV_RGB': 'pipeline', 'local_batch_size': 'pipeline',
     'normalize': 'pipeline',
     'DataConfigError': 'sources', 'DatasetNotFound': 'sources', 'balanced_subset': 'sources',
-    'clear_cache': 'sources', 'build_source': 'sources',
+    'clear_cache': 'sources', 'build_source': 'sources', 'FolderSummary': 'sources',
 }
 
 
@@ -147,9 +154,34 @@ def steps_per_epoch(data_cfg, global_batch_size: int) -> int:
   return _pipeline().steps_per_epoch(data_cfg, global_batch_size)
 
 
-def check_same_classes(data_cfg, train_split: str, eval_split: str) -> None:
-  if not synthetic.is_synthetic(data_cfg):
-    _sources().check_same_classes(data_cfg, train_split, eval_split)
+def check_folder_source(data_cfg, train_split: str, eval_split: str):
+  """The data checks every run passes before it reads a label (training and every offline
+  mode): ``sources.check_folder_source``. For an image folder: the same class folders in both
+  splits, at least 2 classes, ``num_classes`` equal to the folders (set from them in place
+  unless the user set it; see ``sources.num_classes_is_set``); returns a ``FolderSummary``.
+  TFDS: ``num_classes`` <= 0 is set from the dataset info; returns None (labels are
+  range-checked when loaded). Failures: one-line ``DataConfigError``."""
+  if synthetic.is_synthetic(data_cfg):
+    return None
+  return _sources().check_folder_source(data_cfg, train_split, eval_split)
+
+
+def check_same_classes(data_cfg, train_split: str, eval_split: str):
+  """The trainer's name for :func:`check_folder_source` (the full check)."""
+  return check_folder_source(data_cfg, train_split, eval_split)
+
+
+def describe(data_cfg) -> str:
+  """A short description for a banner: ``folder /data/pets (12 classes)``,
+  ``tfds cifar10 (10 classes)``, ``synthetic 32x32 (10 classes)``. Cheap: no TFDS read; a
+  folder not yet checked costs one listing of its train split."""
+  n = data_cfg.get('num_classes')
+  classes = f' ({int(n)} classes)' if n is not None and int(n) > 0 else ''
+  if synthetic.is_synthetic(data_cfg):
+    return f'synthetic {data_cfg.image_size}x{data_cfg.image_size}{classes}'
+  if data_cfg.get('source', 'tfds') == 'folder':
+    return _sources().describe(data_cfg)
+  return f'{data_cfg.get("source", "tfds")} {data_cfg.name}{classes}'
 
 
 def num_skipped(data_cfg, split: str) -> int:
@@ -173,7 +205,9 @@ def default_data_config(dataset: str) -> ml_collections.ConfigDict:
 
 
 __all__ = [
-    'DataConfigError', 'DatasetNotFound', 'balanced_subset', 'build_source', 'check_same_classes', 'num_skipped', 'MEAN_RGB', 'PRESETS', 'RECIPES', 'STDDEV_RGB', 'ViewSpec', 'clear_cache',
+    'DataConfigError', 'DatasetNotFound', 'FolderSummary', 'balanced_subset', 'build_source',
+    'check_folder_source', 'check_same_classes', 'describe', 'num_skipped', 'MEAN_RGB',
+    'PRESETS', 'RECIPES', 'STDDEV_RGB', 'ViewSpec', 'clear_cache',
     'default_data_config', 'get_recipe', 'local_batch_size', 'make_eval_iterator',
     'make_train_iterator', 'normalize', 'num_examples', 'resolve_views', 'steps_per_epoch',
 ]

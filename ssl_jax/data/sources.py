@@ -5,10 +5,13 @@ Three kinds, chosen by :func:`build_source`:
 * :class:`ArraySource` — a TFDS split whose images all have one fixed shape (CIFAR) with
   ``data_cfg.cache`` on: the whole split decoded once into memory (numpy) on every host,
   memoised per process, and read by random access (exact shuffles and O(1) resume).
-* :class:`FolderSource` — ``root/<split>/<class>/*.jpg|png`` (labels = index of the sorted
-  class directories) or ``root/<split>/*.jpg|png`` (no labels: label -1). Random access by path;
-  every file is validated once when the source is built (see :func:`validate_images`) and
-  undecodable files are skipped with a warning naming each one.
+* :class:`FolderSource` — ``root/<split>/<class>/**/*.jpg|png`` (labels = index of the sorted
+  class directories; sub-folders are read, symbolically linked ones included, each directory
+  once by its real path so a link cycle is skipped with a warning) or ``root/<split>/*.jpg|png``
+  (no labels: label -1). Random access by path; every file is validated once when the source is
+  built (see :func:`validate_images`) and undecodable files are skipped with a warning naming
+  each one. :func:`check_folder_source` (training and every offline mode) compares the class
+  folders of the train and eval splits and sets or checks ``num_classes``.
 * :class:`TfdsSource` — any other TFDS split, streamed from its record files with per-epoch
   file shuffling and a shuffle buffer; images are decoded after the resume skip.
 
@@ -16,6 +19,10 @@ Three kinds, chosen by :func:`build_source`:
 differ by at most one) of the arrays or the file list, ``tfds.split_for_jax_process`` of a
 streamed split. The train iterator instead reads random-access sources whole on every host
 (``process_count=1``) and takes its rows of each global batch (see ``pipeline``).
+
+Labels that reach a loss are range-checked when a source is built: in-memory arrays and image
+folders by their labels, streamed TFDS by the dataset info's class count
+(:func:`check_label_range`, :func:`check_tfds_num_classes`): one-line :class:`DataConfigError`.
 
 Subsets (``max_examples`` > 0: the kNN monitor's bank and test set, quick evals) are drawn from
 the whole split *before* the per-host slicing, so every process count sees the same examples:
@@ -35,7 +42,9 @@ import functools
 import io
 import logging
 import os
+import socket
 from typing import Any
+from urllib.parse import urlparse
 
 import numpy as np
 import tensorflow as tf
@@ -168,9 +177,57 @@ def tfds_builder(data_cfg):
   except tfds.core.registered.DatasetNotFoundError as e:
     raise DataConfigError(f'Unknown TFDS dataset name {data_cfg.name!r} (--config.data.name). '
                      f'See tfds.list_builders() for accepted names.') from e
-  if data_cfg.get('download') and not builder.is_prepared():
-    builder.download_and_prepare()
+  if data_cfg.get('download') and not tfds_is_mocked() and not builder.is_prepared():
+    download_and_prepare(builder, data_dir)
   return builder
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip()
+  return f'{type(e).__name__}: {text.splitlines()[0][:300]}' if text else type(e).__name__
+
+
+def download_and_prepare(builder, data_dir: str | None, *, connect_timeout_s: float = 10.0
+                         ) -> None:
+  """``builder.download_and_prepare()`` (``--config.data.download=True`` and the dataset is not
+  prepared in ``data_dir``), with one-line errors.
+
+  Before TFDS starts (its downloader retries a failed request for minutes), every host the
+  dataset's recorded URLs name is connected to once (``connect_timeout_s``): with no network the
+  run stops at once with a :class:`DatasetNotFound` naming the data dir to fill instead. Any
+  failure of TFDS itself (network, disk, a manual dataset such as imagenet2012 without its
+  archives, a missing module) is one line too.
+  """
+  name = builder.name
+  where = data_dir or '~/tensorflow_datasets (TFDS default; $TFDS_DATA_DIR is unset)'
+  fix = (f'put a prepared TFDS data dir at --config.data.data_dir or TFDS_DATA_DIR (now '
+         f'{where!r}; `tfds build {name} --data_dir=DIR` prepares one on a machine with network)')
+  manual = bool(getattr(builder, 'MANUAL_DOWNLOAD_INSTRUCTIONS', None))
+  if not manual:
+    try:
+      urls = list(type(builder).url_infos or {})
+    except Exception:  # pylint: disable=broad-except  (no recorded checksums: TFDS will tell)
+      urls = []
+    for url in urls:
+      u = urlparse(url)
+      if not u.hostname:
+        continue
+      port = u.port or {'http': 80, 'https': 443, 'ftp': 21}.get(u.scheme, 443)
+      try:
+        socket.create_connection((u.hostname, port), timeout=connect_timeout_s).close()
+      except OSError as e:
+        raise DatasetNotFound(f'could not download {name} (no network: cannot reach '
+                              f'{u.hostname}:{port}: {_first_line(e)}); {fix}.') from e
+  log.info('Downloading and preparing TFDS %s into %s.', name, where)
+  try:
+    builder.download_and_prepare()
+  except ImportError as e:
+    raise DataConfigError(f'could not prepare {name}: {_first_line(e)}; install the '
+                          f'requirements (pip install -r requirements.txt) or {fix}.') from e
+  except Exception as e:  # pylint: disable=broad-except  (one line; the cause stays chained)
+    what = 'a manual download: its archives go in DATA_DIR/downloads/manual' if manual else \
+        _first_line(e)
+    raise DatasetNotFound(f'could not download {name} ({what}); {fix}.') from e
 
 
 def _as_dataset(builder, split, **kwargs) -> tf.data.Dataset:
@@ -298,6 +355,48 @@ def _load_arrays(name: str, data_dir: str | None, split: str, download: bool) ->
   return ArraySource(images=images, labels=np.concatenate(labels).astype(np.int32))
 
 
+def check_label_range(labels: np.ndarray, num_classes: int | None, what: str) -> None:
+  """One-line :class:`DataConfigError` when labels (-1 = unlabelled aside) fall outside
+  ``[0, num_classes)``: they would reach a loss as out-of-range indices (NaN, or a silently
+  wrong one-hot). ``num_classes`` <= 0 or None: not known yet, nothing to check."""
+  if num_classes is None or int(num_classes) <= 0 or len(labels) == 0:
+    return
+  n = int(num_classes)
+  labels = np.asarray(labels)
+  bad = (labels != -1) & ((labels < 0) | (labels >= n))
+  if bad.any():
+    hi = int(labels.max())
+    raise DataConfigError(
+        f'{int(bad.sum())} of {len(labels)} labels of {what} are outside [0, {n}) (labels '
+        f'{int(labels[labels != -1].min())}..{hi}); set --config.data.num_classes={hi + 1} '
+        f'(--config.data.num_classes={n} now).')
+
+
+def tfds_label_classes(builder) -> int | None:
+  """``builder.info.features['label'].num_classes`` (a ClassLabel), else None."""
+  try:
+    features = builder.info.features
+    if 'label' not in features.keys():
+      return None
+    n = getattr(features['label'], 'num_classes', None)
+    return int(n) if n else None
+  except Exception:  # pylint: disable=broad-except
+    return None
+
+
+def check_tfds_num_classes(builder, num_classes: int | None) -> None:
+  """A streamed TFDS split is not read ahead: its labels are range-checked from the dataset
+  info (``features['label'].num_classes`` vs ``num_classes``), as one-line
+  :class:`DataConfigError`."""
+  k = tfds_label_classes(builder)
+  if k is None or num_classes is None or int(num_classes) <= 0 or k <= int(num_classes):
+    return
+  raise DataConfigError(
+      f'{builder.name} has {k} classes (TFDS info: labels 0..{k - 1}), so labels '
+      f'{int(num_classes)}..{k - 1} are outside [0, {int(num_classes)}); set '
+      f'--config.data.num_classes={k} (--config.data.num_classes={int(num_classes)} now).')
+
+
 class _Cfg(dict):
   """Minimal dict-backed stand-in for a ConfigDict (``.get`` and attribute access)."""
 
@@ -321,6 +420,7 @@ def build_tfds_source(data_cfg, split: str, process_index: int = 0, process_coun
   if _is_cached_arrays(data_cfg, builder):
     load = _load_arrays.__wrapped__ if tfds_is_mocked() else _load_arrays
     full = load(data_cfg.name, resolve_data_dir(data_cfg), split, bool(data_cfg.get('download')))
+    check_label_range(full.labels, data_cfg.get('num_classes'), f'{data_cfg.name}/{split}')
     if 0 < max_examples < full.num_examples:
       keep = balanced_subset(full.labels, max_examples, subset_seed)
       full = ArraySource(images=full.images[keep], labels=full.labels[keep])
@@ -331,6 +431,7 @@ def build_tfds_source(data_cfg, split: str, process_index: int = 0, process_coun
   if data_cfg.get('cache'):
     log.warning('data_cfg.cache is on but %s images have no fixed shape; streaming instead.',
                 data_cfg.name)
+  check_tfds_num_classes(builder, data_cfg.get('num_classes'))
   psplit = process_split(stream_subset_split(builder, split, max_examples, subset_seed),
                          process_index, process_count)
   return TfdsSource(builder=builder, split=psplit, num_examples=_count(builder, psplit),
@@ -344,6 +445,35 @@ def build_tfds_source(data_cfg, split: str, process_index: int = 0, process_coun
 
 def _is_image(name: str) -> bool:
   return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith('.')
+
+
+def _walk_images(class_dir: str):
+  """Image files under ``class_dir``, sub-folders included (sorted, hidden entries skipped).
+
+  Local folders: symbolically linked sub-folders are followed; each directory is read once,
+  by its real path, so a link cycle (``a/loop -> a``) or a second link to a folder already read
+  is skipped with one warning naming it (never a hang, never an image twice). ``gs://`` has no
+  links.
+  """
+  local = not paths.is_remote(class_dir)
+  seen: set[str] = set()
+  # Local only: the real path of a folder, the symlink-cycle guard (no run path is opened here).
+  real = paths.realpath
+  seen.add(real(class_dir))
+  for dirpath, dirnames, filenames in paths.walk(class_dir, followlinks=local):
+    keep = []
+    for d in sorted(d for d in dirnames if not d.startswith('.')):
+      r = real(paths.join(dirpath, d))
+      if r in seen:
+        log.warning('Skipping %s: a link to %s, which is already read (a link cycle or a '
+                    'second link to one folder).', paths.join(dirpath, d), r)
+        continue
+      seen.add(r)
+      keep.append(d)
+    dirnames[:] = keep
+    for f in sorted(filenames):
+      if _is_image(f):
+        yield paths.join(dirpath, f)
 
 
 def list_image_folder(root: str, split: str) -> tuple[list[str], list[int], tuple[str, ...]]:
@@ -373,12 +503,9 @@ def list_image_folder(root: str, split: str) -> tuple[list[str], list[int], tupl
       log.warning('%d image files directly in %s are ignored because class directories '
                   'exist.', len(loose), split_dir)
     for label, cls in enumerate(classes):
-      for dirpath, dirnames, filenames in paths.walk(paths.join(split_dir, cls)):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith('.'))
-        for f in sorted(filenames):
-          if _is_image(f) and not f.startswith('.'):
-            files.append(paths.join(dirpath, f))
-            labels.append(label)
+      for f in _walk_images(paths.join(split_dir, cls)):
+        files.append(f)
+        labels.append(label)
   else:
     files = [paths.join(split_dir, f) for f in loose]
     labels = [-1] * len(files)
@@ -485,21 +612,147 @@ def num_skipped(data_cfg, split: str) -> int:
                      data_cfg.get('folder_validate', 'decode')).num_skipped
 
 
-def check_same_classes(data_cfg, train_split: str, eval_split: str) -> None:
-  """An image folder's train and eval splits must name the same classes (labels index them)."""
+@dataclasses.dataclass(frozen=True)
+class FolderSummary:
+  """What :func:`check_folder_source` found: the class folders shared by both splits (() for
+  unlabelled folders), the ``num_classes`` now in the data config and where it came from."""
+  root: str
+  train_split: str
+  eval_split: str
+  class_names: tuple[str, ...]
+  num_classes: int
+  num_classes_from: str      # 'folders' (derived) or 'config' (set, and equal to the folders)
+  num_train: int             # usable images of train_split (after validation)
+  num_eval: int
+
+  def describe(self) -> str:
+    if not self.class_names:
+      return f'folder {self.root} (unlabelled)'
+    return f'folder {self.root} ({len(self.class_names)} classes)'
+
+
+def num_classes_is_set(data_cfg) -> bool:
+  """Whether ``data_cfg.num_classes`` was chosen by the user for an image folder.
+
+  The rule: a value <= 0 (or None) is "from the folders"; so is the value of the dataset preset
+  the config came from (``data_cfg.dataset``, e.g. 10 for cifar10 with
+  ``--config.data.source=folder``, 100 for imagenet100): a preset's count describes the preset's
+  dataset, not this folder. Any other positive value is set and must equal the folders. (An
+  explicit flag equal to the preset's value cannot be told apart from the preset; it is then
+  replaced by the folder count, logged.) A config without ``dataset`` counts as set.
+  """
+  n = data_cfg.get('num_classes')
+  if n is None or int(n) <= 0:
+    return False
+  from ssl_jax.data import PRESETS  # pylint: disable=import-outside-toplevel
+  preset = PRESETS.get(data_cfg.get('dataset') or '')
+  return preset is None or int(n) != int(preset['num_classes'])
+
+
+def _one(items) -> str:
+  return repr(list(items))
+
+
+def check_folder_source(data_cfg, train_split: str, eval_split: str) -> FolderSummary | None:
+  """The checks every run on an image folder passes before it reads a label (training and every
+  offline mode call this): None for other sources (their labels are range-checked when loaded,
+  :func:`check_label_range`).
+
+  * ``train_split`` and ``eval_split`` hold the same class folders (labels index the sorted
+    folder names, so one stray folder such as ``__MACOSX`` shifts every label after it);
+  * a labelled split has at least 2 class folders;
+  * ``num_classes`` equals the number of class folders: it is set from the folders (in place,
+    ``data_cfg.num_classes``, logged) unless the user set it (:func:`num_classes_is_set`), and a
+    set value that disagrees is an error.
+
+  Each failure is one-line :class:`DataConfigError` (``main``: ``Config error: ...``, exit 2).
+  Folders without class sub-folders (unlabelled images, label -1) pass: there is nothing to
+  compare.
+  """
   if data_cfg.get('source', 'tfds') != 'folder':
-    return
-  a = _folder_all(data_cfg.folder_root, train_split, data_cfg.get('folder_validate', 'decode'))
-  b = _folder_all(data_cfg.folder_root, eval_split, data_cfg.get('folder_validate', 'decode'))
-  if a.class_names != b.class_names and a.class_names and b.class_names:
-    only_a = sorted(set(a.class_names) - set(b.class_names))
-    only_b = sorted(set(b.class_names) - set(a.class_names))
-    raise DataConfigError(
-        f'the class folders of {train_split!r} and {eval_split!r} under {data_cfg.folder_root!r} '
-        f'differ, so their labels would not match: only in {train_split}: {only_a or "-"}; only '
-        f'in {eval_split}: {only_b or "-"}' + ('' if only_a or only_b else
-                                               '; same names in a different order') +
-        '. Make both splits hold the same class folders.')
+    n = data_cfg.get('num_classes')
+    if data_cfg.get('source', 'tfds') == 'tfds' and (n is None or int(n) <= 0):
+      k = tfds_label_classes(tfds_builder(data_cfg))
+      if k:
+        log.info('num_classes=%d from the TFDS info of %s.', k, data_cfg.name)
+        data_cfg.num_classes = k
+    return None
+  root = data_cfg.folder_root
+  validate = data_cfg.get('folder_validate', 'decode')
+  a = _folder_all(root, train_split, validate)
+  b = _folder_all(root, eval_split, validate) if eval_split != train_split else a
+  ca, cb = a.class_names, b.class_names
+  where = f'image folder {root}'
+  if ca and cb and ca != cb:
+    only_a = sorted(set(ca) - set(cb))
+    only_b = sorted(set(cb) - set(ca))
+    parts = []
+    if only_a:
+      parts.append(f'{train_split}/ has classes not in {eval_split}/: {_one(only_a)}')
+    if only_b:
+      parts.append(f'{eval_split}/ has classes not in {train_split}/: {_one(only_b)}')
+    if not parts:
+      parts.append(f'{train_split}/ and {eval_split}/ name the same classes in another order')
+    raise DataConfigError(f'{where}: {"; ".join(parts)}; labels index the sorted class folders, '
+                          f'so they would not match. Make both splits hold the same class '
+                          f'folders.')
+  classes = ca or cb
+  for split, c in ((train_split, ca), (eval_split, cb)):
+    if len(c) == 1:
+      raise DataConfigError(
+          f'{where}: {split}/ has one class folder ({c[0]!r}); a labelled folder needs at least '
+          f'2 classes (with one, every kNN/probe prediction is right). Add the other class '
+          f'folders, or put unlabelled images directly in {split}/.')
+  n_cfg = data_cfg.get('num_classes')
+  origin = 'config'
+  if classes:
+    if num_classes_is_set(data_cfg):
+      if int(n_cfg) != len(classes):
+        raise DataConfigError(
+            f'{where}: --config.data.num_classes={int(n_cfg)} but {train_split}/ has '
+            f'{len(classes)} class folders; set --config.data.num_classes={len(classes)} (or -1: '
+            f'from the folders).')
+    else:
+      origin = 'folders'
+      if n_cfg is None or int(n_cfg) != len(classes):
+        log.info('num_classes=%d from the class folders of %s (was %s).', len(classes), root,
+                 n_cfg)
+      data_cfg.num_classes = len(classes)
+  summary = FolderSummary(root=str(root), train_split=train_split, eval_split=eval_split,
+                          class_names=tuple(classes), num_classes=int(data_cfg.get('num_classes')
+                                                                      or -1),
+                          num_classes_from=origin, num_train=a.num_examples,
+                          num_eval=b.num_examples)
+  _SUMMARIES[(str(root), train_split)] = summary
+  return summary
+
+
+_SUMMARIES: dict[tuple[str, str], FolderSummary] = {}
+
+
+def check_same_classes(data_cfg, train_split: str, eval_split: str) -> FolderSummary | None:
+  """The former name of :func:`check_folder_source` (the trainer calls it): the full check."""
+  return check_folder_source(data_cfg, train_split, eval_split)
+
+
+def describe(data_cfg) -> str:
+  """A short description of the data for a banner: ``folder /data/pets (12 classes)``,
+  ``tfds cifar10 (10 classes)``. Reads nothing from TFDS; for a folder not checked yet, lists
+  the class folders of its train split (one directory listing)."""
+  kind = data_cfg.get('source', 'tfds')
+  if kind == 'folder':
+    root, split = str(data_cfg.get('folder_root')), data_cfg.get('train_split', 'train')
+    if (root, split) in _SUMMARIES:
+      return _SUMMARIES[(root, split)].describe()
+    split_dir = paths.join(root, split)
+    try:
+      classes = [d for d in paths.listdir(split_dir)
+                 if not d.startswith('.') and paths.isdir(paths.join(split_dir, d))]
+    except Exception:  # pylint: disable=broad-except  (a banner never fails the run)
+      return f'folder {root}'
+    return f'folder {root} ({len(classes)} classes)' if classes else f'folder {root} (unlabelled)'
+  n = data_cfg.get('num_classes')
+  return f'{kind} {data_cfg.get("name")}' + (f' ({int(n)} classes)' if n and int(n) > 0 else '')
 
 
 def build_folder_source(data_cfg, split: str, process_index: int = 0, process_count: int = 1,
@@ -508,6 +761,8 @@ def build_folder_source(data_cfg, split: str, process_index: int = 0, process_co
   class-balanced subset of it (:func:`balanced_subset`, drawn before the per-host slicing, so
   every process count evaluates the same images)."""
   full = _folder_all(data_cfg.folder_root, split, data_cfg.get('folder_validate', 'decode'))
+  if num_classes_is_set(data_cfg):   # else check_folder_source sets it from the folders
+    check_label_range(full.labels, data_cfg.num_classes, f'{data_cfg.folder_root}/{split}')
   if 0 < max_examples < full.num_examples:
     keep = balanced_subset(full.labels, max_examples, subset_seed)
     full = dataclasses.replace(full, paths=full.paths[keep], labels=full.labels[keep])

@@ -274,7 +274,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   ckpt_lib.check_workdir_config(workdir, config, allow_config_change=allow_config_change)
   pre, params, batch_stats, pre_step = pre_lib.load_pretrained(
       config.pretrained, weights=config.weights, step=loop.optional(config.checkpoint_step))
-  data_cfg = pre_lib.eval_data_config(config, pre)
+  data_cfg = pre_lib.checked_eval_data_config(config, pre)
   subset, desc = select_subset(config, data_cfg)
   pre_lib.log(f'Fine-tuning {pre.method.name} / {pre.model.backbone} from '
               f'{config.pretrained}/checkpoints/{pre_step} on {data_cfg.name}: {desc}.')

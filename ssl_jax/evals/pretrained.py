@@ -140,6 +140,27 @@ def eval_data_config(c: ml_collections.ConfigDict, pre: ml_collections.ConfigDic
   return d
 
 
+def checked_eval_data_config(c: ml_collections.ConfigDict, pre: ml_collections.ConfigDict
+                             ) -> ml_collections.ConfigDict:
+  """:func:`eval_data_config`, then the data checks training runs too
+  (``data.check_folder_source``: for an image folder, the same class folders in the train and
+  eval splits, at least 2 classes, ``num_classes`` from the folders). Every offline mode
+  (knn, linear, finetune, embed) builds its data config here.
+
+  An offline head (kNN vote, linear probe, fine-tuning head) is new, and an eval config has no
+  ``num_classes`` key, so for an image folder ``num_classes`` always comes from the folders
+  evaluated (not from the training run's config, which may name another folder)."""
+  d = eval_data_config(c, pre)
+  before = d.get('num_classes')
+  if d.get('source', 'tfds') == 'folder':
+    d.num_classes = -1
+  summary = data_lib.check_folder_source(d, d.train_split, d.eval_split)
+  if summary is not None and not summary.class_names:   # unlabelled folder: nothing to derive
+    d.num_classes = before
+  log(f'Evaluation data: {data_lib.describe(d)}, splits {d.train_split!r} / {d.eval_split!r}.')
+  return d
+
+
 def mesh_of(c: ml_collections.ConfigDict):
   n = loop.optional(c.num_devices)
   return sharding.make_mesh(n)
@@ -218,7 +239,7 @@ def load_for_eval(c: ml_collections.ConfigDict):
   pre, params, batch_stats, step = load_pretrained(
       c.pretrained, weights=c.weights,
       step=loop.optional(c.checkpoint_step))
-  data_cfg = eval_data_config(c, pre)
+  data_cfg = checked_eval_data_config(c, pre)
   net = FrozenNet(pre, params, batch_stats, image_size=int(data_cfg.image_size))
   log(f'Loaded {pre.method.name} / {pre.model.backbone} ({c.weights} weights) from '
       f'{c.pretrained}/checkpoints/{step}; evaluating on {data_cfg.name}.')
