@@ -133,6 +133,18 @@ class Window:
     return avg, host, partial
 
 
+def hms(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  return f'{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
+
+
+def progress(step: int, total: int, steps_per_sec: float, batch: int) -> str:
+  """``(42%) | 3.10 steps/s, 397 img/s | ETA 0:01:23`` for a log line (no speed yet: ``--``)."""
+  eta = hms((total - step) / steps_per_sec) if steps_per_sec > 0 else '--'
+  return (f'({100 * step / max(total, 1):.0f}%) | {steps_per_sec:.2f} steps/s, '
+          f'{steps_per_sec * batch:.0f} img/s | ETA {eta}')
+
+
 def check_finite(step: int, metrics: dict[str, Any], on_fail: Callable[[], str] = lambda: '',
                  hint: str = '') -> None:
   """Raise :class:`NonFiniteError` if any ``finite/<name>`` flag of ``metrics`` is False."""

@@ -404,7 +404,7 @@ class _Run:
     if not partial:
       self.writer.write_scalars(step, avg)
     # The first window after compilation may hold no timed step: no speed, no ETA yet.
-    eta = _hms((self.total_steps - step) / sps) if sps > 0 else '--'
+    eta = loop.hms((self.total_steps - step) / sps) if sps > 0 else '--'
     tau = f'tau {avg["tau"]:.4f} | ' if 'tau' in avg else ''
     _log(f'step {step}/{self.total_steps} ({100 * step / self.total_steps:.0f}%) | '
          f'loss {avg["loss"]:.4f} | probe top-1 {100 * avg["online_probe/train_top1"]:.1f}% | '
@@ -588,8 +588,3 @@ def _summary_block(config, workdir: str) -> str:
 def _main_thread() -> bool:
   import threading
   return threading.current_thread() is threading.main_thread()
-
-
-def _hms(seconds: float) -> str:
-  seconds = int(max(seconds, 0))
-  return f'{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'

@@ -11,7 +11,6 @@ import re
 import socket
 import time
 
-import ml_collections
 import numpy as np
 import pytest
 from PIL import Image

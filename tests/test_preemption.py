@@ -79,7 +79,7 @@ def test_sigterm_then_sigkill_then_resume_equals_uninterrupted(tmp_path):
   assert stopped < STEPS
   rc, l2, log2 = _run(work, signal_at=stopped + 3, sig=signal.SIGKILL)
   assert rc == -signal.SIGKILL, log2[-3000:]
-  assert f'Resumed from' in log2
+  assert 'Resumed from' in log2
   rc, l3, log3 = _run(work)
   assert rc == 0, log3[-3000:]
   killed_curve = {**l1, **l2, **l3}

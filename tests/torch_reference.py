@@ -24,7 +24,6 @@ from __future__ import annotations
 import collections
 import copy
 import math
-import sys
 
 import numpy as np
 import torch

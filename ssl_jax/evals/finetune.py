@@ -475,5 +475,7 @@ class _Net:
       avg['epoch'] = step / self.spe
       writer.write_scalars(step, {f'{TAG}/{k}': v for k, v in avg.items()})
       pre_lib.log(f'[finetune step {step}/{total_steps}] loss {avg["loss"]:.4f} | train '
-                  f'top-1 {100 * avg["train_top1"]:.1f}% | lr {avg["lr"]:.4g}')
+                  f'top-1 {100 * avg["train_top1"]:.1f}% | lr {avg["lr"]:.4g} | '
+                  + loop.progress(step, total_steps, avg['steps_per_sec'],
+                                  self.config.batch_size))
     return on_log

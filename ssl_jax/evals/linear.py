@@ -346,15 +346,21 @@ def _run_cached(config, data_cfg, net, variables, feat_fn, mesh, ckpt, writer, n
   every = loop.optional(config.checkpoint_every_epochs) or 1   # in epochs: a step is an epoch
   eval_every = loop.optional(config.eval_every_epochs)
 
+  t_start = time.time()
+
   def on_epoch(epoch, st, loss):
     step = int(st.step)
     writer.write_scalars(step, {f'{TAG}/train_loss': loss, f'{TAG}/epoch': epoch})
+    if epoch % max(1, config.epochs // 10) == 0 or epoch == config.epochs:   # ~10 lines
+      per_epoch = (time.time() - t_start) / max(epoch - start_epoch, 1)
+      pre_lib.log(f'[linear epoch {epoch}/{config.epochs}] loss {loss:.4f} | '
+                  + loop.progress(epoch, config.epochs, 1 / per_epoch if per_epoch > 0 else 0,
+                                  len(train['label'])).replace('steps/s', 'epochs/s'))
     if loop.itstime(epoch, eval_every, config.epochs, last=False, skip_last=True):
       res = evaluate_arrays(LinearResult(st, config.feature_norm, []), test['features'],
                             test['label'])
       writer.write_scalars(step, {f'{TAG}/test_{k}': v for k, v in res.items()})
-      pre_lib.log(f'[linear epoch {epoch}/{config.epochs}] loss {loss:.4f} | '
-                  f'test top-1 {100 * res["top1"]:.2f}%')
+      pre_lib.log(f'[linear epoch {epoch}/{config.epochs}] test top-1 {100 * res["top1"]:.2f}%')
     if loop.itstime(epoch, every, config.epochs):
       ckpt.save(step, st, {'step': step, 'epoch': epoch}, force=True)
 
@@ -434,7 +440,8 @@ def _run_streaming(config, data_cfg, net, variables, feat_fn, mesh, ckpt, writer
     writer.write_scalars(step, {f'{TAG}/train_loss': avg['loss'], f'{TAG}/lr': avg['lr'],
                                 f'{TAG}/epoch': step / spe,
                                 f'{TAG}/steps_per_sec': avg['steps_per_sec']})
-    pre_lib.log(f'[linear step {step}/{total_steps}] loss {avg["loss"]:.4f}')
+    pre_lib.log(f'[linear step {step}/{total_steps}] loss {avg["loss"]:.4f} | '
+                + loop.progress(step, total_steps, avg['steps_per_sec'], bs))
 
   def eval_action(step, st, _):
     res = evaluate(st)
