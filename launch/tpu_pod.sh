@@ -12,9 +12,9 @@
 #
 # Steps:
 #  1. The slice. On demand: create TPU_NAME if absent. Spot (--spot or PREEMPTIBLE=1): a queued
-#     resource TPU_NAME with node TPU_NAME; one that is FAILED/SUSPENDED (preempted) is deleted
-#     and requested again. Wait until it is ACTIVE and its node READY. A create that gcloud
-#     refuses, or a request that ends FAILED, is an error (exit 1).
+#     resource TPU_NAME with node TPU_NAME; one that is FAILED/SUSPENDED (preempted), or ACTIVE
+#     with its node gone, is deleted and requested again. Wait until it is ACTIVE and its node
+#     READY. A create that gcloud refuses, or a request that ends FAILED, is an error (exit 1).
 #  2. If the workers already run this workdir (an earlier launch), attach to its log and start
 #     nothing; a different workdir running there is an error (exit 2).
 #  3. Copy this checkout to ~/ssl_jax on every worker and install it into ~/ssl_jax/.venv. The
@@ -203,6 +203,33 @@ w_copy_log() {  # LOG DEST: one try; a failure is one warning line (in the log) 
   fi
 }
 
+# The wrapper's log copier: LOG to DEST every SYNC_S seconds, and at once on SIGTERM (a
+# preemption notice: the VM may be gone before the trainer has exited; the run's process group
+# gets it, this included; it kills a copy under way: one warning line, then a copy at once).
+# Stdin: a pipe from the wrapper, never written: its EOF (the wrapper closed it, or died) ends
+# this, after the copy under way. The timer is a background `read -t` of that pipe, so `wait`
+# returns at once on the EOF, the timeout or a SIGTERM. Not signals for the stop: bash's `wait`
+# drops the second of two trapped signals that arrive together (SIGTERM, then the wrapper's stop
+# signal when the trainer exits at once): the copier went on and the wrapper waited for it
+# forever. The trap only sets a flag: one that ran w_copy_log could interrupt the loop's own,
+# and bash running a function from a trap there corrupts its variable scopes ("pop_var_context:
+# head of shell_variables not a function context", then w_run's locals gone).
+w_copier() {  # LOG DEST SYNC_S
+  local now=0 rp rc
+  exec 9>&-  # not holding the run's lock
+  trap 'now=1' TERM
+  while :; do
+    if [ "$now" = 0 ]; then
+      read -r -t "$3" _ <&0 2>/dev/null & rp=$!
+      rc=0; wait "$rp" || rc=$?  # 1: EOF; > 128: the timeout, or SIGTERM
+      kill "$rp" 2>/dev/null || true
+      [ "$rc" != 1 ] || break
+    fi
+    now=0
+    w_copy_log "$1" "$2"
+  done
+}
+
 # Worker 0, after the trainer exited: if WORKDIR/outcome.json is not one the trainer wrote for
 # this start (this launch id, and not the file that was there before it started), write a
 # failed one: the trainer died without writing it (killed, OOM, segfault, python missing).
@@ -257,7 +284,7 @@ print("write")
 
 w_run() {  # WORKDIR LAUNCH_ID LOG_SYNC_S CONFIG TFDS_DATA_DIR [trainer flags]; the detached wrapper
   local d="$HOME/ssl_jax_run" workdir=$1 launch_id=$2 sync_s=$3 config=$4 tfds=$5
-  local rc=1 outcome term=0 me=$$ wid py before='' dest sync_pid
+  local rc=1 outcome term=0 wid py before='' dest sync_pid
   shift 5
   exec 9>>"$d/lock"  # held (with the trainer, which inherits it) for the whole run
   flock -n 9 || { echo "tpu_pod[$(hostname)]: another run holds $d/lock; not starting"; exit 75; }
@@ -273,30 +300,21 @@ w_run() {  # WORKDIR LAUNCH_ID LOG_SYNC_S CONFIG TFDS_DATA_DIR [trainer flags]; 
   echo "tpu_pod[$(hostname)]: copying this log to $dest every ${sync_s}s, on SIGTERM and at the end"
   [ -n "$wid" ] || echo "tpu_pod[$(hostname)]: warning: this worker's number is unknown" \
                         "(TPU_WORKER_ID, metadata agent-worker-number): it writes no outcome.json"
-  # The log copier: every sync_s seconds, and at once on SIGTERM (a preemption notice: the VM
-  # may be gone before the trainer has exited). Not holding the lock; ends with the wrapper.
-  (
-    exec 9>&-
-    sp=''
-    trap 'w_copy_log "$d/train.log" "$dest"' TERM
-    trap 'kill "$sp" 2>/dev/null; exit 0' USR1
-    while kill -0 "$me" 2>/dev/null; do
-      sleep "$sync_s" & sp=$!
-      if wait "$sp"; then w_copy_log "$d/train.log" "$dest"; else kill "$sp" 2>/dev/null || true; fi
-    done
-  ) &
+  # The log copier (w_copier), reading a pipe whose write end only this wrapper holds (fd 8;
+  # not the trainer's): it ends when the wrapper closes it, or dies.
+  exec 8> >(w_copier "$d/train.log" "$dest" "$sync_s")
   sync_pid=$!
   if [ "$wid" = 0 ]; then before=$(gcloud storage cat "$workdir/outcome.json" 2>/dev/null || true); fi
   if { cd "$HOME/ssl_jax" && set +u && . .venv/bin/activate && set -u; }; then
     set +e
-    python -m ssl_jax.main --config="$config" --workdir="$workdir" --distributed=yes "$@"
+    python -m ssl_jax.main --config="$config" --workdir="$workdir" --distributed=yes "$@" 8>&-
     rc=$?
     set -e
   else
     set -u
     echo "tpu_pod[$(hostname)]: error: cannot activate ~/ssl_jax/.venv"
   fi
-  kill -USR1 "$sync_pid" 2>/dev/null || true
+  exec 8>&-  # the copier ends (after a copy under way), then the last copy below
   wait "$sync_pid" 2>/dev/null || true
   outcome=failed
   [ "$rc" != 0 ] || outcome=exited
@@ -368,7 +386,11 @@ fail() { local code=$1; shift; echo "tpu_pod: error: $*" >&2; exit "$code"; }
 q() { printf '%q ' "$@"; }  # quote for the workers' shell
 on_workers() { $G ssh "$TPU_NAME" --zone "$ZONE" --worker="$1" --command "$2"; }
 
-# READY, ABSENT, ERROR:<gcloud message>, or the queued resource's / node's state.
+# READY, ABSENT (nothing there: create it), NODE_ABSENT (spot: the queued resource is there but
+# its node is not: delete the queued resource, then create it), ERROR:<gcloud message>, or the
+# queued resource's / node's state. Spot: two reads, the queued resource's then its node's; a
+# preemption between them shows as ACTIVE then node not found, while the queued resource remains
+# (SUSPENDED): ABSENT there would make the next create fail with ALREADY_EXISTS.
 slice_state() {
   local out
   if [ "$SPOT" = 1 ]; then
@@ -379,12 +401,18 @@ slice_state() {
     [ "$out" = ACTIVE ] || { echo "${out:-UNKNOWN}"; return 0; }
   fi
   if ! out=$($G describe "$TPU_NAME" --zone "$ZONE" --format='value(state)' 2>&1); then
-    if grep -qiE 'not.?found' <<<"$out"; then echo ABSENT; else echo "ERROR:${out//$'\n'/ }"; fi
+    if ! grep -qiE 'not.?found' <<<"$out"; then echo "ERROR:${out//$'\n'/ }"
+    elif [ "$SPOT" = 1 ]; then echo NODE_ABSENT
+    else echo ABSENT
+    fi
     return 0
   fi
   echo "${out:-UNKNOWN}"
 }
-is_lost() { case "$1" in ABSENT|PREEMPTED|TERMINATED|SUSPENDING|SUSPENDED|FAILED) return 0;; esac; return 1; }
+is_lost() {
+  case "$1" in ABSENT|NODE_ABSENT|PREEMPTED|TERMINATED|SUSPENDING|SUSPENDED|FAILED) return 0;; esac
+  return 1
+}
 
 create_slice() {
   if [ "$SPOT" = 1 ]; then

@@ -123,11 +123,16 @@ def _argv(calls, label):
   return [c['argv'] for c in calls if _label(c['argv']) == label]
 
 
-def test_spot_watch_survives_a_stop_and_a_preemption_then_reports_done(fake):
+@pytest.mark.parametrize('preempted_before', ['qr-describe', 'vm-describe'])
+def test_spot_watch_survives_a_stop_and_a_preemption_then_reports_done(fake, preempted_before):
   # Stops at step 2 (SIGTERM on a healthy slice) and is preempted at step 4 (spot slice lost).
+  # The launcher's poll reads the queued resource, then its node: the preemption lands before
+  # the first read (queued resource SUSPENDED) or between the two (queued resource ACTIVE, then
+  # its node gone while the queued resource remains). Either way it is deleted, then requested
+  # again (a create while it remains fails with ALREADY_EXISTS).
   state_dir, env = fake(total_steps=6, step_s=0.05,
                         events=[{'at_step': 2, 'kind': 'sigterm'},
-                                {'at_step': 4, 'kind': 'preempt'}])
+                                {'at_step': 4, 'kind': 'preempt', 'on': preempted_before}])
   r = _launch(env, '--spot', '--watch', '--config.batch_size=64')
   assert r.returncode == 0, r.stdout + r.stderr
   calls = fg.calls(state_dir)
@@ -137,8 +142,9 @@ def test_spot_watch_survives_a_stop_and_a_preemption_then_reports_done(fake):
       r'qr-describe qr-create (qr-describe )+vm-describe '    # absent -> request -> wait ACTIVE
       r'scp ssh-all:install ssh-all:start '                   # copy, install, detached start
       + poll + r'+storage-cat ssh-all:start '                 # outcome.json: stopped -> restart
-      + poll + r'*qr-describe '                               # ... SUSPENDED: preempted
-      r'qr-delete qr-create (qr-describe )+vm-describe '      # delete + request again, wait
+      + poll + r'*qr-describe '                               # ... SUSPENDED: preempted, or
+      + ('vm-describe ' if preempted_before == 'vm-describe' else '')  # ACTIVE, node gone
+      + r'qr-delete qr-create (qr-describe )+vm-describe '      # delete + request again, wait
       r'scp ssh-all:install ssh-all:start '                   # fresh workers: copy, install, rerun
       + poll + r'+storage-cat ', _sequence(fg_calls)), _sequence(fg_calls)
   assert [c['argv'] for c in calls if c['argv'][:2] == ['storage', 'cat']
@@ -190,6 +196,12 @@ def test_spot_watch_survives_a_stop_and_a_preemption_then_reports_done(fake):
   # The streamed log reached the launcher; the outcome is the trainer's outcome.json.
   assert 'Stopping at step 2' in r.stdout and 'step 6/6' in r.stdout
   assert f'Outputs in {WORKDIR}:' in r.stdout
+  assert (f'tpu_pod: ssl-test is '
+          f'{"SUSPENDED" if preempted_before == "qr-describe" else "NODE_ABSENT"} (preempted): '
+          'recreating it') in r.stdout
+  # One stream at a time: an ended stream does not go on printing the restarted run's lines.
+  assert [r.stdout.count(f'resuming from step {s}') for s in (0, 2, 4)] == [2, 1, 1]
+  assert 'pop_var_context' not in r.stdout + r.stderr  # bash's error, of a trap in a function
   assert ('the run stopped before finishing (gs://bkt/run): outcome.json: stopped, exit code 0: '
           'Stopping at step 2') in r.stdout
   assert ('tpu_pod: the run is done (gs://bkt/run): outcome.json: done, exit code 0: '
@@ -420,15 +432,20 @@ def test_trainer_failure_is_reported_from_its_outcome_json(fake):
   assert "outcome.json (the trainer's): status failed" in logs['ssl-test-g1-w0']
 
 
+def _stale_outcome(state_dir, *, step):
+  """An earlier launch's outcome.json ("done") in the fake bucket's workdir."""
+  stale = fg.gcs(state_dir, f'{WORKDIR}/outcome.json')
+  os.makedirs(os.path.dirname(stale))
+  with open(stale, 'w') as f:
+    json.dump({'status': 'done', 'exit_code': 0, 'final_line': 'old', 'step': step,
+               'launch_id': '20200101T000000Z-0bad', 'time': '2020-01-01T00:00:00+00:00'}, f)
+
+
 def test_trainer_killed_hard_gets_a_failed_outcome_from_worker_0(fake):
   # Every trainer process is SIGKILLed at step 2 (as the OOM killer would): no outcome.json from
   # the trainer. An earlier launch's outcome.json is in the workdir: it does not count.
   state_dir, env = fake(events=[{'at_step': 2, 'kind': 'kill9'}])
-  stale = fg.gcs(state_dir, f'{WORKDIR}/outcome.json')
-  os.makedirs(os.path.dirname(stale))
-  with open(stale, 'w') as f:
-    json.dump({'status': 'done', 'exit_code': 0, 'final_line': 'old', 'step': 6,
-               'launch_id': '20200101T000000Z-0bad', 'time': '2020-01-01T00:00:00+00:00'}, f)
+  _stale_outcome(state_dir, step=6)
   r = _launch(env, '--config.batch_size=64')
   assert r.returncode == 1, r.stdout + r.stderr
   lid = _launch_id(r.stdout)
@@ -456,11 +473,7 @@ def test_stale_outcome_json_is_ignored_and_failed_copies_are_warnings(fake):
   # logs and worker 0's outcome.json): the run goes on to its end, each failed copy is one
   # warning line in the log, and the earlier launch's outcome.json ("done") is not taken.
   state_dir, env = fake(total_steps=3, trainer_outcome=False, gcs_fail=['/logs/', 'outcome.json'])
-  stale = fg.gcs(state_dir, f'{WORKDIR}/outcome.json')
-  os.makedirs(os.path.dirname(stale))
-  with open(stale, 'w') as f:
-    json.dump({'status': 'done', 'exit_code': 0, 'final_line': 'old', 'step': 3,
-               'launch_id': '20200101T000000Z-0bad', 'time': '2020-01-01T00:00:00+00:00'}, f)
+  _stale_outcome(state_dir, step=3)
   r = _launch(env, '--config.batch_size=64')
   assert r.returncode == 1, r.stdout + r.stderr
   lid = _launch_id(r.stdout)

@@ -11,9 +11,10 @@ state. Each call appends its argv to `state_dir/calls.jsonl` and works on `state
   runs `bash -c CMD` locally in each selected worker's home (a fresh directory per created
   slice), with PATH = stub `python3`/`python3.10`/`curl`/`hostname` (fake_python.py) + this
   shim + /usr/bin:/bin and FAKE_GCS_ROOT = the fake bucket root (for the stub trainer), in a new
-  process group that is SIGKILLed when the command returns (the session's end). The workers'
-  `python3` claims Python `worker_python` ('' = the real interpreter's version; '3.10.12' = the
-  default TPU VM image's), `python3.10` claims 3.10.12; `worker_pip=False`: no pip for python3.
+  process group that is SIGKILLed when the command returns or this fake gcloud is killed
+  (SIGTERM/SIGHUP/SIGINT): the session's end. The workers' `python3` claims Python
+  `worker_python` ('' = the real interpreter's version; '3.10.12' = the default TPU VM image's),
+  `python3.10` claims 3.10.12; `worker_pip=False`: no pip for python3.
   The metadata server (stub `curl`) answers `agent-worker-number` with the worker's index.
   With `drop_stream_after_s`, the first log stream (`... _logs`) is cut after that many seconds
   (ssh exit 255), as a dropped connection would.
@@ -22,10 +23,14 @@ state. Each call appends its argv to `state_dir/calls.jsonl` and works on `state
   SIGTERM to each worker's detached run (its process group, ~/ssl_jax_run/pid), as a maintenance
   notice would; 'preempt' SIGKILLs them, deletes the workers' homes and the node, and marks the
   queued resource SUSPENDED (a spot preemption). 'hold' waits for the test to `release(step)`.
+  With 'on': 'qr-describe' | 'vm-describe', only that describe fires it (unset: either); e.g. a
+  preemption between the launcher's two reads of a spot slice: the queued resource ACTIVE, then
+  its node not found.
   'fail' / 'kill9' are done by the stub trainer itself (see fake_python.py).
 * `storage cp SRC DST` (either side gs://), `storage cat URL...`, `storage ls [-r] [URL...]`
   work on a local directory standing in for Cloud Storage: `gs://B/P` is `state_dir/gcs/B/P`.
   `gcs_fail`: substrings; a `cp` whose SRC or DST holds one fails (as a network error would).
+  A `cp` stages its copy outside the bucket: one killed midway leaves no object (as an upload).
 
 Each call is recorded with the worker (`FAKE_WORKER_ID`) it came from (None: the launcher).
 Never calls the real gcloud.
@@ -140,7 +145,11 @@ class _Locked:
     return self.state
 
   def __exit__(self, *exc):
-    if exc[0] is None:
+    # Saved also when the call answers with an error (_die: SystemExit): what happened before
+    # the answer stays done. E.g. a describe that fires a preemption, then finds no node: the
+    # preemption has happened (workers killed, their homes gone), so the node is gone and the
+    # queued resource SUSPENDED for the next call too, not back as it was before it.
+    if exc[0] is None or issubclass(exc[0], SystemExit):
       _save(self.dir, self.state)
     self.f.close()
 
@@ -205,12 +214,15 @@ def _drop_node(st):
   st['node'] = None
 
 
-def _fire_events(st, state_dir):
-  """Fires the first pending event whose step the trainer has reached."""
+def _fire_events(st, state_dir, call):
+  """Fires the first pending event whose step the trainer has reached, if `call` (the describe
+  being answered: 'qr-describe' or 'vm-describe') is one it may fire on (its 'on'; any if unset)."""
   for ev in st['events']:
     if ev['fired'] or ev['kind'] == 'hold':  # 'hold': released by the test, not by gcloud
       continue
     if not os.path.exists(os.path.join(state_dir, f'reached_{ev["at_step"]}')):
+      return
+    if ev.get('on', call) != call:  # later events wait for this one
       return
     ev['fired'] = True
     if ev['kind'] == 'sigterm':
@@ -253,7 +265,7 @@ def _queued_resources(verb, pos, flags, state_dir):
                   'polls': 0}
       print(f'Create request issued for: [{name}]')
     elif verb == 'describe':
-      _fire_events(st, state_dir)
+      _fire_events(st, state_dir, 'qr-describe')
       qr = st['qr']
       _check_zone(qr, name, zone, 'queuedResources')
       if qr['state'] == 'WAITING_FOR_RESOURCES':
@@ -279,6 +291,21 @@ def _queued_resources(verb, pos, flags, state_dir):
 def _run_on_workers(st_node, workers, cmd, state_dir, drop_after):
   """`bash -c cmd` in each worker's home, all at once (as gcloud does for --worker=all)."""
   procs = []
+
+  def hang_up(signum, _):
+    # This client killed (the launcher ending its log stream, Ctrl-C): the connection is gone, so
+    # the remote commands end too (as over a real connection, where a command that outlived it
+    # could no longer write here). Without this they would go on writing to the launcher's
+    # stdout, inherited from this process: a second, stale stream of the same log.
+    for _, p in procs:
+      try:
+        os.killpg(p.pid, signal.SIGKILL)
+      except ProcessLookupError:
+        pass
+    os._exit(128 + signum)
+
+  for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+    signal.signal(signum, hang_up)
   for w in workers:
     home = st_node['homes'][w]
     host = f'{st_node["name"]}-g{st_node["generation"]}-w{w}'
@@ -318,7 +345,7 @@ def _tpu_vm(verb, pos, flags, state_dir):
           _die(f'ALREADY_EXISTS: {name}')
         _new_node(st, state_dir, name, zone, flags['--accelerator-type'], flags['--version'])
       elif verb == 'describe':
-        _fire_events(st, state_dir)
+        _fire_events(st, state_dir, 'vm-describe')
         _check_zone(st['node'], name, zone, 'nodes')
         _format(st['node'], flags.get('--format'))
       else:
@@ -376,7 +403,12 @@ def _storage(verb, args, state_dir):
     if dst.endswith('/'):
       d = os.path.join(d, os.path.basename(s))
     os.makedirs(os.path.dirname(d), exist_ok=True)
-    tmp = f'{d}.fake_tmp.{os.getpid()}'
+    # Staged outside the bucket: like a real upload, a cp killed midway (the workers' log copier
+    # is in the run's process group, which a stop or a preemption signals) leaves no object, not
+    # even a partial or temporary one.
+    staging = os.path.join(state_dir, 'gcs_staging')
+    os.makedirs(staging, exist_ok=True)
+    tmp = os.path.join(staging, f'{os.path.basename(d)}.{os.getpid()}')
     shutil.copyfile(s, tmp)
     os.replace(tmp, d)
     print(f'Copying {src} to {dst}', file=sys.stderr)
