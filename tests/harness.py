@@ -8,6 +8,17 @@ from conftest import TFDS_DATA_DIR
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
 
 
+def cli_env(**extra: str) -> dict[str, str]:
+  """The environment for the trainer run as a subprocess: this one, plus the tests' shared
+  compilation cache (a run and its resume compile once)."""
+  env = dict(os.environ)
+  env['JAX_COMPILATION_CACHE_DIR'] = os.environ.get('SSL_JAX_TEST_CACHE',
+                                                    '/tmp/ssl_jax_test_jax_cache')
+  env['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0.5'
+  env.update(extra)
+  return env
+
+
 def load_config(name: str, arg: str = 'cifar10,runlocal'):
   from ssl_jax import config_lib
   return config_lib.load_config_file(os.path.join(REPO, 'configs', f'{name}.py'), arg)

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from conftest import TFDS_DATA_DIR
+from harness import cli_env
 from ssl_jax import checkpoint as ckpt_lib
 
 pytestmark = pytest.mark.slow   # the trainer as a subprocess
@@ -32,11 +33,7 @@ LINE = re.compile(r'^step (\d+)/\d+ ')
 
 
 def _env():
-  env = dict(os.environ)
-  env['JAX_COMPILATION_CACHE_DIR'] = os.environ.get('SSL_JAX_TEST_CACHE',
-                                                    '/tmp/ssl_jax_test_jax_cache')
-  env['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0.5'
-  return env
+  return cli_env()
 
 
 def _cli(workdir, *extra, steps=STEPS, signal_at=None, sig=signal.SIGINT, argv=None):

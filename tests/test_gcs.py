@@ -23,6 +23,7 @@ import pytest
 
 import gcs_emulator
 from conftest import TFDS_DATA_DIR
+from harness import cli_env
 
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
 BUCKET = 'ssl-jax-test'
@@ -50,12 +51,8 @@ def gcs(tmp_path_factory):
 
 
 def _env(extra=None, drop=()):
-  env = dict(os.environ)
+  env = cli_env(**(extra or {}))
   env['PYTHONPATH'] = os.path.abspath(REPO) + os.pathsep + env.get('PYTHONPATH', '')
-  env['JAX_COMPILATION_CACHE_DIR'] = os.environ.get('SSL_JAX_TEST_CACHE',
-                                                    '/tmp/ssl_jax_test_jax_cache')
-  env['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0.5'
-  env.update(extra or {})
   for k in drop:
     env.pop(k, None)
   return env

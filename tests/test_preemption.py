@@ -13,7 +13,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from conftest import TFDS_DATA_DIR
-from harness import load_config
+from harness import cli_env, load_config
 from ssl_jax import train
 
 pytestmark = pytest.mark.slow   # trains, and starts the trainer as a subprocess
@@ -42,11 +42,7 @@ def _cmd(workdir):
 
 
 def _env():
-  env = dict(os.environ)
-  env['JAX_COMPILATION_CACHE_DIR'] = os.environ.get('SSL_JAX_TEST_CACHE',
-                                                    '/tmp/ssl_jax_test_jax_cache')
-  env['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0.5'
-  return env
+  return cli_env()
 
 
 LINE = re.compile(r'^step (\d+)/\d+ .*\| loss ([0-9.]+)')
