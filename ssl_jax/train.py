@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import time
 from typing import Any, Callable, Iterator, NamedTuple
 
@@ -186,8 +187,10 @@ class _PreemptionNotice:
 
   def _on_sigint(self, signum, frame):
     del signum, frame
-    if self.received:
-      raise KeyboardInterrupt
+    if self.received:   # at once: no exception that library code on the stack could swallow
+      print('Interrupted: Ctrl-C: exiting at once, nothing saved since the last checkpoint; '
+            'rerun the same command to resume', file=sys.stderr, flush=True)
+      os._exit(130)  # pylint: disable=protected-access
     self.received = 'Ctrl-C (SIGINT)'
     _log('Ctrl-C: saving a checkpoint after this step, then exiting (Ctrl-C again: exit at once, '
          'nothing saved).')
