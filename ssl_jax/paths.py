@@ -17,7 +17,7 @@ array data on its own (``TENSORSTORE_GCS_HTTP_URL`` points it at an emulator).
 
 Never half a file (a reader — a resuming run, an evaluator, TensorBoard — sees the old whole file
 or the new whole file):
-* local files: written to ``NAME.tmp-<pid>`` in the same folder, then ``os.replace`` (atomic on
+* local files: written to ``NAME.tmp-<pid>`` in the same folder, then renamed over NAME (atomic on
   POSIX);
 * ``gs://`` objects: one upload per object and no temporary name (a Cloud Storage rename is a
   copy plus a delete). An object upload is atomic: it becomes visible whole when it completes,
@@ -184,7 +184,7 @@ def write_bytes(p: str, data: bytes) -> str:
     with _epath(tmp).open('wb') as f:  # epath, local temporary name
       f.write(data)
     os.replace(tmp, p)  # local and atomic (see the module docstring)
-  except BaseException:
+  except BaseException:  # any failure (disk full, Ctrl-C): remove the half file, then re-raise
     if os.path.exists(tmp):  # local temporary name: no half file left behind (disk full)
       os.remove(tmp)  # local temporary name
     raise

@@ -196,10 +196,10 @@ def test_symlink_cycle_is_skipped_with_one_warning(tmp_path, caplog):
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not HAVE_CIFAR, reason='needs TFDS_DATA_DIR with cifar10')
 @pytest.mark.parametrize('cache', [True, False])
 def test_tfds_labels_out_of_range_are_an_error(cache):
   """cifar10 with num_classes=5: labels 5..9 reached the probe loss."""
+  assert HAVE_CIFAR, 'set TFDS_DATA_DIR to a data dir with cifar10 (../shared/data/tfds)'
   cfg = data.default_data_config('cifar10')
   cfg.update(data_dir=REAL_TFDS, cache=cache, num_classes=5)
   if cache:   # in-memory arrays: the labels themselves are checked
@@ -244,8 +244,8 @@ def test_download_without_network_is_one_line(tmp_path):
       r'--data_dir=DIR` prepares one on a machine with network\)\.', msg), msg
 
 
-@pytest.mark.skipif(not HAVE_CIFAR, reason='needs TFDS_DATA_DIR with cifar10')
 def test_download_true_with_the_data_present_never_touches_the_network(monkeypatch):
+  assert HAVE_CIFAR, 'set TFDS_DATA_DIR to a data dir with cifar10 (../shared/data/tfds)'
   def no_network(*a, **k):
     raise AssertionError('network used although the data is prepared')
   monkeypatch.setattr(socket, 'create_connection', no_network)
