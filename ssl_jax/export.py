@@ -580,7 +580,7 @@ def run(config, workdir: str) -> dict[str, str]:
   """``--mode=export``: write ``backbone.pth`` / ``backbone.npz`` (torchvision ResNet keys) and
   ``export.json`` (how to load it) to ``workdir``."""
   import jax  # pylint: disable=import-outside-toplevel
-  from ssl_jax import checkpoint as ckpt_lib, config_lib, loop  # pylint: disable=import-outside-toplevel
+  from ssl_jax import checkpoint as ckpt_lib, config_lib, utils  # pylint: disable=import-outside-toplevel
   from ssl_jax.evals import pretrained as pre_lib  # pylint: disable=import-outside-toplevel
   pre_lib.validate_common(config)
   formats = tuple(config.export.formats)
@@ -588,7 +588,7 @@ def run(config, workdir: str) -> dict[str, str]:
     config_lib.require(fmt in FORMATS, 'export.formats', formats, ', '.join(FORMATS))
   pre, params, batch_stats, step = ckpt_lib.load_pretrained(
       config.pretrained, weights=config.weights,
-      step=loop.optional(config.checkpoint_step))
+      step=utils.optional(config.checkpoint_step))
   if not str(pre.model.backbone).startswith('resnet'):
     raise config_lib.ConfigError(
         f'--mode=export writes torchvision ResNet state dicts; the pretrained backbone is '

@@ -364,7 +364,7 @@ def main(argv):
   from ssl_jax.evals import pretrained
   errors = (_UserError, config_lib.ConfigError, checkpoint.WorkdirError, sources.DatasetNotFound, sources.DataConfigError,
             checkpoint.ConfigMismatchError, pretrained.PretrainedNotFound, paths.PathError)
-  from ssl_jax import loop
+  from ssl_jax import utils
   try:
     if _MODE.value == 'train':
       _train(config, _WORKDIR.value, errors)
@@ -372,7 +372,7 @@ def main(argv):
     run_eval(_MODE.value, config, _WORKDIR.value, allow_config_change=_ALLOW_CHANGE.value)
   except errors as e:
     _fail(str(e), e)
-  except loop.NonFiniteError as e:
+  except utils.NonFiniteError as e:
     _stop_error('Stopped', str(e), e, _WORKDIR.value)
   except KeyboardInterrupt as e:
     _stop_error('Interrupted', 'Ctrl-C: exiting at once, nothing saved since the last '

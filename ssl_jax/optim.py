@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from ssl_jax import loop
+from ssl_jax import utils
 
 
 def peak_lr(config: ml_collections.ConfigDict) -> float:
@@ -28,7 +28,7 @@ def warmup_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int
   """``optimizer.warmup_steps`` when >= 0 (0: no warm-up), else ``warmup_epochs`` in steps."""
   if config.optimizer.warmup_steps >= 0:
     return int(config.optimizer.warmup_steps)
-  return loop.steps(config.optimizer, 'warmup', steps_per_epoch, default=0)
+  return utils.steps(config.optimizer, 'warmup', steps_per_epoch, default=0)
 
 
 def lr_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int,

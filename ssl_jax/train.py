@@ -24,13 +24,13 @@ import optax
 from jax.experimental import multihost_utils
 
 from ssl_jax import checkpoint as ckpt_lib
-from ssl_jax import config_lib, data, loop, methods, optim, paths, sharding, writers
+from ssl_jax import config_lib, data, loop, methods, optim, paths, sharding, utils, writers
 from ssl_jax.evals import collapse, evaluators, score_plots
 from ssl_jax.ops import losses
 from ssl_jax.state import TrainState, state_shardings
 
 
-NonFiniteError = loop.NonFiniteError   # raised by the loop; re-exported for callers
+NonFiniteError = utils.NonFiniteError   # raised by the loop; re-exported for callers
 
 
 def _log(msg: str) -> None:
@@ -42,8 +42,8 @@ def _log(msg: str) -> None:
 
 
 def total_steps_of(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
-  """The run's length in steps (``loop.total_steps``)."""
-  return loop.total_steps(config, steps_per_epoch)
+  """The run's length in steps (``utils.total_steps``)."""
+  return utils.total_steps(config, steps_per_epoch)
 
 
 # =============================================================================================
@@ -216,7 +216,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """
   with _PreemptionNotice() as notice:
     # 1. config & mesh (the dataset is found, or the run stops, before the workdir is written)
-    mesh = sharding.make_mesh(loop.optional(config.num_devices))
+    mesh = sharding.make_mesh(utils.optional(config.num_devices))
     validate_config(config, num_devices=mesh.shape[sharding.DATA],
                     process_count=jax.process_count())
     t0 = time.time()
@@ -224,7 +224,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     steps_per_epoch = data.steps_per_epoch(config.data, config.batch_size)
     data.check_same_classes(config.data, config.data.train_split, config.data.eval_split)
     ckpt_lib.check_workdir_config(workdir, config, allow_config_change=allow_config_change)
-    total_steps = loop.total_steps(config, steps_per_epoch)
+    total_steps = utils.total_steps(config, steps_per_epoch)
     done = ckpt_lib.checkpoint_steps(workdir)
     if done and done[-1] >= total_steps:
       return _already_complete(workdir, done[-1], total_steps)
@@ -407,7 +407,7 @@ class _Run:
     if not partial:
       self.writer.write_scalars(step, avg)
     # The first window after compilation may hold no timed step: no speed, no ETA yet.
-    eta = loop.hms((self.total_steps - step) / sps) if sps > 0 else '--'
+    eta = utils.hms((self.total_steps - step) / sps) if sps > 0 else '--'
     tau = f'tau {avg["tau"]:.4f} | ' if 'tau' in avg else ''
     _log(f'step {step}/{self.total_steps} ({100 * step / self.total_steps:.0f}%) | '
          f'loss {avg["loss"]:.4f} | probe top-1 {100 * avg["online_probe/train_top1"]:.1f}% | '

@@ -93,7 +93,7 @@ def test_a_workdir_without_checkpoints_is_not_locked_by_its_config(tmp_path):
 
 
 def test_nan_message_says_plainly_when_no_checkpoint_exists():
-  from ssl_jax import loop, train
+  from ssl_jax import train, utils
 
   class NoCheckpoints:
     directory = '/w/checkpoints'
@@ -104,7 +104,7 @@ def test_nan_message_says_plainly_when_no_checkpoint_exists():
 
   bad = {'finite/loss': np.asarray(False), 'finite/grad_norm': np.asarray(True)}
   with pytest.raises(train.NonFiniteError) as e:
-    loop.check_finite(3, bad, lambda: train.kept_checkpoint_text(NoCheckpoints()))
+    utils.check_finite(3, bad, lambda: train.kept_checkpoint_text(NoCheckpoints()))
   assert 'No checkpoint was written before it' in str(e.value) and 'none' not in str(e.value)
 
 

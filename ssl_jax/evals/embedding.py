@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ssl_jax import loop, paths, sharding
+from ssl_jax import utils, paths, sharding
 from ssl_jax import writers
 from ssl_jax.evals import features
 from ssl_jax.evals import pretrained as pre_lib
@@ -174,7 +174,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, **unused) -> dict[str, 
   if jax.process_index() == 0:
     coords, used = embed_2d(test['features'], method=e.method, seed=config.seed,
                             perplexity=e.perplexity,
-                            num_threads=loop.optional(e.num_threads))
+                            num_threads=utils.optional(e.num_threads))
     title = (f'{pre.method.name} {pre.model.backbone} step {pre_step}: {used.upper()} of '
              f'{len(coords)} {data_cfg.name}/{data_cfg.eval_split} {config.features} features')
     from ssl_jax.data import sources  # pylint: disable=import-outside-toplevel

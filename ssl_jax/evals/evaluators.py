@@ -5,7 +5,7 @@ and when it runs::
 
   config.evals.knn = dict(type='knn', every_epochs=10, at_start=False, at_end=True, k=200, ...)
 
-``every_steps`` / ``every_epochs`` / ``every_examples`` (:func:`ssl_jax.loop.steps`) set the
+``every_steps`` / ``every_epochs`` / ``every_examples`` (:func:`ssl_jax.utils.steps`) set the
 period (none set: only at the start/end), ``at_start`` runs it before the first step of a fresh
 run, ``at_end`` after the last. The other fields belong to the type. ``train.py`` knows no
 evaluator by name: it runs whatever is listed, and each evaluator returns ``(name, value)``
@@ -21,7 +21,7 @@ import dataclasses
 import importlib
 from typing import Any, Callable, Iterable
 
-from ssl_jax import config_lib, loop
+from ssl_jax import config_lib, utils
 
 #: type -> 'module:Class'. A class is built as ``Class(cfg, data_cfg=, mesh=, num_classes=,
 #: search_cfg=)`` and called as ``instance.run(feature_fn, variables) -> [(name, value), ...]``.
@@ -61,7 +61,7 @@ def from_config(config, *, mesh, steps_per_epoch: int) -> list[Scheduled]:
                               num_classes=int(config.data.num_classes),
                               search_cfg=config.get('knn'))
     out.append(Scheduled(
-        name=name, every=loop.steps(cfg, 'every', steps_per_epoch, batch_size=config.batch_size),
+        name=name, every=utils.steps(cfg, 'every', steps_per_epoch, batch_size=config.batch_size),
         at_start=bool(cfg.get('at_start', False)), at_end=bool(cfg.get('at_end', True)),
         run=evaluator.run))
   return out

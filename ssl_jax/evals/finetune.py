@@ -59,7 +59,7 @@ import numpy as np
 import optax
 
 from ssl_jax import checkpoint as ckpt_lib
-from ssl_jax import config_lib, loop, optim, paths, sharding, writers
+from ssl_jax import config_lib, loop, optim, paths, sharding, utils, writers
 from ssl_jax.data import labelled
 from ssl_jax.evals import features, metrics
 from ssl_jax.evals import pretrained as pre_lib
@@ -273,7 +273,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   mesh = pre_lib.eval_mesh(config, ('batch_size', 'eval_batch_size'))
   ckpt_lib.check_workdir_config(workdir, config, allow_config_change=allow_config_change)
   pre, params, batch_stats, pre_step = pre_lib.load_pretrained(
-      config.pretrained, weights=config.weights, step=loop.optional(config.checkpoint_step))
+      config.pretrained, weights=config.weights, step=utils.optional(config.checkpoint_step))
   data_cfg = pre_lib.checked_eval_data_config(config, pre)
   subset, desc = select_subset(config, data_cfg)
   pre_lib.log(f'Fine-tuning {pre.method.name} / {pre.model.backbone} from '
@@ -316,9 +316,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
           start_step=start, total_steps=total_steps,
           log_every=max(1, int(config.log_every_steps)), on_log=net.logger(writer, total_steps),
           log=pre_lib.log,
-          actions=[loop.Action('eval', loop.steps(config, 'eval_every', spe), evaluate,
+          actions=[loop.Action('eval', utils.steps(config, 'eval_every', spe), evaluate,
                                skip_last=True),
-                   loop.Action('checkpoint', loop.steps(config, 'checkpoint_every', spe,
+                   loop.Action('checkpoint', utils.steps(config, 'checkpoint_every', spe,
                                                         default=spe), save)],
           nonfinite_hint=f'Lower config.optimizer.base_lr (now {config.optimizer.base_lr}).'
       ).state
@@ -476,6 +476,6 @@ class _Net:
       writer.write_scalars(step, {f'{TAG}/{k}': v for k, v in avg.items()})
       pre_lib.log(f'[finetune step {step}/{total_steps}] loss {avg["loss"]:.4f} | train '
                   f'top-1 {100 * avg["train_top1"]:.1f}% | lr {avg["lr"]:.4g} | '
-                  + loop.progress(step, total_steps, avg['steps_per_sec'],
+                  + utils.progress(step, total_steps, avg['steps_per_sec'],
                                   self.config.batch_size))
     return on_log

@@ -50,7 +50,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ssl_jax import checkpoint as ckpt_lib
-from ssl_jax import config_lib, loop, optim, sharding, writers
+from ssl_jax import config_lib, loop, optim, sharding, utils, writers
 from ssl_jax.data import labelled
 from ssl_jax.evals import features, metrics
 from ssl_jax.evals import pretrained as pre_lib
@@ -343,8 +343,8 @@ def _run_cached(config, data_cfg, net, variables, feat_fn, mesh, ckpt, writer, n
   state, meta = _restore(ckpt, _abstract(jax.eval_shape(
       lambda: init_probe(d, num_classes, tx, zeros)), mesh))
   start_epoch = int(meta['epoch']) if meta else 0
-  every = loop.optional(config.checkpoint_every_epochs) or 1   # in epochs: a step is an epoch
-  eval_every = loop.optional(config.eval_every_epochs)
+  every = utils.optional(config.checkpoint_every_epochs) or 1   # in epochs: a step is an epoch
+  eval_every = utils.optional(config.eval_every_epochs)
 
   t_start = time.time()
 
@@ -354,14 +354,14 @@ def _run_cached(config, data_cfg, net, variables, feat_fn, mesh, ckpt, writer, n
     if epoch % max(1, config.epochs // 10) == 0 or epoch == config.epochs:   # ~10 lines
       per_epoch = (time.time() - t_start) / max(epoch - start_epoch, 1)
       pre_lib.log(f'[linear epoch {epoch}/{config.epochs}] loss {loss:.4f} | '
-                  + loop.progress(epoch, config.epochs, 1 / per_epoch if per_epoch > 0 else 0,
+                  + utils.progress(epoch, config.epochs, 1 / per_epoch if per_epoch > 0 else 0,
                                   len(train['label'])).replace('steps/s', 'epochs/s'))
-    if loop.itstime(epoch, eval_every, config.epochs, last=False, skip_last=True):
+    if utils.itstime(epoch, eval_every, config.epochs, last=False, skip_last=True):
       res = evaluate_arrays(LinearResult(st, config.feature_norm, []), test['features'],
                             test['label'])
       writer.write_scalars(step, {f'{TAG}/test_{k}': v for k, v in res.items()})
       pre_lib.log(f'[linear epoch {epoch}/{config.epochs}] test top-1 {100 * res["top1"]:.2f}%')
-    if loop.itstime(epoch, every, config.epochs):
+    if utils.itstime(epoch, every, config.epochs):
       ckpt.save(step, st, {'step': step, 'epoch': epoch}, force=True)
 
   result = train_linear(train['features'], train['label'], state=state,
@@ -441,7 +441,7 @@ def _run_streaming(config, data_cfg, net, variables, feat_fn, mesh, ckpt, writer
                                 f'{TAG}/epoch': step / spe,
                                 f'{TAG}/steps_per_sec': avg['steps_per_sec']})
     pre_lib.log(f'[linear step {step}/{total_steps}] loss {avg["loss"]:.4f} | '
-                + loop.progress(step, total_steps, avg['steps_per_sec'], bs))
+                + utils.progress(step, total_steps, avg['steps_per_sec'], bs))
 
   def eval_action(step, st, _):
     res = evaluate(st)
@@ -452,9 +452,9 @@ def _run_streaming(config, data_cfg, net, variables, feat_fn, mesh, ckpt, writer
   out = loop.run(
       state, lambda st, batch: step_fn(st, variables, batch), batches, start_step=start, total_steps=total_steps,
       log_every=max(1, int(config.log_every_steps)), on_log=on_log, log=pre_lib.log,
-      actions=[loop.Action('eval', loop.steps(config, 'eval_every', spe), eval_action,
+      actions=[loop.Action('eval', utils.steps(config, 'eval_every', spe), eval_action,
                            skip_last=True),
-               loop.Action('checkpoint', loop.steps(config, 'checkpoint_every', spe, default=spe),
+               loop.Action('checkpoint', utils.steps(config, 'checkpoint_every', spe, default=spe),
                            lambda step, st, _: ckpt.save(step, st, {'step': step,
                                                                    'epoch': step / spe},
                                                          force=True))],

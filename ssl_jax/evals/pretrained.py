@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from ssl_jax import checkpoint as ckpt_lib
-from ssl_jax import config_lib, loop, paths
+from ssl_jax import config_lib, utils, paths
 from ssl_jax import data as data_lib
 from ssl_jax import sharding
 
@@ -162,7 +162,7 @@ def checked_eval_data_config(c: ml_collections.ConfigDict, pre: ml_collections.C
 
 
 def mesh_of(c: ml_collections.ConfigDict):
-  n = loop.optional(c.num_devices)
+  n = utils.optional(c.num_devices)
   return sharding.make_mesh(n)
 
 
@@ -238,7 +238,7 @@ def load_for_eval(c: ml_collections.ConfigDict):
   """``(pre_config, data_cfg, FrozenNet, step)`` for an eval config ``c``."""
   pre, params, batch_stats, step = load_pretrained(
       c.pretrained, weights=c.weights,
-      step=loop.optional(c.checkpoint_step))
+      step=utils.optional(c.checkpoint_step))
   data_cfg = checked_eval_data_config(c, pre)
   net = FrozenNet(pre, params, batch_stats, image_size=int(data_cfg.image_size))
   log(f'Loaded {pre.method.name} / {pre.model.backbone} ({c.weights} weights) from '

@@ -63,7 +63,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from ssl_jax import config_lib, loop, sharding
+from ssl_jax import config_lib, utils, sharding
 from ssl_jax.methods import base, moco
 from ssl_jax.ops import gather, kmeans, knn, losses, memory_bank, mixing, selection
 
@@ -158,10 +158,10 @@ class Method(moco.Method):
     self.partner_pool = int(m.get('partner_pool', 0))
     self.recall_target = float(config.knn.get('recall_target', 1.0))
     self.num_classes = int(config.data.num_classes)
-    if not loop.is_set(m.kmeans_every_steps) and steps_per_epoch is None:
+    if not utils.is_set(m.kmeans_every_steps) and steps_per_epoch is None:
       raise ValueError('clim: method.kmeans_every_epochs needs steps_per_epoch (the trainer '
                        'passes it); or set method.kmeans_every_steps')
-    self.kmeans_every = loop.steps(m, 'kmeans_every', steps_per_epoch or 1)
+    self.kmeans_every = utils.steps(m, 'kmeans_every', steps_per_epoch or 1)
     extra = config.data.get('extra_resolutions') or ()
     self.query_views = ('view1',) + (
         tuple(f'view_lr{i}' for i in range(len(extra))) if config.data.views == 'multi_res'
