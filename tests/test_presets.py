@@ -25,7 +25,7 @@ from ssl_jax import config_lib  # noqa: E402
 DOC = REPO / 'docs' / 'presets.md'
 REGENERATE = 'python tests/test_presets.py > docs/presets.md'
 # Tokens probed besides datasets and backbones: the method configs' flags and the eval configs'
-# protocol tokens (each config's docstring says what they do).
+# protocol tokens (each config's docstring says what they do; docs/recipes/ has the detail).
 OTHER_TOKENS = (*config_lib.FLAGS, 'cache', 'msf', 'ft', 'sweep', 'projector', 'euclidean',
                 'aps', '1%', '10%')
 
@@ -110,8 +110,9 @@ def generate() -> str:
       '`tests/test_presets.py` fails when this file is out of date). Each row is',
       '`--config=configs/<file>:<preset>`; the backbone, global batch and length are the',
       "preset's defaults (ResNet widths other than 1 are shown as xW). Every field can be",
-      'overridden (`--config.batch_size=...`; README "Configs and overrides"), and each',
-      "config's docstring has the recipe behind its presets.",
+      'overridden (`--config.batch_size=...`; README "Configs and overrides"), and',
+      '`docs/recipes/<method>.md` has the recipe behind each config\'s presets: the reference',
+      "followed field by field, with its sources, and the deliberate deviations.",
       '',
       '| Config | Dataset preset | Default backbone | Global batch | Length |',
       '|---|---|---|---|---|',
