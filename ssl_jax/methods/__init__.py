@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import importlib
 
+from ssl_jax import config_lib
+
 # name -> module path; each module defines ``Method`` (a subclass of ``base.Method``).
 _REGISTRY = {
     'byol': 'ssl_jax.methods.byol',
@@ -24,6 +26,7 @@ def names() -> tuple[str, ...]:
 
 
 def get(name: str):
-  if name not in _REGISTRY:
-    raise ValueError(f'unknown method {name!r}; accepted: {", ".join(names())}')
+  """The ``Method`` class of ``name``; ``config_lib.ConfigError`` naming ``method.name`` and the
+  registered names otherwise (the one check of the name: config_lib imports no method code)."""
+  config_lib.require(name in _REGISTRY, 'method.name', name, ', '.join(names()))
   return importlib.import_module(_REGISTRY[name]).Method
