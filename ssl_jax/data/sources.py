@@ -59,15 +59,15 @@ VALIDATE_MODES = ('decode', 'header', 'none')
 SOURCES = ('tfds', 'folder')
 
 
-# Saved at import so that a ``tfds.testing.mock_data`` context (which patches it) is noticed
-# and its fake data never enters, or is served from, the per-process cache.
-# (The raw class attribute: attribute access goes through a descriptor and yields new objects.)
-_REAL_AS_DATASET = vars(tfds.core.dataset_builder.DatasetBuilder)['as_dataset']
-
-
-def tfds_is_mocked() -> bool:
-  """True inside ``tfds.testing.mock_data``."""
-  return vars(tfds.core.dataset_builder.DatasetBuilder)['as_dataset'] is not _REAL_AS_DATASET
+def _tfds_reader_replaced() -> bool:
+  """True while ``DatasetBuilder.as_dataset`` is not TFDS's own (``tfds.testing.mock_data``
+  or another patch): its examples are not the stored dataset's, so nothing is downloaded for
+  it and what it returns never enters, or is served from, the per-process cache. Read at each
+  call from the class itself (the raw attribute: access through the descriptor yields new
+  objects), never saved at import."""
+  reader = vars(tfds.core.dataset_builder.DatasetBuilder)['as_dataset']
+  return (getattr(reader, '__module__', None), getattr(reader, '__qualname__', None)) != (
+      'tensorflow_datasets.core.dataset_builder', 'DatasetBuilder.as_dataset')
 
 
 def clear_cache() -> None:
@@ -177,7 +177,7 @@ def tfds_builder(data_cfg):
   except tfds.core.registered.DatasetNotFoundError as e:
     raise DataConfigError(f'Unknown TFDS dataset name {data_cfg.name!r} (--config.data.name). '
                      f'See tfds.list_builders() for accepted names.') from e
-  if data_cfg.get('download') and not tfds_is_mocked() and not builder.is_prepared():
+  if data_cfg.get('download') and not _tfds_reader_replaced() and not builder.is_prepared():
     download_and_prepare(builder, data_dir)
   return builder
 
@@ -418,7 +418,7 @@ def build_tfds_source(data_cfg, split: str, process_index: int = 0, process_coun
   builder = tfds_builder(data_cfg)
   check_split(builder, split)
   if _is_cached_arrays(data_cfg, builder):
-    load = _load_arrays.__wrapped__ if tfds_is_mocked() else _load_arrays
+    load = _load_arrays.__wrapped__ if _tfds_reader_replaced() else _load_arrays
     full = load(data_cfg.name, resolve_data_dir(data_cfg), split, bool(data_cfg.get('download')))
     check_label_range(full.labels, data_cfg.get('num_classes'), f'{data_cfg.name}/{split}')
     if 0 < max_examples < full.num_examples:
