@@ -1,8 +1,17 @@
-"""The training loop. Knows nothing method-specific: a method gives its network, its state and
-its loss (``ssl_jax/methods``); this file does the rest. Read it top to bottom:
+"""Pre-training, read top to bottom. Knows nothing method-specific: a method gives its network,
+its state and its loss (``ssl_jax/methods``); this file does the rest.
 
-  1. config & mesh      2. input       3. model & state      4. the update step
-  5. checkpoint/resume  6. evals       7. the loop
+  The update step, in named parts:  the method's loss and gradients, the optimizer, the EMA
+                                    target, the online probe, keep-if-finite
+  ``train_and_evaluate``, in order: 1. set-up (mesh, config, data, workdir)  2. model, method,
+                                    optimizer, the jitted step  3. state (restore or init)
+                                    4. writers, evaluators, monitors  5. before the first step
+                                    6. the loop (step, log, score plots, profile, checkpoint,
+                                    evals, preemption, finiteness)  7. the end
+  Below it, the plain helpers it calls (signals, checkpoints, score plots, profile, outcome).
+
+The plain helpers shared with the supervised trainer (durations, ``itstime``, the metric window,
+the finiteness check) are in ``ssl_jax/utils.py``.
 """
 from __future__ import annotations
 
@@ -24,13 +33,15 @@ import optax
 from jax.experimental import multihost_utils
 
 from ssl_jax import checkpoint as ckpt_lib
-from ssl_jax import config_lib, data, loop, methods, optim, paths, sharding, utils, writers
+from ssl_jax import config_lib, data, methods, optim, paths, sharding, utils, writers
 from ssl_jax.evals import collapse, evaluators, score_plots
 from ssl_jax.ops import losses
 from ssl_jax.state import TrainState, state_shardings
 
 
 NonFiniteError = utils.NonFiniteError   # raised by the loop; re-exported for callers
+NONFINITE_HINT = ('Lower --config.optimizer.base_lr, set --config.optimizer.grad_clip_norm, or '
+                  'check the input.')
 
 
 def _log(msg: str) -> None:
@@ -47,82 +58,97 @@ def total_steps_of(config: ml_collections.ConfigDict, steps_per_epoch: int) -> i
 
 
 # =============================================================================================
-# 4. The update step (pure; jit-compiled once with the state donated)
+# The update step, in named parts (pure; the composed step is jit-compiled with the state
+# donated)
 # =============================================================================================
+def loss_and_grads(method, state: TrainState, batch, rng):
+  """The method's loss, its aux (``methods.base.LossAux``) and the gradients of the online
+  parameters. One all-reduce of the gradients per step, however many times the network is
+  applied (per-device parameter copies on a multi-device mesh; plain ``value_and_grad`` on one
+  device)."""
+
+  def loss_fn(params):
+    return method.loss(params, state.target_params, state.method_state, state.batch_stats,
+                       batch, rng, state.step)
+
+  (loss, aux), grads = sharding.value_and_grad_reduced_once(loss_fn, state.params, has_aux=True)
+  return loss, aux, grads
+
+
+def optimizer_update(tx, grads, params, opt_state):
+  """``(new params, new optimizer state)`` after one step of ``tx``."""
+  updates, opt_state = tx.update(grads, opt_state, params)
+  return optax.apply_updates(params, updates), opt_state
+
+
+def ema_update(target_params, params, tau):
+  """The EMA target after the optimizer step: ``t <- tau t + (1 - tau) p`` (BYOL, MoCo;
+  equivalent to MSF's update-first order)."""
+  return jax.tree.map(lambda t, p: tau * t + (1.0 - tau) * p, target_params, params)
+
+
+def probe_update(probe, probe_tx, probe_params, probe_opt_state, features, labels):
+  """One step of the online linear probe on stop-gradient features, labelled examples only
+  (``labels >= 0``). Returns ``(params, opt_state, loss, top-1 on this batch)``."""
+  feats = jax.lax.stop_gradient(features).astype(jnp.float32)
+  labelled = labels >= 0
+
+  def probe_loss(pp):
+    logits = probe.apply(pp, feats)
+    return losses.cross_entropy(logits, labels, labelled), logits
+
+  (loss, logits), grads = jax.value_and_grad(probe_loss, has_aux=True)(probe_params)
+  updates, probe_opt_state = probe_tx.update(grads, probe_opt_state, probe_params)
+  probe_params = optax.apply_updates(probe_params, updates)
+  top1 = jnp.sum((jnp.argmax(logits, -1) == labels) & labelled) / jnp.maximum(
+      jnp.sum(labelled), 1)
+  return probe_params, probe_opt_state, loss, top1
+
+
+def keep_if_finite(ok, new: TrainState, old: TrainState) -> TrainState:
+  """``new`` where ``ok``, else ``old`` with ``new``'s step: a non-finite update never enters
+  the state (the host stops at its next check)."""
+  return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old.replace(step=new.step))
+
+
 def make_train_step(method, tx, probe, probe_tx, lr_fn, tau_fn):
-  """Returns ``train_step(state, batch) -> (state, metrics, scores)``."""
+  """Returns ``train_step(state, batch) -> (state, metrics, scores)``: the parts above, in order."""
   uses_target = method.uses_ema_target   # False: no EMA update, no tau (APS by default)
 
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
     rng = jax.random.fold_in(state.rng, state.step)
-
-    def loss_fn(params):
-      return method.loss(params, state.target_params, state.method_state, state.batch_stats,
-                         batch, rng, state.step)
-
-    # One all-reduce of the gradients per step, however many times the network is applied
-    # (per-device parameter copies on a multi-device mesh; plain value_and_grad on one device).
-    (loss, aux), grads = sharding.value_and_grad_reduced_once(loss_fn, state.params,
-                                                              has_aux=True)
+    loss, aux, grads = loss_and_grads(method, state, batch, rng)
     grad_norm = optax.global_norm(grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    # EMA target after the optimizer step (BYOL, MoCo; equivalent to MSF's update-first order).
+    params, opt_state = optimizer_update(tx, grads, state.params, state.opt_state)
     tau = tau_fn(state.step)
-    if uses_target:
-      target = jax.tree.map(lambda t, p: tau * t + (1.0 - tau) * p, state.target_params, params)
-    else:
-      target = state.target_params
-
-    # Online linear probe on stop-gradient features (labelled examples only).
-    feats = jax.lax.stop_gradient(aux.features).astype(jnp.float32)
-    labels = batch['label']
-    labelled = labels >= 0
-
-    def probe_loss(pp):
-      logits = probe.apply(pp, feats)
-      return losses.cross_entropy(logits, labels, labelled), logits
-
-    (p_loss, logits), p_grads = jax.value_and_grad(probe_loss, has_aux=True)(state.probe_params)
-    p_updates, p_opt = probe_tx.update(p_grads, state.probe_opt_state, state.probe_params)
-    probe_params = optax.apply_updates(state.probe_params, p_updates)
-    p_acc = jnp.sum((jnp.argmax(logits, -1) == labels) & labelled) / jnp.maximum(
-        jnp.sum(labelled), 1)
-
+    target = ema_update(state.target_params, params, tau) if uses_target else state.target_params
+    probe_params, probe_opt_state, p_loss, p_top1 = probe_update(
+        probe, probe_tx, state.probe_params, state.probe_opt_state, aux.features, batch['label'])
     new = state.replace(step=state.step + 1, params=params, batch_stats=aux.batch_stats,
                         target_params=target, opt_state=opt_state,
                         method_state=aux.method_state, probe_params=probe_params,
-                        probe_opt_state=p_opt)
-    # Never let a non-finite update into the state: keep the previous one (the host stops).
-    loss_ok = jnp.isfinite(loss)
-    grad_ok = jnp.isfinite(grad_norm)
-    probe_ok = jnp.isfinite(p_loss)   # every loss of the step is guarded, the probe's too
-    ok = loss_ok & grad_ok & probe_ok
-    new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state.replace(step=new.step))
+                        probe_opt_state=probe_opt_state)
+    # Every loss of the step is guarded, the probe's too.
+    finite = {'finite/loss': jnp.isfinite(loss), 'finite/grad_norm': jnp.isfinite(grad_norm),
+              'finite/online_probe/train_loss': jnp.isfinite(p_loss)}
+    new = keep_if_finite(finite['finite/loss'] & finite['finite/grad_norm']
+                         & finite['finite/online_probe/train_loss'], new, state)
     metrics = dict(aux.metrics)
     if uses_target:
       metrics['tau'] = tau
     metrics.update({'loss': loss, 'lr': lr_fn(state.step), 'grad_norm': grad_norm,
-                    'online_probe/train_loss': p_loss, 'online_probe/train_top1': p_acc,
-                    'finite/loss': loss_ok, 'finite/grad_norm': grad_ok,
-                    'finite/online_probe/train_loss': probe_ok})
+                    'online_probe/train_loss': p_loss, 'online_probe/train_top1': p_top1,
+                    **finite})
     return new, metrics, aux.scores
 
   return train_step
 
 
 def make_feature_fn(method, probe):
-  """Eval-mode forward: L2-normalised backbone features and the probe's logits."""
-
-  def feature_fn(variables, images):
-    out = method.model.apply({'params': variables['params'],
-                              'batch_stats': variables['batch_stats']},
-                             images, train=False, with_predictor=False)
-    f = out['features'].astype(jnp.float32)
-    return {'features': losses.l2_normalize(f),
-            'probe_logits': probe.apply(variables['probe'], f)}
-
-  return feature_fn
+  """Eval-mode forward for the evaluators: L2-normalised backbone features and the probe's
+  logits (``evals.features.frozen_feature_fn``, which ``--mode=eval`` uses too)."""
+  return evaluators.make_feature_fn(
+      lambda v, images: method.model.apply(v, images, train=False, with_predictor=False), probe)
 
 
 class Parts(NamedTuple):
@@ -172,10 +198,292 @@ def build(config: ml_collections.ConfigDict, mesh, method, *, steps_per_epoch: i
 # =============================================================================================
 # The whole run
 # =============================================================================================
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       allow_config_change: bool = False,
+                       stop_at_step: int | None = None) -> dict[str, Any]:
+  """Train ``config`` in ``workdir`` (resuming if it holds checkpoints); return final metrics.
+
+  ``stop_at_step``: checkpoint and return at that step, as a preemption would (for jobs with a
+  wall-clock limit; the next run resumes there with the same batches and random numbers).
+
+  One function, long on purpose: the whole run in execution order, as big_vision's trainer is
+  written, so a reader follows it top to bottom without jumping into callbacks.
+  """
+  with _PreemptionNotice() as notice:
+    # ------------------------------------------------------------------ 1. set-up
+    # The dataset is found, or the run stops, before the workdir is written.
+    mesh = sharding.make_mesh(utils.optional(config.num_devices))
+    n_dev = mesh.shape[sharding.DATA]
+    validate_config(config, num_devices=n_dev, process_count=jax.process_count())
+    t0 = time.time()
+    _log(f'Reading {config.data.name} ({config.data.train_split} / {config.data.eval_split})...')
+    steps_per_epoch = data.steps_per_epoch(config.data, config.batch_size)
+    data.check_same_classes(config.data, config.data.train_split, config.data.eval_split)
+    ckpt_lib.check_workdir_config(workdir, config, allow_config_change=allow_config_change)
+    total_steps = utils.total_steps(config, steps_per_epoch)
+    done = ckpt_lib.checkpoint_steps(workdir)
+    if done and done[-1] >= total_steps:
+      return _already_complete(workdir, done[-1], total_steps)
+
+    # ------------------------------------------------------------------ 2. model, method, step
+    _log(f'Input ready ({time.time() - t0:.0f} s); building {config.method.name} / '
+         f'{config.model.backbone} and its train state...')
+    method = methods.get(config.method.name)(config, steps_per_epoch)
+    parts = build(config, mesh, method, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+    with jax.set_mesh(mesh):
+      ckpt = ckpt_lib.Checkpointer(workdir, keep=config.checkpoint.keep,
+                                   async_save=config.checkpoint.async_save)
+      try:
+        # -------------------------------------------------------------- 3. state
+        state = _restore_or_init(ckpt, parts, config)
+        start_step = int(jax.device_get(state.step))
+        return _train_loop(config, workdir, mesh, parts, ckpt, state, notice,
+                           steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+                           start_step=start_step, stop_at_step=stop_at_step)
+      finally:
+        ckpt.close()
+
+
+def _train_loop(config, workdir, mesh, parts, ckpt, state, notice, *, steps_per_epoch: int,
+                total_steps: int, start_step: int, stop_at_step: int | None) -> dict[str, Any]:
+  """Sections 4-7 of :func:`train_and_evaluate` (its second half, under the mesh and the open
+  checkpointer). Long on purpose: the loop is written inline, in the order it runs."""
+  # -------------------------------------------------------------------- 4. writers, evaluators
+  n_dev = mesh.shape[sharding.DATA]
+  writer = writers.create(workdir, just_logging=jax.process_index() > 0)
+  feature_fn = jax.jit(make_feature_fn(parts.method, parts.probe))
+  evals = evaluators.from_config(config, feature_fn=feature_fn, mesh=mesh,
+                                 steps_per_epoch=steps_per_epoch)
+  collapse_monitor = collapse.CollapseMonitor()
+  plots = _ScorePlots(config, workdir, writer, steps_per_epoch, total_steps)
+  profile = _Profile(config, workdir, start_step, total_steps)
+  saver = _Saver(ckpt, config, steps_per_epoch, last_saved=start_step if start_step else None)
+  results: dict[str, Any] = {'start_step': start_step, 'loss_history': []}
+
+  def run_evals(step, state, which):
+    return evaluate(step, state, which, feature_fn, writer)
+
+  # -------------------------------------------------------------------- 5. before the first step
+  n_params = sum(x.size for x in jax.tree.leaves(state.params))
+  _log(f'{config.method.name} | {config.model.backbone} ({n_params / 1e6:.2f}M params) | '
+       f'{data.describe(config.data)} | global batch {config.batch_size} on {n_dev} device(s), '
+       f'{jax.process_count()} host(s) | {total_steps} steps ({steps_per_epoch}/epoch)')
+  skipped = data.num_skipped(config.data, config.data.train_split)
+  if skipped:  # named one by one in the warnings above; counted in the run's own record
+    _log(f'WARNING: {skipped} undecodable training image(s) skipped (data/skipped_files).')
+  writer.write_scalars(start_step, {'data/skipped_files': skipped})
+  # TensorBoard's Text tab: the whole config of this run (each start, so a changed resume shows).
+  writer.write_texts(start_step, {'config': '```\n' + json.dumps(
+      ckpt_lib.config_to_dict(config), indent=2, sort_keys=True) + '\n```'})
+  if start_step == 0 and any(ev.at_start for ev in evals):
+    results['untrained'] = run_evals(0, state, [e for e in evals if e.at_start])
+  if notice.received:  # the notice came during start-up (compile, initial evals)
+    line = (f'Stopping before the first step of this run (step {start_step}, '
+            f'{notice.received}): nothing new to save. Rerun the same command to continue.')
+    _log(line)
+    writer.close()
+    return dict(results, preempted_at=start_step, state=state, final_line=line)
+
+  # -------------------------------------------------------------------- 6. the loop
+  # Steps are 1-based: ``step`` steps are done after the update. ``finite/*`` flags are checked
+  # one step late (the check then never stalls the device), and before anything reads the state
+  # (log, checkpoint, evals, a stop): a non-finite state is never saved.
+  batches = _global_batches(config, mesh, start_step)
+  window = utils.Window(start_step, config.log_every_steps)
+  ckpt_every = int(config.checkpoint.every_steps)
+
+  def check(step, metrics):
+    utils.check_finite(step, metrics, lambda: kept_checkpoint_text(ckpt), NONFINITE_HINT)
+
+  t_start = time.time()
+  pending, step, stopped = None, start_step, None
+  for step in range(start_step + 1, total_steps + 1):
+    batch = next(batches)
+    if step == start_step + 1:
+      _log('compiling the train step...')
+      t_compile = time.time()
+      state, metrics, scores = parts.train_step(state, batch)
+      jax.block_until_ready(metrics)
+      _log(f'first step compiled in {time.time() - t_compile:.0f} s')
+      window.restart_clock(step)
+    else:
+      state, metrics, scores = parts.train_step(state, batch)
+    if pending is not None:   # the previous step's flags: ready by now, no stall
+      check(*pending)
+    pending = (step, metrics)
+    window.add(step, metrics)
+    saving = utils.itstime(step, ckpt_every, total_steps)
+    due_evals = [ev for ev in evals if utils.itstime(step, ev.every, total_steps, last=False,
+                                                     skip_last=True)]
+    logging_now = utils.itstime(step, config.log_every_steps, total_steps)
+    if logging_now or saving or due_evals:
+      check(step, metrics)
+    if logging_now:
+      avg, host, partial = window.flush(step)
+      _log_window(step, avg, host, partial, results=results, writer=writer,
+                  collapse_monitor=collapse_monitor, n_dev=n_dev, batch_size=config.batch_size,
+                  steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+    profile(step, state)
+    plots(step, scores)
+    if saving:
+      saver.save(step, state)
+    for ev in due_evals:
+      run_evals(step, state, [ev])
+    stopped = _stop_reason(notice, step, stop_at_step, ckpt)
+    if stopped:
+      check(step, metrics)
+      break
+  else:
+    if pending is not None:
+      check(*pending)
+
+  # -------------------------------------------------------------------- 7. the end
+  if stopped:
+    line = f'Stopping at step {step} ({stopped}): saving a checkpoint and exiting.'
+    _log(line)
+    saver.save(step, state, force=True)
+    ckpt.wait()
+    ckpt.require_saved(step)
+    writer.close()
+    return dict(results, preempted_at=step, state=state, final_line=line)
+  train_time_s = time.time() - t_start
+  ckpt.wait()
+  ckpt.require_saved(step)   # never exit 0 with the last save missing
+  final = [ev for ev in evals if ev.at_end]
+  if final:
+    _log(f'Final evaluation at step {step}: {", ".join(ev.name for ev in final)}...')
+    results['final'] = run_evals(step, state, final)
+  writer.close()   # on a gs:// workdir: the last events are uploaded now
+  results.update(final_step=step, collapse_warnings=list(collapse_monitor.warned_steps),
+                 train_time_s=train_time_s, state=state)
+  if collapse_monitor.collapsing:
+    _log(f'WARNING: the run ended collapsed (first flagged at step '
+         f'{collapse_monitor.warned_steps[-1]}): {collapse.describe(results["last_metrics"])}.')
+  results['final_line'] = f'Finished {step} steps.'
+  if 'final' in results:
+    results['final_line'] = evaluators.final_line(evals, step, results['final'],
+                                                  results.get('untrained'))
+    _log(results['final_line'])
+  _log(_summary_block(config, workdir))
+  return results
+
+
+# =============================================================================================
+# What the run calls
+# =============================================================================================
+def _restore_or_init(ckpt, parts: Parts, config) -> TrainState:
+  restored = ckpt.restore_latest(parts.abstract)
+  if restored is None:
+    return parts.init(jax.random.key(config.seed))
+  state, meta = restored
+  _log(f'Resumed from {ckpt.directory}/{meta["step"]} (epoch {meta["epoch"]:.2f}).')
+  return state
+
+
+def _global_batches(config, mesh, start_step: int) -> Iterator:
+  """Global batches on the mesh from ``start_step`` on; the synthetic source's one batch is
+  placed once and stays on device (no input cost)."""
+  local = data.make_train_iterator(
+      config.data, global_batch_size=config.batch_size, seed=config.seed, start_step=start_step,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  if data.synthetic.is_synthetic(config.data):
+    batch = sharding.global_batch(mesh, next(local))
+    while True:
+      yield batch
+  for b in local:
+    yield sharding.global_batch(mesh, b)
+
+
+def evaluate(step: int, state, which, feature_fn, writer) -> dict[str, float]:
+  """Run the evaluators ``which`` on ``state``; each ``(name, value)`` is logged and written.
+  Each evaluator holds the feature function it was built with (``feature_fn`` is unused)."""
+  del feature_fn
+  variables = {'params': state.params, 'batch_stats': state.batch_stats,
+               'probe': state.probe_params}
+  out: dict[str, float] = {}
+  for ev in which:
+    t0 = time.time()
+    res = dict(ev.run(variables))
+    writer.write_scalars(step, res)
+    _log(f'[eval {ev.name} @ step {step}] '
+         + ' | '.join(f'{k} {100 * v:.2f}%' for k, v in res.items())
+         + f' ({time.time() - t0:.0f}s)')
+    out.update(res)
+  return out
+
+
+def _log_window(step: int, avg: dict[str, float], host: list, partial: bool, *, results,
+                writer, collapse_monitor, n_dev: int, batch_size: int, steps_per_epoch: int,
+                total_steps: int) -> None:
+  """One log window: the run's record, TensorBoard (full windows only), the collapse check and
+  one line on the screen."""
+  results['loss_history'].extend((s, float(m['loss'])) for s, m in host)
+  sps, per_device = avg['steps_per_sec'], batch_size / n_dev
+  avg.update({'images_per_sec_per_device': sps * per_device, 'epoch': step / steps_per_epoch})
+  warning = collapse_monitor.update(step, avg)
+  if warning:
+    _log(warning)
+  # After a resume from step s off the log grid, the first window holds only steps s+1..step:
+  # it is not written, so no TensorBoard step carries two different values (the uninterrupted
+  # run's full window may already be there).
+  if not partial:
+    writer.write_scalars(step, avg)
+  # The first window after compilation may hold no timed step: no speed, no ETA yet.
+  eta = utils.hms((total_steps - step) / sps) if sps > 0 else '--'
+  tau = f'tau {avg["tau"]:.4f} | ' if 'tau' in avg else ''
+  _log(f'step {step}/{total_steps} ({100 * step / total_steps:.0f}%) | '
+       f'loss {avg["loss"]:.4f} | probe top-1 {100 * avg["online_probe/train_top1"]:.1f}% | '
+       f'lr {avg["lr"]:.4g} | {tau}{sps:.2f} steps/s, {sps * per_device:.0f} img/s/device | '
+       f'ETA {eta}' + (' | partial window after resume: not logged to TensorBoard' if partial
+                       else ''))
+  results['last_metrics'] = avg
+
+
+class _Saver:
+  """Checkpoints with the step, epoch and config in the meta; a step this run already saved
+  (or resumed from) is not saved twice."""
+
+  def __init__(self, ckpt, config, steps_per_epoch: int, *, last_saved: int | None):
+    self.ckpt, self.steps_per_epoch, self.last_saved = ckpt, steps_per_epoch, last_saved
+    self.config_meta = ckpt_lib.config_meta(config)   # in every checkpoint's meta
+
+  def save(self, step: int, state, *, force: bool = False) -> None:
+    if step == self.last_saved:
+      return
+    self.ckpt.save(step, state, {'step': step, 'epoch': step / self.steps_per_epoch,
+                                 **self.config_meta}, force=force)
+    self.last_saved = step
+
+
+def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | None = None,
+                    process_count: int = 1) -> None:
+  """Every field the trainer reads (``config_lib.validate``), the method's own fields and the
+  listed evaluators; ``ConfigError`` names the key, the value and what is accepted."""
+  config_lib.validate(config, num_devices=num_devices, process_count=process_count)
+  methods.get(config.method.name).validate_config(config)
+  evaluators.validate(config)
+
+
+def _already_complete(workdir: str, step: int, total_steps: int) -> dict[str, Any]:
+  """A rerun of a finished run: say so with its final line (outcome.json), write nothing."""
+  final_line = ''
+  try:
+    outcome = paths.read_json(paths.join(workdir, 'outcome.json'))
+    if outcome.get('status') == 'done' and outcome.get('step') == step:
+      final_line = outcome.get('final_line', '')
+  except Exception:  # noqa: BLE001 — no outcome.json (a run from before it existed)
+    pass
+  _log(f'Already complete: {workdir} holds the final checkpoint (step {step} of {total_steps}); '
+       'nothing to train. For other numbers, run an evaluation mode on it (--mode=knn, linear).')
+  if final_line:
+    _log(final_line)
+  return {'final_step': step, 'already_complete': True, 'final_line': final_line}
+
+
 class _PreemptionNotice:
   """SIGTERM (a preemption notice) or a first Ctrl-C (SIGINT) sets ``received``; installed for
   the whole run, so a notice during compilation or the start-up evals is seen too (the loop
-  checkpoints and exits 0). A second Ctrl-C stops at once (KeyboardInterrupt)."""
+  checkpoints and exits 0). A second Ctrl-C exits at once with code 130 (``os._exit``)."""
 
   def __init__(self):
     self.received = None    # None, or 'preemption notice (SIGTERM)' / 'Ctrl-C (SIGINT)'
@@ -206,240 +514,6 @@ class _PreemptionNotice:
       signal.signal(sig, old)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       allow_config_change: bool = False,
-                       stop_at_step: int | None = None) -> dict[str, Any]:
-  """Train ``config`` in ``workdir`` (resuming if it holds checkpoints); return final metrics.
-
-  ``stop_at_step``: checkpoint and return at that step, as a preemption would (for jobs with a
-  wall-clock limit; the next run resumes there with the same batches and random numbers).
-  """
-  with _PreemptionNotice() as notice:
-    # 1. config & mesh (the dataset is found, or the run stops, before the workdir is written)
-    mesh = sharding.make_mesh(utils.optional(config.num_devices))
-    validate_config(config, num_devices=mesh.shape[sharding.DATA],
-                    process_count=jax.process_count())
-    t0 = time.time()
-    _log(f'Reading {config.data.name} ({config.data.train_split} / {config.data.eval_split})...')
-    steps_per_epoch = data.steps_per_epoch(config.data, config.batch_size)
-    data.check_same_classes(config.data, config.data.train_split, config.data.eval_split)
-    ckpt_lib.check_workdir_config(workdir, config, allow_config_change=allow_config_change)
-    total_steps = utils.total_steps(config, steps_per_epoch)
-    done = ckpt_lib.checkpoint_steps(workdir)
-    if done and done[-1] >= total_steps:
-      return _already_complete(workdir, done[-1], total_steps)
-    # 2.-4. input, model & state, the update step
-    _log(f'Input ready ({time.time() - t0:.0f} s); building {config.method.name} / '
-         f'{config.model.backbone} and its train state...')
-    method = methods.get(config.method.name)(config, steps_per_epoch)
-    parts = build(config, mesh, method, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
-    with jax.set_mesh(mesh):
-      # 5. checkpoint/resume
-      ckpt = ckpt_lib.Checkpointer(workdir, keep=config.checkpoint.keep,
-                                   async_save=config.checkpoint.async_save)
-      try:
-        state = _restore_or_init(ckpt, parts, config)
-        run = _Run(config, workdir, mesh, parts, ckpt, steps_per_epoch, total_steps,
-                   start_step=int(jax.device_get(state.step)))
-        # 6. evals before training, 7. the loop, 6. evals after it
-        return run.train(state, notice, stop_at_step)
-      finally:
-        ckpt.close()
-
-
-def _already_complete(workdir: str, step: int, total_steps: int) -> dict[str, Any]:
-  """A rerun of a finished run: say so with its final line (outcome.json), write nothing."""
-  final_line = ''
-  try:
-    outcome = paths.read_json(paths.join(workdir, 'outcome.json'))
-    if outcome.get('status') == 'done' and outcome.get('step') == step:
-      final_line = outcome.get('final_line', '')
-  except Exception:  # noqa: BLE001 — no outcome.json (a run from before it existed)
-    pass
-  _log(f'Already complete: {workdir} holds the final checkpoint (step {step} of {total_steps}); '
-       'nothing to train. For other numbers, run an evaluation mode on it (--mode=knn, linear).')
-  if final_line:
-    _log(final_line)
-  return {'final_step': step, 'already_complete': True, 'final_line': final_line}
-
-
-def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | None = None,
-                    process_count: int = 1) -> None:
-  """Every field the trainer reads (``config_lib.validate``), the method's own fields and the
-  listed evaluators; ``ConfigError`` names the key, the value and what is accepted."""
-  config_lib.validate(config, num_devices=num_devices, process_count=process_count)
-  methods.get(config.method.name).validate_config(config)
-  evaluators.validate(config)
-
-
-def _restore_or_init(ckpt, parts: Parts, config) -> TrainState:
-  restored = ckpt.restore_latest(parts.abstract)
-  if restored is None:
-    return parts.init(jax.random.key(config.seed))
-  state, meta = restored
-  _log(f'Resumed from {ckpt.directory}/{meta["step"]} (epoch {meta["epoch"]:.2f}).')
-  return state
-
-
-class _Run:
-  """One training run after set-up: the evals, the logging, the checkpoints and the loop."""
-
-  def __init__(self, config, workdir, mesh, parts: Parts, ckpt, steps_per_epoch: int,
-               total_steps: int, *, start_step: int):
-    self.config, self.workdir, self.mesh, self.parts, self.ckpt = (config, workdir, mesh, parts,
-                                                                    ckpt)
-    self.steps_per_epoch, self.total_steps, self.start_step = (steps_per_epoch, total_steps,
-                                                               start_step)
-    self.n_dev = mesh.shape[sharding.DATA]
-    self.writer = writers.create(workdir, just_logging=jax.process_index() > 0)
-    self.feature_fn = jax.jit(make_feature_fn(parts.method, parts.probe))
-    self.evaluators = evaluators.from_config(config, mesh=mesh, steps_per_epoch=steps_per_epoch)
-    self.collapse_monitor = collapse.CollapseMonitor()
-    self.score_plots = _ScorePlots(config, workdir, self.writer, steps_per_epoch, total_steps)
-    self.profile = _Profile(config, workdir, start_step, total_steps)
-    self.results: dict[str, Any] = {'start_step': start_step, 'loss_history': []}
-    self.config_meta = ckpt_lib.config_meta(config)   # in every checkpoint's meta
-    self.last_saved = start_step if start_step > 0 else None   # a resumed step is on disk
-
-  # --------------------------------------------------------------------------------- 6. evals
-  def evaluate(self, step: int, state, which) -> dict[str, float]:
-    variables = {'params': state.params, 'batch_stats': state.batch_stats,
-                 'probe': state.probe_params}
-    out: dict[str, float] = {}
-    for ev in which:
-      t0 = time.time()
-      res = dict(ev.run(self.feature_fn, variables))
-      self.writer.write_scalars(step, res)
-      _log(f'[eval {ev.name} @ step {step}] '
-           + ' | '.join(f'{k} {100 * v:.2f}%' for k, v in res.items())
-           + f' ({time.time() - t0:.0f}s)')
-      out.update(res)
-    return out
-
-  def save(self, step: int, state, *, force: bool = False) -> None:
-    """Save ``step`` unless this run already saved (or resumed from) it."""
-    if step == self.last_saved:
-      return
-    self.ckpt.save(step, state, {'step': step, 'epoch': step / self.steps_per_epoch,
-                                 **self.config_meta}, force=force)
-    self.last_saved = step
-
-  # ------------------------------------------------------------------------------ 7. the loop
-  def train(self, state, notice, stop_at_step: int | None) -> dict[str, Any]:
-    config, results = self.config, self.results
-    n_params = sum(x.size for x in jax.tree.leaves(state.params))
-    _log(f'{config.method.name} | {config.model.backbone} ({n_params / 1e6:.2f}M params) | '
-         f'{data.describe(config.data)} | global batch {config.batch_size} on {self.n_dev} device(s), '
-         f'{jax.process_count()} host(s) | {self.total_steps} steps ({self.steps_per_epoch}/epoch)')
-    skipped = data.num_skipped(config.data, config.data.train_split)
-    if skipped:  # named one by one in the warnings above; counted in the run's own record
-      _log(f'WARNING: {skipped} undecodable training image(s) skipped (data/skipped_files).')
-    self.writer.write_scalars(self.start_step, {'data/skipped_files': skipped})
-    # TensorBoard's Text tab: the whole config of this run (each start, so a changed resume shows).
-    self.writer.write_texts(self.start_step, {'config': '```\n' + json.dumps(
-        ckpt_lib.config_to_dict(config), indent=2, sort_keys=True) + '\n```'})
-    if self.start_step == 0 and any(ev.at_start for ev in self.evaluators):
-      results['untrained'] = self.evaluate(0, state, [e for e in self.evaluators if e.at_start])
-    if notice.received:  # the notice came during start-up (compile, initial evals)
-      line = (f'Stopping before the first step of this run (step {self.start_step}, '
-              f'{notice.received}): nothing new to save. Rerun the same command to continue.')
-      _log(line)
-      self.writer.close()
-      return dict(results, preempted_at=self.start_step, state=state, final_line=line)
-    t_start = time.time()
-    out = loop.run(
-        state, self.parts.train_step, self._batches(), start_step=self.start_step,
-        total_steps=self.total_steps, log_every=config.log_every_steps, on_log=self.on_log,
-        actions=self._actions(), log=_log, stop=lambda step: _stop_reason(
-            notice, step, stop_at_step, self.ckpt),
-        on_nonfinite=self._kept_checkpoint,
-        nonfinite_hint='Lower --config.optimizer.base_lr, set '
-                       '--config.optimizer.grad_clip_norm, or check the input.')
-    if out.stopped:
-      line = f'Stopping at step {out.step} ({out.stopped}): saving a checkpoint and exiting.'
-      _log(line)
-      self.save(out.step, out.state, force=True)
-      self.ckpt.wait()
-      self.ckpt.require_saved(out.step)
-      self.writer.close()
-      return dict(results, preempted_at=out.step, state=out.state, final_line=line)
-    self.ckpt.wait()
-    self.ckpt.require_saved(out.step)   # never exit 0 with the last save missing
-    return self._finish(out.state, out.step, time.time() - t_start)
-
-  def _batches(self) -> Iterator:
-    """Global batches on the mesh; the synthetic source's one batch is placed once and stays
-    on device (no input cost)."""
-    config = self.config
-    local = data.make_train_iterator(
-        config.data, global_batch_size=config.batch_size, seed=config.seed,
-        start_step=self.start_step, process_index=jax.process_index(),
-        process_count=jax.process_count())
-    if data.synthetic.is_synthetic(config.data):
-      batch = sharding.global_batch(self.mesh, next(local))
-      while True:
-        yield batch
-    for b in local:
-      yield sharding.global_batch(self.mesh, b)
-
-  def _actions(self) -> list[loop.Action]:
-    ckpt_every = int(self.config.checkpoint.every_steps)
-    acts = [loop.Action('profile', 1, self.profile, last=True),
-            loop.Action('score plots', 1, self.score_plots, last=True),
-            loop.Action('checkpoint', ckpt_every, lambda step, state, _: self.save(step, state))]
-    for ev in self.evaluators:   # the final evals run after the loop (at_end)
-      acts.append(loop.Action(ev.name, ev.every, lambda step, state, _, ev=ev: self.evaluate(
-          step, state, [ev]), last=False, skip_last=True))
-    return acts
-
-  def on_log(self, step: int, avg: dict[str, float], host: list, partial: bool) -> None:
-    """One log window: record, TensorBoard (full windows only), collapse check, one line."""
-    self.results['loss_history'].extend((s, float(m['loss'])) for s, m in host)
-    sps, per_device = avg['steps_per_sec'], self.config.batch_size / self.n_dev
-    avg.update({'images_per_sec_per_device': sps * per_device,
-                'epoch': step / self.steps_per_epoch})
-    warning = self.collapse_monitor.update(step, avg)
-    if warning:
-      _log(warning)
-    # After a resume from step s off the log grid, the first window holds only steps
-    # s+1..step: it is not written, so no TensorBoard step carries two different values
-    # (the uninterrupted run's full window may already be there).
-    if not partial:
-      self.writer.write_scalars(step, avg)
-    # The first window after compilation may hold no timed step: no speed, no ETA yet.
-    eta = utils.hms((self.total_steps - step) / sps) if sps > 0 else '--'
-    tau = f'tau {avg["tau"]:.4f} | ' if 'tau' in avg else ''
-    _log(f'step {step}/{self.total_steps} ({100 * step / self.total_steps:.0f}%) | '
-         f'loss {avg["loss"]:.4f} | probe top-1 {100 * avg["online_probe/train_top1"]:.1f}% | '
-         f'lr {avg["lr"]:.4g} | {tau}{sps:.2f} steps/s, {sps * per_device:.0f} img/s/device | '
-         f'ETA {eta}'
-         + (' | partial window after resume: not logged to TensorBoard' if partial else ''))
-    self.results['last_metrics'] = avg
-
-  def _kept_checkpoint(self) -> str:
-    return kept_checkpoint_text(self.ckpt)
-
-  def _finish(self, state, step: int, train_time_s: float) -> dict[str, Any]:
-    results = self.results
-    final = [ev for ev in self.evaluators if ev.at_end]
-    if final:
-      _log(f'Final evaluation at step {step}: {", ".join(ev.name for ev in final)}...')
-      results['final'] = self.evaluate(step, state, final)
-    self.writer.close()   # on a gs:// workdir: the last events are uploaded now
-    results.update(final_step=step, collapse_warnings=list(self.collapse_monitor.warned_steps),
-                   train_time_s=train_time_s, state=state)
-    if self.collapse_monitor.collapsing:
-      _log(f'WARNING: the run ended collapsed (first flagged at step '
-           f'{self.collapse_monitor.warned_steps[-1]}): '
-           f'{collapse.describe(results["last_metrics"])}.')
-    results['final_line'] = f'Finished {step} steps.'
-    if 'final' in results:
-      results['final_line'] = _final_line(self.config, step, results)
-      _log(results['final_line'])
-    _log(_summary_block(self.config, self.workdir))
-    return results
-
-
 def kept_checkpoint_text(ckpt) -> str:
   """For the NaN error: the last good checkpoint (after the pending save finishes), or none."""
   ckpt.wait()  # finish the last good save; nothing after it is written
@@ -466,8 +540,7 @@ class _ScorePlots:
     self.spe, self.total = steps_per_epoch, total_steps
     self.plotted_epoch = -1
 
-  def __call__(self, step: int, state, scores) -> None:
-    del state
+  def __call__(self, step: int, scores) -> None:
     every = self.config.score_hist_every_steps
     hist_now = every > 0 and step % every == 0
     plot_now = step % self.spe == 0 or (step == self.total
@@ -508,8 +581,7 @@ class _Profile:
            f'{start_step + 1}..{total_steps}.')
     self.workdir, self.mirror, self.tracing = workdir, None, False
 
-  def __call__(self, step: int, state, aux) -> None:
-    del aux
+  def __call__(self, step: int, state) -> None:
     if not self.on:
       return
     if step == self.first - 1 or (step == self.first and not self.tracing):
@@ -549,23 +621,6 @@ def write_outcome(workdir: str, status: str, exit_code: int, final_line: str, *,
         'time': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')})
   except Exception as e:  # noqa: BLE001
     print(f'WARNING: could not write {path} ({type(e).__name__}: {e})', flush=True)
-
-
-def _final_line(config, step: int, results: dict[str, Any]) -> str:
-  """``Final kNN top-1 ...: X% (untrained: Y%) | online-probe top-1: A% (untrained: B%)``."""
-  final, untrained = results['final'], results.get('untrained', {})
-  knn_cfg = next((c for c in config.evals.values() if c.type == 'knn'), None)
-  knn_label = ('kNN top-1' if knn_cfg is None else
-               f'kNN top-1 (weighted k={knn_cfg.k}, T={knn_cfg.temperature}, frozen backbone)')
-  parts = []
-  for key, label in (('monitor/knn_top1', knn_label),
-                     ('online_probe/test_top1', 'online-probe top-1')):
-    if key in final:
-      part = f'{label}: {100 * final[key]:.2f}%'
-      if key in untrained:
-        part += f' (untrained network: {100 * untrained[key]:.2f}%)'
-      parts.append(part)
-  return f'Final after {step} steps | ' + ' | '.join(parts)
 
 
 def _summary_block(config, workdir: str) -> str:
