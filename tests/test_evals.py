@@ -16,7 +16,7 @@ import tensorflow as tf
 from conftest import TFDS_DATA_DIR
 from harness import knn_reference, load_config, split_images
 from ssl_jax import config_lib, sharding, train
-from ssl_jax.evals import embedding, finetune, knn_eval, linear, pretrained, score_plots
+from ssl_jax.evals import embedding, finetune, knn_eval, linear, pretrained, score_plots, supervised
 
 PRETRAIN_SPLIT = 'train[:1024]'
 # The evals read these whole splits (no subset draw), in stored order: the tests' references
@@ -42,6 +42,16 @@ def _tags(workdir: str) -> set[str]:
     for event in tf.compat.v1.train.summary_iterator(path):
       tags.update(v.tag for v in event.summary.value)
   return tags
+
+
+def _scalars(workdir: str, tag: str) -> list[float]:
+  """The values of one TensorBoard scalar, in step order."""
+  out = []
+  for path in glob.glob(os.path.join(workdir, 'events.out.tfevents*')):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      out += [(event.step, float(tf.make_ndarray(v.tensor) if v.HasField('tensor')
+                                 else v.simple_value)) for v in event.summary.value if v.tag == tag]
+  return [v for _, v in sorted(out)]
 
 
 def _pretrained_features(pretrained_dir: str, images: np.ndarray) -> np.ndarray:
@@ -162,7 +172,7 @@ def test_finetune_ema_update_matches_numpy_model_ema():
                       is_leaf=lambda x: isinstance(x, tuple))
   traj = [jax.tree.map(lambda a: (a + rng.standard_normal(a.shape)).astype(np.float32), init)
           for _ in range(30)]
-  step = jax.jit(finetune.ema_update, static_argnums=2)
+  step = jax.jit(supervised.ema_update, static_argnums=2)
   for decay in (0.9, 0.99996):
     ema = jax.tree.map(jnp.asarray, init)
     ref = jax.tree.map(lambda a: a.astype(np.float64), init)
@@ -179,7 +189,7 @@ def test_finetune_ema_update_matches_numpy_model_ema():
     ema = step(ema, w, 0.8)
   np.testing.assert_allclose(ema['head']['kernel'],
                              w['head']['kernel'] + 0.8 ** 10 * -1.0, rtol=1e-5, atol=1e-6)
-  assert finetune.ema_update({}, {}, 0.5) == {}
+  assert supervised.ema_update({}, {}, 0.5) == {}
 
 
 def test_finetune_summarize_history_last_and_best():
@@ -187,7 +197,7 @@ def test_finetune_summarize_history_last_and_best():
           {'epoch': 2, 'step': 20, 'top1': 0.7, 'top5': 0.92, 'ema_top1': 0.6, 'ema_top5': 0.85},
           {'epoch': 3, 'step': 30, 'top1': 0.7, 'top5': 0.95, 'ema_top1': 0.65, 'ema_top5': 0.9},
           {'epoch': 4, 'step': 40, 'top1': 0.6, 'top5': 0.93, 'ema_top1': 0.66, 'ema_top5': 0.91}]
-  s = finetune.summarize_history(hist)
+  s = supervised.summarize_history(hist)
   assert (s['top1_last'], s['top5_last'], s['last_epoch']) == (0.6, 0.93, 4)
   # Best top-1, the earliest on ties (official `acc > acc_best`); top-5 of that evaluation.
   assert (s['top1_best'], s['top5_best'], s['best_epoch']) == (0.7, 0.92, 2)
@@ -196,11 +206,11 @@ def test_finetune_summarize_history_last_and_best():
   text = finetune.format_summary(s)
   assert 'top-1 last 60.00% (epoch 4) | best 70.00% (epoch 2, of 4 evaluations)' in text
   assert 'EMA top-1 last 66.00% (epoch 4) | best 66.00% (epoch 4' in text
-  plain = finetune.summarize_history([{k: v for k, v in h.items() if not k.startswith('ema')}
-                                      for h in hist])
+  plain = supervised.summarize_history([{k: v for k, v in h.items() if not k.startswith('ema')}
+                                        for h in hist])
   assert not any(k.startswith('ema') for k in plain) and 'EMA' not in finetune.format_summary(plain)
   with pytest.raises(ValueError):
-    finetune.summarize_history([])
+    supervised.summarize_history([])
 
 
 def test_finetune_aps_preset_is_the_released_recipe():
@@ -228,8 +238,10 @@ def test_finetune_aps_preset_is_the_released_recipe():
       finetune.validate(bad)
 
 
-def test_linear_probe_matches_sklearn_logistic_regression_on_random_features():
+def test_linear_probe_matches_sklearn_logistic_regression_on_random_features(tmp_path):
+  """The cached-features probe of --mode=linear (the supervised trainer on feature arrays)."""
   from sklearn.linear_model import LogisticRegression
+  from ssl_jax import writers
   rng = np.random.default_rng(0)
   n, d, c = 1200, 16, 4
   x = rng.normal(size=(n + 800, d)).astype(np.float32)
@@ -237,12 +249,24 @@ def test_linear_probe_matches_sklearn_logistic_regression_on_random_features():
   x_tr, y_tr, x_te, y_te = x[:n], y[:n], x[n:], y[n:]
   ref = LogisticRegression(C=1.0, max_iter=2000).fit(x_tr, y_tr)
   ref_acc = float(np.mean(ref.predict(x_te) == y_te))
-  res = linear.train_linear(x_tr, y_tr, num_classes=c, epochs=30, batch_size=64, base_lr=0.4,
-                            mesh=sharding.make_mesh())
-  acc = linear.evaluate_arrays(res, x_te, y_te)
+  cfg = load_config('eval_linear', 'cifar10,cache')
+  cfg.update({'epochs': 30, 'batch_size': 64, 'eval_every_epochs': 29})
+  cfg.optimizer.base_lr = 0.4
+  writer = writers.create(str(tmp_path), just_logging=False)
+  state, history = linear.fit_cached(cfg, str(tmp_path), {'features': x_tr, 'label': y_tr},
+                                     {'features': x_te, 'label': y_te}, num_classes=c,
+                                     mesh=sharding.make_mesh(), writer=writer)
+  writer.flush()
+  assert [(h['epoch'], h['step']) for h in history] == [(29, 29 * 18), (30, 30 * 18)]
+  assert int(state.step) == 30 * 18                         # 1200 // 64 = 18 steps per epoch
+  acc = history[-1]
   assert abs(acc['top1'] - ref_acc) < 0.02, (acc, ref_acc)
-  assert np.mean(res.predict(x_te) == ref.predict(x_te)) > 0.95
-  assert acc['top5'] == 1.0 and res.epoch_losses[-1] < res.epoch_losses[0]
+  head = jax.device_get(state.params['head'])
+  pred = np.argmax(x_te @ head['kernel'] + head['bias'], 1)
+  assert np.mean(pred == ref.predict(x_te)) > 0.95
+  assert abs(np.mean(pred == y_te) - acc['top1']) <= 1 / 800 and acc['top5'] == 1.0
+  losses = _scalars(str(tmp_path), 'offline_linear/train_loss')
+  assert len(losses) == 10 and losses[-1] < losses[0]      # ~10 log lines: every 3 epochs
 
 
 @pytest.mark.parametrize('metric', ['cosine', 'euclidean'])
@@ -348,11 +372,12 @@ def test_linear_probe_cached_and_streaming(pretrained_dir, eval_data, tmp_path):
   assert res['cache_features']
   w, b = _probe_reference(train_f, train_y, steps=5, lr=0.5, momentum=0.9, weight_decay=1e-3,
                           feature_norm='none')
-  probe, step = pretrained.restore_state(str(tmp_path / 'cached'), items=('head',))
+  probe, step = pretrained.restore_state(str(tmp_path / 'cached'), items=('params',))
   assert step == 5
+  head = probe['params']['head']
   scale = np.abs(w).max()
-  np.testing.assert_allclose(probe['head']['kernel'], w, rtol=1e-3, atol=1e-3 * scale)
-  np.testing.assert_allclose(probe['head']['bias'], b, rtol=1e-3, atol=1e-3 * np.abs(b).max())
+  np.testing.assert_allclose(head['kernel'], w, rtol=1e-3, atol=1e-3 * scale)
+  np.testing.assert_allclose(head['bias'], b, rtol=1e-3, atol=1e-3 * np.abs(b).max())
   ref = test_f @ w + b
   # One example of slack (1/128) for a float32-vs-float64 near-tie.
   assert abs(res['top1'] - _topk(ref, test_y, 1)) <= 1 / 128 + 1e-9, (res, _topk(ref, test_y, 1))
@@ -368,7 +393,8 @@ def test_linear_probe_cached_and_streaming(pretrained_dir, eval_data, tmp_path):
   s.batch_size = 32
   stream = linear.run(s, str(tmp_path / 'stream'))
   assert stream['augment'] == 'rrc_flip' and stream['feature_norm'] == 'l2_standardize'
-  probe, step = pretrained.restore_state(str(tmp_path / 'stream'), items=('head', 'norm'))
+  probe, step = pretrained.restore_state(str(tmp_path / 'stream'), items=('params', 'norm'))
+  probe['head'] = probe['params']['head']
   assert step == 8                                                # 256 / 32 steps x 1 epoch
   l2 = train_f / np.linalg.norm(train_f, axis=1, keepdims=True)
   np.testing.assert_allclose(probe['norm']['mean'], l2.mean(0), rtol=1e-3, atol=1e-5)
@@ -443,8 +469,9 @@ def test_finetune_on_label_subset(pretrained_dir, eval_data, tmp_path):
   sub = np.load(tmp_path / 'subset_indices.npy')
   assert res['num_labelled'] == len(sub) and 20 <= len(sub) <= 30   # 10% of 256
   tags = _tags(str(tmp_path))
-  assert {'finetune/loss', 'finetune/test_top1', 'finetune/test_top5', 'finetune/test_ema_top1',
-          'finetune/test_top1_best', 'finetune/test_ema_top1_best'} <= tags, tags
+  assert {'finetune/train_loss', 'finetune/train_top1', 'finetune/test_top1', 'finetune/test_top5',
+          'finetune/test_ema_top1', 'finetune/test_top1_best',
+          'finetune/test_ema_top1_best'} <= tags, tags
   # The backbone was trained, not only the head.
   _, params, _, _ = pretrained.load_pretrained(pretrained_dir)
   new = jax.device_get(res['final_state'].params['backbone']['conv1']['kernel'])

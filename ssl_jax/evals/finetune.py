@@ -31,7 +31,7 @@ Regularisers of ViT fine-tuning recipes (the APS recipe: ``configs/eval_finetune
 * ``ema_decay`` (> 0): a model EMA as timm's ``ModelEma`` / ``ModelEmaV2``: initialised to the
   starting weights (pretrained backbone + new head), and after every optimizer step
   ``ema <- decay * ema + (1 - decay) * weights`` for every parameter and BatchNorm statistic
-  (:func:`ema_update`). It is evaluated alongside the online weights.
+  (:func:`ssl_jax.evals.supervised.ema_update`). It is evaluated alongside the online weights.
 
 Evaluation: top-1 / top-5 on the eval split (centre crop) every ``eval_every_epochs`` and after
 the last epoch, for the online weights and (with ``ema_decay > 0``) the EMA weights.
@@ -42,6 +42,9 @@ that evaluation — and ``best_epoch``), and ``ema_*`` versions of each, plus th
 the official APS ``main_finetune.py`` (and its paper table) does, so it is an optimistic number;
 the last epoch is the unbiased one. TensorBoard tags ``finetune/*``, Orbax checkpoints (the
 evaluation history travels in their metadata) and ``results.json`` in EVAL_DIR (a rerun resumes).
+
+:func:`finetune_net` describes the network; :func:`ssl_jax.evals.supervised.train` (the trainer
+the linear probe runs too) trains it.
 """
 from __future__ import annotations
 
@@ -51,7 +54,6 @@ import time
 from typing import Any, Sequence
 
 import flax.linen as nn
-import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -59,10 +61,10 @@ import numpy as np
 import optax
 
 from ssl_jax import checkpoint as ckpt_lib
-from ssl_jax import config_lib, loop, optim, paths, sharding, utils, writers
+from ssl_jax import config_lib, optim, paths, sharding, utils, writers
 from ssl_jax.data import labelled
-from ssl_jax.evals import features, metrics
 from ssl_jax.evals import pretrained as pre_lib
+from ssl_jax.evals import supervised
 from ssl_jax.models import normalize as normalize_lib
 from ssl_jax.ops import losses
 
@@ -167,7 +169,7 @@ def select_subset(config: ml_collections.ConfigDict, data_cfg) -> tuple[np.ndarr
 
 
 # =============================================================================================
-# Model, state, step
+# The network: pretrained backbone + new head, all trained
 # =============================================================================================
 class FinetuneNet(nn.Module):
   """uint8 images -> normalise -> pretrained backbone -> pooled / CLS features -> Dense head."""
@@ -184,45 +186,68 @@ class FinetuneNet(nn.Module):
                     bias_init=nn.initializers.zeros)(f)
 
 
-@flax.struct.dataclass
-class FTState:
-  step: jax.Array
-  params: Any
-  batch_stats: Any
-  opt_state: Any
-  ema_params: Any = None       # {} when config.ema_decay == 0
-  ema_batch_stats: Any = None  # {} when config.ema_decay == 0
+def finetune_net(config: ml_collections.ConfigDict, pre: ml_collections.ConfigDict, data_cfg,
+                 data: supervised.Streamed, params, batch_stats, *, mesh) -> supervised.Net:
+  """Fine-tuning as a :class:`~ssl_jax.evals.supervised.Net`: :class:`FinetuneNet` on the
+  pretrained backbone (``params`` / ``batch_stats`` of the training run) with a new head,
+  everything trained with (label-smoothed) cross-entropy; drop-path and the model EMA as the
+  module docstring says."""
+  from ssl_jax.models import ssl_model  # pylint: disable=import-outside-toplevel
+  num_classes, size = int(data_cfg.num_classes), int(data_cfg.image_size)
+  drop_path = float(config.get('drop_path', 0.0))
+  ema_decay = float(config.get('ema_decay', 0.0))
+  if drop_path > 0 and not str(pre.model.backbone).startswith('vit'):
+    raise config_lib.ConfigError(
+        f'config.drop_path={drop_path} needs a ViT backbone (stochastic depth in the '
+        f'transformer blocks); the pretrained backbone is {pre.model.backbone!r}. Accepted: '
+        'drop_path=0.')
+  recipe_backbone = config.get('recipe_backbone', '')
+  if recipe_backbone and recipe_backbone != pre.model.backbone:
+    pre_lib.log(f'WARNING: this fine-tune recipe was set up for {recipe_backbone} (its lr), '
+                f'but the pretrained backbone is {pre.model.backbone}; pass the matching ViT '
+                'token.')
+  overrides = {'drop_path_rate': drop_path} if drop_path > 0 else {}
+  model = FinetuneNet(ssl_model.build_backbone(pre.model, size, **overrides), num_classes,
+                      head_init_std=float(config.head_init_std))
+  dropout_key = jax.random.fold_in(jax.random.key(config.seed), DROPOUT_STREAM)
+  o = config.optimizer
+  lr_fn = optim.epoch_schedule(o.base_lr, data.batch_size, data.steps_per_epoch, config.epochs,
+                               schedule='cosine', warmup_epochs=o.warmup_epochs)
+  tx = optim.finetune_optimizer(o, lr_fn)
 
+  def apply(st: supervised.State, frozen, images, *, train: bool):
+    del frozen   # nothing is frozen
+    variables = {'params': st.params, 'batch_stats': st.batch_stats}
+    if not train:
+      return model.apply(variables, images, train=False), st.batch_stats
+    rngs = {'dropout': jax.random.fold_in(dropout_key, st.step)}  # drop-path masks
+    logits, mutated = model.apply(variables, images, train=True, mutable=['batch_stats'],
+                                  rngs=rngs)
+    return logits, mutated.get('batch_stats', {})
 
-def ema_update(ema: Any, new: Any, decay: float) -> Any:
-  """``ema + (1 - decay)(new - ema)`` (= ``decay·ema + (1 - decay)·new``) leaf by leaf, in the
-  leaf's dtype: one step of timm's ``ModelEmaV2`` (called after each optimizer step)."""
-  return jax.tree.map(lambda e, n: (e + (1.0 - decay) * (n - e)).astype(e.dtype), ema, new)
+  def loss(logits, labels):
+    if config.label_smoothing > 0:
+      onehot = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), config.label_smoothing)
+      return jnp.mean(optax.softmax_cross_entropy(logits.astype(jnp.float32), onehot))
+    return losses.cross_entropy(logits, labels)
 
+  def fresh(rng) -> supervised.State:   # the new head on the pretrained backbone
+    v = model.init(rng, jnp.zeros((2, size, size, 3), jnp.uint8), train=False)
+    p = dict(v['params'])
+    p['backbone'] = jax.tree.map(jnp.asarray, params['backbone'])
+    bstats = {}
+    if 'batch_stats' in v:
+      bstats = dict(v['batch_stats'])
+      bstats['backbone'] = jax.tree.map(jnp.asarray, batch_stats['backbone'])
+    return supervised.new_state(p, tx, batch_stats=bstats, ema=ema_decay > 0)
 
-def summarize_history(history: Sequence[dict[str, Any]]) -> dict[str, Any]:
-  """Last and best evaluation of the online (and, when present, EMA) weights.
-
-  ``history``: evaluations in step order, each ``{'epoch', 'step', 'top1', 'top5'[,
-  'ema_top1', 'ema_top5']}``. Best = the highest top-1, the earliest on ties (the official
-  ``acc > acc_best`` rule); its top-5 is that evaluation's. Returns ``top1_last``,
-  ``top5_last``, ``last_epoch``, ``top1_best``, ``top5_best``, ``best_epoch``,
-  ``num_evals`` and the ``ema_`` versions of the first six when the history has EMA numbers.
-  """
-  if not history:
-    raise ValueError('summarize_history needs at least one evaluation')
-  out: dict[str, Any] = {'num_evals': len(history)}
-  prefixes = [''] + (['ema_'] if all('ema_top1' in h for h in history) else [])
-  for pre in prefixes:
-    last = history[-1]
-    best = max(range(len(history)), key=lambda i: (history[i][f'{pre}top1'], -i))
-    out.update({f'{pre}top1_last': float(last[f'{pre}top1']),
-                f'{pre}top5_last': float(last[f'{pre}top5']),
-                f'{pre}last_epoch': last['epoch'],
-                f'{pre}top1_best': float(history[best][f'{pre}top1']),
-                f'{pre}top5_best': float(history[best][f'{pre}top5']),
-                f'{pre}best_epoch': history[best]['epoch']})
-  return out
+  rng = jax.random.key(config.seed)
+  return supervised.Net(
+      name='finetune', tag=TAG, apply=apply, loss=loss, tx=tx, lr_fn=lr_fn,
+      abstract=jax.eval_shape(fresh, rng),
+      init=lambda: jax.jit(fresh, out_shardings=sharding.replicated(mesh))(rng),
+      ema_decay=ema_decay,
+      about=f'drop-path {drop_path:g}, model EMA {ema_decay if ema_decay > 0 else "off"}')
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -282,55 +307,21 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     buf = io.BytesIO()
     np.save(buf, subset)
     paths.write_bytes(paths.join(workdir, 'subset_indices.npy'), buf.getvalue())
-  bs = config.batch_size
-  spe = len(subset) // bs
-  if spe < 1:
-    raise config_lib.ConfigError(f'config.batch_size={bs} exceeds the {len(subset)} labelled '
-                                 f'examples ({desc}); accepted: a batch <= {len(subset)}.')
-  total_steps = spe * config.epochs
-  net = _Net(config, pre, data_cfg, spe, params, batch_stats)
+  data = supervised.Streamed(data_cfg, config.batch_size, indices=subset,
+                             what=f'labelled examples ({desc})')
+  net = finetune_net(config, pre, data_cfg, data, params, batch_stats, mesh=mesh)
   writer = writers.create(workdir, just_logging=jax.process_index() > 0)
   t0 = time.time()
   with jax.set_mesh(mesh):
-    ckpt = ckpt_lib.Checkpointer(workdir, keep=2, async_save=False)
-    try:
-      state, history = net.restore_or_init(ckpt, mesh)
-      start = int(jax.device_get(state.step))
-      ft_in = labelled.labelled_train_iterator(
-          data_cfg, split=data_cfg.train_split, global_batch_size=bs, seed=config.seed,
-          augment=config.augment, crop_scale=tuple(config.crop_scale), indices=subset,
-          start_step=start)
-      pre_lib.log(f'Fine-tune: {ft_in.num_examples} labelled examples, batch {bs}, {spe} '
-                  f'steps/epoch x {config.epochs} epochs = {total_steps} steps, from step '
-                  f'{start}; drop-path {net.drop_path:g}, model EMA '
-                  f'{net.ema_decay if net.use_ema else "off"}.')
-
-      def evaluate(step, st, _=None):
-        history.append(net.evaluate(st, step, mesh, writer))
-
-      def save(step, st, _):
-        ckpt.save(step, st, {'step': step, 'epoch': step / spe, 'history': history}, force=True)
-
-      state = loop.run(
-          state, net.step_fn(), (sharding.global_batch(mesh, b) for b in ft_in.iterator),
-          start_step=start, total_steps=total_steps,
-          log_every=max(1, int(config.log_every_steps)), on_log=net.logger(writer, total_steps),
-          log=pre_lib.log,
-          actions=[loop.Action('eval', utils.steps(config, 'eval_every', spe), evaluate,
-                               skip_last=True),
-                   loop.Action('checkpoint', utils.steps(config, 'checkpoint_every', spe,
-                                                        default=spe), save)],
-          nonfinite_hint=f'Lower config.optimizer.base_lr (now {config.optimizer.base_lr}).'
-      ).state
-      evaluate(total_steps, state)
-    finally:
-      ckpt.close()
-  summary = summarize_history(history)
+    state, history = supervised.train(config, workdir, net, data, mesh=mesh, writer=writer)
+  total_steps = data.steps_per_epoch * config.epochs
+  summary = supervised.summarize_history(history)
   writer.write_scalars(total_steps, {f'{TAG}/test_{k}': v for k, v in summary.items()
                                      if k.endswith('_best')})
   writer.flush()
   out = {'top1': summary['top1_last'], 'top5': summary['top5_last'], **summary}
-  out.update({'history': history, 'drop_path': net.drop_path, 'ema_decay': net.ema_decay,
+  out.update({'history': history, 'drop_path': float(config.get('drop_path', 0.0)),
+              'ema_decay': net.ema_decay,
               'best_selected_on': f'{data_cfg.name}/{data_cfg.eval_split}',
               'pretrained': config.pretrained, 'pretrained_step': pre_step,
               'method': pre.method.name, 'backbone': pre.model.backbone,
@@ -344,138 +335,3 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
               f'{format_summary(summary)} ({out["time_s"]:.0f}s; "best" is picked on this '
               f'split). Written to {workdir}/results.json.')
   return out
-
-
-class _Net:
-  """The fine-tuned network: model, optimizer, state initialiser, train step and evaluation."""
-
-  def __init__(self, config, pre, data_cfg, steps_per_epoch: int, params, batch_stats):
-    from ssl_jax.models import ssl_model  # pylint: disable=import-outside-toplevel
-    self.config, self.data_cfg, self.spe = config, data_cfg, steps_per_epoch
-    self.num_classes = int(data_cfg.num_classes)
-    self.size = int(data_cfg.image_size)
-    self.drop_path = float(config.get('drop_path', 0.0))
-    self.ema_decay = float(config.get('ema_decay', 0.0))
-    self.use_ema = self.ema_decay > 0
-    if self.drop_path > 0 and not str(pre.model.backbone).startswith('vit'):
-      raise config_lib.ConfigError(
-          f'config.drop_path={self.drop_path} needs a ViT backbone (stochastic depth in the '
-          f'transformer blocks); the pretrained backbone is {pre.model.backbone!r}. Accepted: '
-          'drop_path=0.')
-    recipe_backbone = config.get('recipe_backbone', '')
-    if recipe_backbone and recipe_backbone != pre.model.backbone:
-      pre_lib.log(f'WARNING: this fine-tune recipe was set up for {recipe_backbone} (its lr), '
-                  f'but the pretrained backbone is {pre.model.backbone}; pass the matching ViT '
-                  'token.')
-    overrides = {'drop_path_rate': self.drop_path} if self.drop_path > 0 else {}
-    self.model = FinetuneNet(ssl_model.build_backbone(pre.model, self.size, **overrides),
-                             self.num_classes, head_init_std=float(config.head_init_std))
-    self.dropout_key = jax.random.fold_in(jax.random.key(config.seed), DROPOUT_STREAM)
-    o = config.optimizer
-    self.lr_fn = optim.epoch_schedule(o.base_lr, config.batch_size, steps_per_epoch,
-                                      config.epochs, schedule='cosine',
-                                      warmup_epochs=o.warmup_epochs)
-    self.tx = optim.finetune_optimizer(o, self.lr_fn)
-    self.pretrained = (params, batch_stats)
-    self.shardings = None   # set by restore_or_init (replicated on the eval mesh)
-    self._logits_jit = jax.jit(self.logits)
-
-  def init_state(self, rng) -> FTState:
-    params, batch_stats = self.pretrained
-    v = self.model.init(rng, jnp.zeros((2, self.size, self.size, 3), jnp.uint8), train=False)
-    p = dict(v['params'])
-    p['backbone'] = jax.tree.map(jnp.asarray, params['backbone'])
-    bstats = {}
-    if 'batch_stats' in v:
-      bstats = dict(v['batch_stats'])
-      bstats['backbone'] = jax.tree.map(jnp.asarray, batch_stats['backbone'])
-    copy = lambda t: jax.tree.map(jnp.copy, t)  # noqa: E731 — own buffers (the step donates)
-    return FTState(step=jnp.zeros((), jnp.int32), params=p, batch_stats=bstats,
-                   opt_state=self.tx.init(p), ema_params=copy(p) if self.use_ema else {},
-                   ema_batch_stats=copy(bstats) if self.use_ema else {})
-
-  def restore_or_init(self, ckpt, mesh) -> tuple[FTState, list[dict[str, Any]]]:
-    """The resumed state and evaluation history, or a fresh state and none."""
-    rep = sharding.replicated(mesh)
-    rng = jax.random.key(self.config.seed)
-    abstract = jax.eval_shape(self.init_state, rng)
-    self.shardings = jax.tree.map(lambda _: rep, abstract)
-    restored = ckpt.restore_latest(jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), abstract))
-    if restored is None:
-      return jax.jit(self.init_state, out_shardings=self.shardings)(rng), []
-    state, meta = restored
-    pre_lib.log(f'Resumed fine-tuning from {ckpt.directory}/{meta["step"]}.')
-    return state, [dict(h) for h in meta.get('history', []) if h['step'] <= meta['step']]
-
-  def loss(self, params, st: FTState, batch):
-    """Cross-entropy (label smoothing if set) of a train-mode forward; aux: logits, BN stats."""
-    rngs = {'dropout': jax.random.fold_in(self.dropout_key, st.step)}  # drop-path masks
-    logits, mutated = self.model.apply({'params': params, 'batch_stats': st.batch_stats},
-                                       batch['image'], train=True, mutable=['batch_stats'],
-                                       rngs=rngs)
-    labels, smoothing = batch['label'], self.config.label_smoothing
-    if smoothing > 0:
-      onehot = optax.smooth_labels(jax.nn.one_hot(labels, self.num_classes), smoothing)
-      loss = jnp.mean(optax.softmax_cross_entropy(logits.astype(jnp.float32), onehot))
-    else:
-      loss = losses.cross_entropy(logits, labels)
-    return loss, (logits, mutated.get('batch_stats', {}))
-
-  def step_fn(self):
-    """The jitted step ``(state, batch) -> (state, metrics, None)`` (state donated)."""
-
-    def train_step(st: FTState, batch):
-      (loss, (logits, new_bs)), grads = jax.value_and_grad(self.loss, has_aux=True)(
-          st.params, st, batch)
-      updates, opt_state = self.tx.update(grads, st.opt_state, st.params)
-      new_params = optax.apply_updates(st.params, updates)
-      new = st.replace(step=st.step + 1, params=new_params, batch_stats=new_bs,
-                       opt_state=opt_state)
-      if self.use_ema:  # timm ModelEma: after the optimizer step, on the updated weights
-        new = new.replace(ema_params=ema_update(st.ema_params, new_params, self.ema_decay),
-                          ema_batch_stats=ema_update(st.ema_batch_stats, new_bs,
-                                                     self.ema_decay))
-      acc = jnp.mean(jnp.argmax(logits, -1) == batch['label'])
-      return new, {'loss': loss, 'train_top1': acc, 'lr': self.lr_fn(st.step),
-                   'finite/loss': jnp.isfinite(loss)}, None
-
-    return jax.jit(train_step, donate_argnums=(0,),
-                   out_shardings=(self.shardings, None, None))
-
-  def logits(self, st: FTState, images):
-    out = {'logits': self.model.apply({'params': st.params, 'batch_stats': st.batch_stats},
-                                      images, train=False)}
-    if self.use_ema:
-      out['ema_logits'] = self.model.apply(
-          {'params': st.ema_params, 'batch_stats': st.ema_batch_stats}, images, train=False)
-    return out
-
-  def evaluate(self, st: FTState, step: int, mesh, writer) -> dict[str, Any]:
-    """One history record: online (and EMA) top-1 / top-5 on the eval split."""
-    c = self.config
-    out = features.extract(self._logits_jit, st, self.data_cfg, split=self.data_cfg.eval_split,
-                          mesh=mesh, batch_size=c.eval_batch_size, max_examples=c.eval_examples)
-    rec: dict[str, Any] = {'epoch': step // self.spe, 'step': step,
-                           **metrics.top1_top5(out['logits'], out['label'])}
-    if self.use_ema:
-      ema = metrics.top1_top5(out['ema_logits'], out['label'])
-      rec.update({'ema_top1': ema['top1'], 'ema_top5': ema['top5']})
-    writer.write_scalars(step, {f'{TAG}/test_{k}': v for k, v in rec.items()
-                                if k not in ('epoch', 'step')})
-    ema_txt = (f' | EMA top-1 {100 * rec["ema_top1"]:.2f}% top-5 {100 * rec["ema_top5"]:.2f}%'
-               if self.use_ema else '')
-    pre_lib.log(f'[finetune epoch {rec["epoch"]}] test top-1 {100 * rec["top1"]:.2f}% top-5 '
-                f'{100 * rec["top5"]:.2f}%{ema_txt}')
-    return rec
-
-  def logger(self, writer, total_steps: int):
-    def on_log(step, avg, host, partial):
-      del host, partial
-      avg['epoch'] = step / self.spe
-      writer.write_scalars(step, {f'{TAG}/{k}': v for k, v in avg.items()})
-      pre_lib.log(f'[finetune step {step}/{total_steps}] loss {avg["loss"]:.4f} | train '
-                  f'top-1 {100 * avg["train_top1"]:.1f}% | lr {avg["lr"]:.4g} | '
-                  + utils.progress(step, total_steps, avg['steps_per_sec'],
-                                  self.config.batch_size))
-    return on_log

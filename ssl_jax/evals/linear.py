@@ -18,7 +18,7 @@ Two ways to feed it:
 
 * ``cache_features=True``: features of the train split (centre crop, no augmentation) are
   extracted once, kept on device (sharded along ``'data'``) and the probe is trained on the
-  arrays by :func:`train_linear` — a whole epoch is one ``lax.scan`` (seconds per epoch, even for
+  arrays (:func:`fit_cached`) — a whole epoch is one ``lax.scan`` (seconds per epoch, even for
   ImageNet-sized feature sets on one accelerator).
 * ``cache_features=False``: every step decodes and augments images (``augment='rrc_flip'``:
   RandomResizedCrop(``crop_scale``) + horizontal flip, or ``'none'``: centre crop) and runs the
@@ -31,28 +31,23 @@ are tagged ``offline_linear/*`` so they are never confused with the trainer's on
 with Orbax in ``EVAL_DIR/checkpoints`` and a rerun resumes; the final numbers go to
 ``EVAL_DIR/results.json``.
 
-This file also holds the labelled, augmented train input that ``--mode=finetune`` shares
-(:func:`ssl_jax.data.labelled.labelled_train_iterator`).
+The probe is fine-tuning with the backbone frozen: :func:`probe_net` describes it and
+:func:`ssl_jax.evals.supervised.train` (the trainer ``--mode=finetune`` runs too) trains it.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
-import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ssl_jax import checkpoint as ckpt_lib
-from ssl_jax import config_lib, loop, optim, sharding, utils, writers
+from ssl_jax import optim, sharding, writers
 from ssl_jax.data import labelled
-from ssl_jax.evals import features, metrics
+from ssl_jax.evals import features, supervised
 from ssl_jax.evals import pretrained as pre_lib
 from ssl_jax.ops import losses
 
@@ -98,137 +93,53 @@ def head_logits(head: dict[str, jax.Array], feats: jax.Array) -> jax.Array:
 
 
 # =============================================================================================
-# The probe state and the pure training function on arrays
+# The probe: a frozen backbone (or its cached features), the normalisation and a linear head
 # =============================================================================================
-@flax.struct.dataclass
-class ProbeState:
-  step: jax.Array
-  head: dict[str, jax.Array]   # {'kernel': [d, C], 'bias': [C]}
-  opt_state: Any
-  norm: dict[str, jax.Array]   # {'mean', 'std'} [d] (fixed; l2_standardize)
+def probe_net(config: ml_collections.ConfigDict, num_classes: int, dim: int,
+              data: supervised.Streamed | supervised.Cached, *, mesh,
+              norm: Callable[[], dict[str, jax.Array]], frozen: Any = None,
+              feature_fn: Callable | None = None) -> supervised.Net:
+  """The probe as a :class:`~ssl_jax.evals.supervised.Net`: ``logits = W n(f) + b``, only
+  ``{'head': {'kernel', 'bias'}}`` trained (from zero), by SGD with momentum on the schedule of
+  ``config.optimizer``. ``f``: ``feature_fn(frozen, images)`` (the frozen backbone's features,
+  no gradient) or, without ``feature_fn``, the cached features themselves. ``norm()`` gives the
+  normalisation statistics of a fresh start (a resume reads them from the checkpoint)."""
+  o, mode = config.optimizer, config.feature_norm
+  lr_fn = optim.epoch_schedule(o.base_lr, data.batch_size, data.steps_per_epoch, config.epochs,
+                               schedule=o.schedule, step_epochs=tuple(o.step_epochs),
+                               step_factor=o.step_factor)
+  tx = optim.probe_sgd(lr_fn, momentum=o.momentum, nesterov=o.nesterov,
+                       weight_decay=o.weight_decay)
+
+  def apply(st: supervised.State, frozen_vars, x, *, train: bool):
+    del train   # the backbone stays in eval mode
+    if feature_fn is not None:
+      x = jax.lax.stop_gradient(feature_fn(frozen_vars, x))
+    return head_logits(st.params['head'], apply_norm(x, mode, st.norm)), st.batch_stats
+
+  def fresh(norm_stats_: dict[str, jax.Array]) -> supervised.State:
+    head = {'kernel': jnp.zeros((dim, num_classes), jnp.float32),
+            'bias': jnp.zeros((num_classes,), jnp.float32)}
+    return supervised.new_state({'head': head}, tx, norm=norm_stats_)
+
+  zeros = {'mean': jnp.zeros((dim,)), 'std': jnp.ones((dim,))}
+  return supervised.Net(
+      name='linear', tag=TAG, apply=apply, loss=_cross_entropy, tx=tx, lr_fn=lr_fn,
+      abstract=jax.eval_shape(lambda: fresh(zeros)),
+      init=lambda: jax.device_put(fresh(norm()), sharding.replicated(mesh)),
+      frozen={} if frozen is None else frozen,
+      about=('cached features' if feature_fn is None else f'augment={config.augment}'))
 
 
-def init_probe(dim: int, num_classes: int, tx, norm: dict[str, jax.Array]) -> ProbeState:
-  head = {'kernel': jnp.zeros((dim, num_classes), jnp.float32),
-          'bias': jnp.zeros((num_classes,), jnp.float32)}
-  return ProbeState(step=jnp.zeros((), jnp.int32), head=head, opt_state=tx.init(head),
-                    norm=norm)
-
-
-@dataclasses.dataclass
-class LinearResult:
-  """A trained probe: ``logits(feats)`` applies the normalisation and the linear layer."""
-  state: ProbeState
-  feature_norm: str
-  epoch_losses: list[float]
-
-  def logits(self, feats) -> jax.Array:
-    f = apply_norm(jnp.asarray(feats), self.feature_norm, self.state.norm)
-    return head_logits(self.state.head, f)
-
-  def predict(self, feats) -> np.ndarray:
-    return np.asarray(jnp.argmax(self.logits(feats), -1))
-
-
-def _on_mesh(x: np.ndarray, mesh, spec: P) -> jax.Array:
-  if mesh is None:
-    return jnp.asarray(x)
-  return jax.device_put(x, NamedSharding(mesh, spec))
-
-
-def train_linear(train_feats, train_labels, *, num_classes: int, epochs: int,
-                 batch_size: int = 256, base_lr: float = 0.1, momentum: float = 0.9,
-                 nesterov: bool = False, weight_decay: float = 0.0, schedule: str = 'cosine',
-                 step_epochs: Sequence[float] = (), step_factor: float = 0.1,
-                 feature_norm: str = 'none', seed: int = 0, mesh=None,
-                 state: ProbeState | None = None, start_epoch: int = 0,
-                 on_epoch: Callable[[int, ProbeState, float], None] | None = None
-                 ) -> LinearResult:
-  """Train a linear softmax classifier on fixed feature arrays (the cached-features probe).
-
-  ``train_feats`` [N, d], ``train_labels`` [N] int (label < 0 = ignored). Each epoch visits a
-  fresh permutation (``fold_in(PRNGKey(seed), epoch)``) in ``N // batch_size`` minibatches
-  (drop remainder) — one jitted ``lax.scan`` per epoch, on device. Minibatch SGD with momentum
-  minimises ``mean CE(W n(f) + b, y) + wd/2 |W|^2`` (``n`` per ``feature_norm``, statistics from
-  the train features). With ``mesh`` the feature matrix lives sharded along ``'data'`` and
-  each minibatch is constrained to ``P('data')``. ``state``/``start_epoch`` resume a run;
-  ``on_epoch(epoch, state, mean_loss)`` runs on the host after each epoch (logging,
-  checkpoints).
-  """
-  feats = np.asarray(train_feats, np.float32)
-  labels = np.asarray(train_labels, np.int32)
-  n, d = feats.shape
-  if labels.shape != (n,):
-    raise ValueError(f'train_labels has shape {labels.shape}; expected ({n},)')
-  bs = min(int(batch_size), n)
-  spe = n // bs
-  n_dev = 1 if mesh is None else mesh.shape[sharding.DATA]
-  if mesh is not None and bs % n_dev:
-    raise ValueError(f'batch_size={bs} does not divide across {n_dev} devices; accepted: a '
-                     f'multiple of {n_dev}.')
-  pad = (-n) % n_dev
-  feats_p = np.concatenate([feats, np.zeros((pad, d), np.float32)]) if pad else feats
-  labels_p = np.concatenate([labels, -np.ones(pad, np.int32)]) if pad else labels
-  f_dev = _on_mesh(feats_p, mesh, P(sharding.DATA))
-  y_dev = _on_mesh(labels_p, mesh, P(sharding.DATA))
-  lr_fn = optim.epoch_schedule(base_lr, bs, spe, epochs, schedule=schedule,
-                               step_epochs=step_epochs, step_factor=step_factor)
-  tx = optim.probe_sgd(lr_fn, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
-  if state is None:
-    valid = _on_mesh(np.arange(len(labels_p)) < n, mesh, P(sharding.DATA))
-    norm = jax.jit(norm_stats, static_argnums=1)(f_dev, feature_norm, valid)
-    state = init_probe(d, num_classes, tx, norm)
-    if mesh is not None:
-      state = jax.device_put(state, sharding.replicated(mesh))
-  key = jax.random.PRNGKey(seed)
-
-  @jax.jit
-  def run_epoch(state: ProbeState, f_all, y_all, epoch):
-    perm = jax.random.permutation(jax.random.fold_in(key, epoch), n)[:spe * bs]
-    idx = perm.reshape(spe, bs)
-
-    def one_step(st: ProbeState, ix):
-      x = jnp.take(f_all, ix, axis=0)
-      y = jnp.take(y_all, ix, axis=0)
-      if mesh is not None:
-        x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(sharding.DATA)))
-        y = jax.lax.with_sharding_constraint(y, NamedSharding(mesh, P(sharding.DATA)))
-      x = apply_norm(x, feature_norm, st.norm)
-      loss, grads = jax.value_and_grad(lambda h: _cross_entropy(head_logits(h, x), y))(st.head)
-      updates, opt_state = tx.update(grads, st.opt_state, st.head)
-      return st.replace(step=st.step + 1, head=optax.apply_updates(st.head, updates),
-                        opt_state=opt_state), loss
-
-    state, step_losses = jax.lax.scan(one_step, state, idx)
-    loss = jnp.mean(step_losses)
-    return state, {'loss': loss, 'finite/loss': jnp.isfinite(loss)}, loss
-
-  # The one loop, one "step" per epoch (each epoch is a single jitted scan).
-  history: list[float] = []
-
-  def after_epoch(epoch, st, loss):
-    history.append(float(loss))
-    if on_epoch is not None:
-      on_epoch(epoch, st, history[-1])
-
-  out = loop.run(state, lambda st, ep: run_epoch(st, f_dev, y_dev, jnp.int32(ep)),
-                 iter(range(start_epoch, epochs)), start_step=start_epoch, total_steps=epochs,
-                 log_every=epochs, on_log=lambda *a: None,
-                 actions=[loop.Action('epoch', 1, after_epoch)], log=lambda msg: None,
-                 nonfinite_hint=f'(epochs count as steps) Lower config.optimizer.base_lr (now '
-                                f"{base_lr}) or use feature_norm='l2_standardize'.")
-  return LinearResult(state=out.state, feature_norm=feature_norm, epoch_losses=history)
-
-
-def evaluate_arrays(result: LinearResult, feats, labels, ks: Sequence[int] = (1, 5)
-                    ) -> dict[str, float]:
-  """Top-k accuracies of a probe on feature arrays (k capped at the number of classes)."""
-  logits = result.logits(feats)
-  c = logits.shape[-1]
-  labels = jnp.asarray(labels, jnp.int32)
-  correct = metrics.topk_correct(logits, labels, tuple(min(k, c) for k in ks))
-  n = max(int(jnp.sum(labels >= 0)), 1)
-  return {f'top{k}': float(correct[min(k, c)]) / n for k in ks}
+def fit_cached(config: ml_collections.ConfigDict, workdir: str, train, test, *,
+               num_classes: int, mesh, writer) -> tuple[supervised.State, list[dict[str, Any]]]:
+  """The probe on feature arrays ``train`` / ``test`` = ``{'features' [N, d], 'label' [N]}``
+  (``cache_features=True``; label < 0: ignored): the final state and the evaluations."""
+  data = supervised.Cached(train, test, config.batch_size, mesh)
+  norm = lambda: jax.jit(norm_stats, static_argnums=1)(data.x, config.feature_norm,  # noqa: E731
+                                                       data.valid)
+  probe = probe_net(config, num_classes, data.x.shape[1], data, mesh=mesh, norm=norm)
+  return supervised.train(config, workdir, probe, data, mesh=mesh, writer=writer)
 
 
 # =============================================================================================
@@ -268,26 +179,42 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   ckpt_lib.check_workdir_config(workdir, config, allow_config_change=allow_config_change)
   pre, data_cfg, net, pre_step = pre_lib.load_for_eval(config)
   num_classes = int(data_cfg.num_classes)
-  writer = writers.create(workdir,
-                                                just_logging=jax.process_index() > 0)
+  writer = writers.create(workdir, just_logging=jax.process_index() > 0)
   t0 = time.time()
-  o = config.optimizer
   with jax.set_mesh(mesh):
     variables = net.variables(mesh)
     feat_fn = jax.jit(net.feature_fn(config.features))
-    ckpt = ckpt_lib.Checkpointer(workdir, keep=2, async_save=False)
-    try:
-      if config.cache_features:
-        result = _run_cached(config, data_cfg, net, variables, feat_fn, mesh, ckpt, writer,
-                             num_classes)
-      else:
-        result = _run_streaming(config, data_cfg, net, variables, feat_fn, mesh, ckpt, writer,
-                                num_classes)
-    finally:
-      ckpt.close()
-  accs, final_step = result
-  writer.write_scalars(final_step, {f'{TAG}/test_{k}': v for k, v in accs.items()})
+
+    def extract(split, max_examples):
+      return features.extract(feat_fn, variables, data_cfg, split=split, mesh=mesh,
+                              batch_size=config.eval_batch_size, max_examples=max_examples)
+
+    if config.cache_features:
+      train = extract(data_cfg.train_split, config.train_examples)
+      test = extract(data_cfg.eval_split, config.eval_examples)
+      pre_lib.log(f'Cached features: train {train["features"].shape}, test '
+                  f'{test["features"].shape}.')
+      _, history = fit_cached(config, workdir, train, test, num_classes=num_classes,
+                              mesh=mesh, writer=writer)
+    else:
+      data = supervised.Streamed(data_cfg, config.batch_size,
+                                 max_examples=config.train_examples)
+      raw_fn = net.feature_fn(config.features)
+      sample = jnp.zeros((2, int(data_cfg.image_size), int(data_cfg.image_size), 3), jnp.uint8)
+      d = jax.eval_shape(lambda: raw_fn(net.variables(), sample)['features']).shape[-1]
+
+      def norm():
+        if config.feature_norm != 'l2_standardize':
+          return norm_stats(jnp.zeros((1, d)), config.feature_norm)
+        f = extract(data_cfg.train_split, config.train_examples)['features']
+        return norm_stats(jnp.asarray(f), config.feature_norm)
+
+      probe = probe_net(config, num_classes, d, data, mesh=mesh, norm=norm, frozen=variables,
+                        feature_fn=lambda v, images: raw_fn(v, images)['features'])
+      _, history = supervised.train(config, workdir, probe, data, mesh=mesh, writer=writer)
   writer.flush()
+  accs = {k: history[-1][k] for k in ('top1', 'top5')}
+  o = config.optimizer
   out = dict(accs)
   out.update({'pretrained': config.pretrained, 'pretrained_step': pre_step,
               'method': pre.method.name, 'backbone': pre.model.backbone,
@@ -302,162 +229,3 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
               f'top-1 {100 * accs["top1"]:.2f}% | top-5 {100 * accs["top5"]:.2f}% '
               f'({out["time_s"]:.0f}s). Written to {workdir}/results.json.')
   return out
-
-
-def _restore(ckpt, abstract: ProbeState):
-  restored = ckpt.restore_latest(abstract)
-  if restored is None:
-    return None, None
-  state, meta = restored
-  pre_lib.log(f'Resumed the probe from {ckpt.directory}/{meta["step"]} '
-              f'(epoch {meta["epoch"]}).')
-  return state, meta
-
-
-def _abstract(state: ProbeState, mesh):
-  rep = sharding.replicated(mesh)
-  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), state)
-
-
-def _run_cached(config, data_cfg, net, variables, feat_fn, mesh, ckpt, writer, num_classes):
-  bs = config.eval_batch_size
-  train = features.extract(feat_fn, variables, data_cfg, split=data_cfg.train_split, mesh=mesh,
-                          batch_size=bs, max_examples=config.train_examples)
-  test = features.extract(feat_fn, variables, data_cfg, split=data_cfg.eval_split, mesh=mesh,
-                         batch_size=bs, max_examples=config.eval_examples)
-  pre_lib.log(f'Cached features: train {train["features"].shape}, test '
-              f'{test["features"].shape}.')
-  o = config.optimizer
-  n = len(train['label'])
-  spe = n // min(config.batch_size, n)
-  kw = dict(num_classes=num_classes, epochs=config.epochs, batch_size=config.batch_size,
-            base_lr=o.base_lr, momentum=o.momentum, nesterov=o.nesterov,
-            weight_decay=o.weight_decay, schedule=o.schedule, step_epochs=tuple(o.step_epochs),
-            step_factor=o.step_factor, feature_norm=config.feature_norm, seed=config.seed,
-            mesh=mesh)
-  # The probe's shapes, to restore a checkpoint into.
-  d = train['features'].shape[1]
-  tx = optim.probe_sgd(optim.epoch_schedule(o.base_lr, config.batch_size, spe, config.epochs),
-                       momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay)
-  zeros = {'mean': jnp.zeros((d,)), 'std': jnp.ones((d,))}
-  state, meta = _restore(ckpt, _abstract(jax.eval_shape(
-      lambda: init_probe(d, num_classes, tx, zeros)), mesh))
-  start_epoch = int(meta['epoch']) if meta else 0
-  every = utils.optional(config.checkpoint_every_epochs) or 1   # in epochs: a step is an epoch
-  eval_every = utils.optional(config.eval_every_epochs)
-
-  t_start = time.time()
-
-  def on_epoch(epoch, st, loss):
-    step = int(st.step)
-    writer.write_scalars(step, {f'{TAG}/train_loss': loss, f'{TAG}/epoch': epoch})
-    if epoch % max(1, config.epochs // 10) == 0 or epoch == config.epochs:   # ~10 lines
-      per_epoch = (time.time() - t_start) / max(epoch - start_epoch, 1)
-      pre_lib.log(f'[linear epoch {epoch}/{config.epochs}] loss {loss:.4f} | '
-                  + utils.progress(epoch, config.epochs, 1 / per_epoch if per_epoch > 0 else 0,
-                                  len(train['label'])).replace('steps/s', 'epochs/s'))
-    if utils.itstime(epoch, eval_every, config.epochs, last=False, skip_last=True):
-      res = evaluate_arrays(LinearResult(st, config.feature_norm, []), test['features'],
-                            test['label'])
-      writer.write_scalars(step, {f'{TAG}/test_{k}': v for k, v in res.items()})
-      pre_lib.log(f'[linear epoch {epoch}/{config.epochs}] test top-1 {100 * res["top1"]:.2f}%')
-    if utils.itstime(epoch, every, config.epochs):
-      ckpt.save(step, st, {'step': step, 'epoch': epoch}, force=True)
-
-  result = train_linear(train['features'], train['label'], state=state,
-                        start_epoch=start_epoch, on_epoch=on_epoch, **kw)
-  return evaluate_arrays(result, test['features'], test['label']), int(result.state.step)
-
-
-def _run_streaming(config, data_cfg, net, variables, feat_fn, mesh, ckpt, writer, num_classes):
-  o = config.optimizer
-  key = 'features' if config.features == 'backbone' else 'proj'
-  bs = config.batch_size
-  n_train = labelled.num_selected(data_cfg, data_cfg.train_split,
-                                  max_examples=config.train_examples)
-  spe = n_train // bs
-  if spe < 1:
-    raise config_lib.ConfigError(f'config.batch_size={bs} exceeds the {n_train} train '
-                                 f'examples; accepted: a batch <= {n_train}.')
-  total_steps = spe * config.epochs
-  lr_fn = optim.epoch_schedule(o.base_lr, bs, spe, config.epochs, schedule=o.schedule,
-                               step_epochs=tuple(o.step_epochs), step_factor=o.step_factor)
-  tx = optim.probe_sgd(lr_fn, momentum=o.momentum, nesterov=o.nesterov,
-                       weight_decay=o.weight_decay)
-  sample = jnp.zeros((2, int(data_cfg.image_size), int(data_cfg.image_size), 3), jnp.uint8)
-  d = jax.eval_shape(lambda: net.apply(net.variables(), sample)[key]).shape[-1]
-
-  abstract = _abstract(jax.eval_shape(lambda: init_probe(
-      d, num_classes, tx, {'mean': jnp.zeros((d,)), 'std': jnp.ones((d,))})), mesh)
-  state, meta = _restore(ckpt, abstract)
-  if state is None:
-    if config.feature_norm == 'l2_standardize':
-      stats_src = features.extract(feat_fn, variables, data_cfg, split=data_cfg.train_split,
-                                  mesh=mesh, batch_size=config.eval_batch_size,
-                                  max_examples=config.train_examples)
-      norm = norm_stats(jnp.asarray(stats_src['features']), config.feature_norm)
-    else:
-      norm = norm_stats(jnp.zeros((1, d)), config.feature_norm)
-    state = jax.device_put(init_probe(d, num_classes, tx, norm), sharding.replicated(mesh))
-  start = int(jax.device_get(state.step))
-  probe_in = labelled.labelled_train_iterator(data_cfg, split=data_cfg.train_split,
-                                     global_batch_size=bs, seed=config.seed,
-                                     augment=config.augment, crop_scale=tuple(config.crop_scale),
-                                     start_step=start, max_examples=config.train_examples)
-  assert probe_in.steps_per_epoch == spe, (probe_in.steps_per_epoch, spe)
-
-  def train_step(st: ProbeState, frozen, batch):
-    f = jax.lax.stop_gradient(net.apply(frozen, batch['image'])[key]).astype(jnp.float32)
-    x = apply_norm(f, config.feature_norm, st.norm)
-    loss, grads = jax.value_and_grad(
-        lambda h: _cross_entropy(head_logits(h, x), batch['label']))(st.head)
-    updates, opt_state = tx.update(grads, st.opt_state, st.head)
-    return st.replace(step=st.step + 1, head=optax.apply_updates(st.head, updates),
-                      opt_state=opt_state), {'loss': loss, 'lr': lr_fn(st.step),
-                                             'finite/loss': jnp.isfinite(loss)}, None
-
-  step_fn = jax.jit(train_step, donate_argnums=(0,),
-                    out_shardings=(jax.tree.map(lambda a: a.sharding, abstract), None, None))
-
-  def logits_fn(frozen_and_state, images):
-    frozen, st = frozen_and_state
-    f = net.apply(frozen, images)[key].astype(jnp.float32)
-    return {'logits': head_logits(st.head, apply_norm(f, config.feature_norm, st.norm))}
-  logits_fn = jax.jit(logits_fn)
-
-  def evaluate(st) -> dict[str, float]:
-    out = features.extract(logits_fn, (variables, st), data_cfg, split=data_cfg.eval_split,
-                          mesh=mesh, batch_size=config.eval_batch_size,
-                          max_examples=config.eval_examples)
-    return metrics.top1_top5(out['logits'], out['label'])
-
-  pre_lib.log(f'Linear probe: {probe_in.num_examples} train examples, batch {bs}, {spe} '
-              f'steps/epoch x {config.epochs} epochs, augment={config.augment}, from step '
-              f'{start}.')
-
-  def on_log(step, avg, host, partial):
-    del host, partial
-    writer.write_scalars(step, {f'{TAG}/train_loss': avg['loss'], f'{TAG}/lr': avg['lr'],
-                                f'{TAG}/epoch': step / spe,
-                                f'{TAG}/steps_per_sec': avg['steps_per_sec']})
-    pre_lib.log(f'[linear step {step}/{total_steps}] loss {avg["loss"]:.4f} | '
-                + utils.progress(step, total_steps, avg['steps_per_sec'], bs))
-
-  def eval_action(step, st, _):
-    res = evaluate(st)
-    writer.write_scalars(step, {f'{TAG}/test_{k}': v for k, v in res.items()})
-    pre_lib.log(f'[linear epoch {step // spe}] test top-1 {100 * res["top1"]:.2f}%')
-
-  batches = (sharding.global_batch(mesh, b) for b in probe_in.iterator)
-  out = loop.run(
-      state, lambda st, batch: step_fn(st, variables, batch), batches, start_step=start, total_steps=total_steps,
-      log_every=max(1, int(config.log_every_steps)), on_log=on_log, log=pre_lib.log,
-      actions=[loop.Action('eval', utils.steps(config, 'eval_every', spe), eval_action,
-                           skip_last=True),
-               loop.Action('checkpoint', utils.steps(config, 'checkpoint_every', spe, default=spe),
-                           lambda step, st, _: ckpt.save(step, st, {'step': step,
-                                                                   'epoch': step / spe},
-                                                         force=True))],
-      nonfinite_hint=f'Lower config.optimizer.base_lr (now {o.base_lr}).')
-  state = out.state
-  return evaluate(state), total_steps
