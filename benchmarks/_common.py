@@ -1,4 +1,5 @@
-"""Shared by the benchmark scripts: the repo root and loading a config preset by name."""
+"""Shared by the benchmark scripts: the repo root, loading a config preset by name, and APS's
+full-token comparison method."""
 from __future__ import annotations
 
 import os
@@ -10,3 +11,21 @@ def load_config(name: str, arg: str):
   """``configs/<name>.py``'s ``get_config(arg)`` (``config_lib.load_config_file``)."""
   from ssl_jax import config_lib  # pylint: disable=import-outside-toplevel
   return config_lib.load_config_file(os.path.join(REPO, 'configs', f'{name}.py'), arg)
+
+
+def aps_full_tokens(config, steps_per_epoch=None):
+  """APS's network and loss with every patch token in both views (no sampling): the
+  comparison row of ``bench_aps.py`` and of the device suite's ``aps`` row."""
+  from ssl_jax.methods import aps, base  # pylint: disable=import-outside-toplevel
+
+  class FullTokens(aps.Method):
+    """The same network and loss with every patch token in both views."""
+
+    def loss(self, params, target_params, method_state, batch_stats, batch, rng, step):
+      del rng, step
+      loss, metrics, batch_stats, feats, scores = self.pair_loss(
+          params, target_params, batch_stats, batch['view1'], batch['view2'], None, None)
+      return loss, base.LossAux({'loss': loss, **metrics}, method_state, batch_stats, feats,
+                                scores)
+
+  return FullTokens(config, steps_per_epoch)

@@ -27,7 +27,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
-from _common import load_config  # noqa: E402  (benchmarks/ is the script's directory)
+from _common import aps_full_tokens, load_config  # noqa: E402  (benchmarks/: the script's dir)
 
 
 def _config(backbone: str, batch: int, patch: int, ratio: float, dtype: str):
@@ -41,19 +41,8 @@ def _config(backbone: str, batch: int, patch: int, ratio: float, dtype: str):
 
 
 def _methods(config):
-  from ssl_jax.methods import aps, base
-
-  class FullTokens(aps.Method):
-    """The same network and loss with every patch token in both views."""
-
-    def loss(self, params, target_params, method_state, batch_stats, batch, rng, step):
-      del rng, step
-      loss, metrics, batch_stats, feats, scores = self.pair_loss(
-          params, target_params, batch_stats, batch['view1'], batch['view2'], None, None)
-      return loss, base.LossAux({'loss': loss, **metrics}, method_state, batch_stats, feats,
-                                scores)
-
-  return {'aps': aps.Method(config), 'full': FullTokens(config)}
+  from ssl_jax.methods import aps
+  return {'aps': aps.Method(config), 'full': aps_full_tokens(config)}
 
 
 def _batch(b: int, size: int):
