@@ -264,27 +264,17 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 def validate(c: ml_collections.ConfigDict) -> None:
-  pre_lib.validate_common(c)
+  supervised.validate(c, optimizer_keys=('base_lr', 'weight_decay', 'momentum', 'head_lr_mult',
+                                         'warmup_epochs'))
   req = pre_lib.require
   if not c.subset_file:
     parse_fraction(c.label_fraction)
   req(c.optimizer.name in OPTIMIZERS, 'optimizer.name', c.optimizer.name, ', '.join(OPTIMIZERS))
-  req(isinstance(c.epochs, int) and c.epochs > 0, 'epochs', c.epochs, 'a positive integer')
-  req(isinstance(c.batch_size, int) and c.batch_size > 0, 'batch_size', c.batch_size,
-      'a positive integer')
-  for key in ('base_lr', 'weight_decay', 'momentum', 'head_lr_mult', 'warmup_epochs'):
-    v = c.optimizer[key]
-    req(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0, f'optimizer.{key}', v,
-        'a finite number >= 0')
-  req(c.optimizer.base_lr > 0, 'optimizer.base_lr', c.optimizer.base_lr, 'a number > 0')
-  req(c.augment in labelled.AUGMENTS, 'augment', c.augment, ', '.join(labelled.AUGMENTS))
   dp, ed = c.get('drop_path', 0.0), c.get('ema_decay', 0.0)
   req(isinstance(dp, (int, float)) and not isinstance(dp, bool) and 0 <= dp < 1, 'drop_path',
       dp, 'a number in [0, 1) (0 = off; ViT backbones only)')
   req(isinstance(ed, (int, float)) and not isinstance(ed, bool) and 0 <= ed < 1, 'ema_decay',
       ed, 'a number in [0, 1) (0 = no model EMA; APS recipe 0.99996)')
-  lo, hi = c.crop_scale
-  req(0 < lo <= hi <= 1, 'crop_scale', tuple(c.crop_scale), '(lo, hi) with 0 < lo <= hi <= 1')
 
 
 # =============================================================================================

@@ -36,7 +36,6 @@ The probe is fine-tuning with the backbone frozen: :func:`probe_net` describes i
 """
 from __future__ import annotations
 
-import math
 import time
 from typing import Any, Callable
 
@@ -46,7 +45,6 @@ import ml_collections
 
 from ssl_jax import checkpoint as ckpt_lib
 from ssl_jax import optim, sharding, writers
-from ssl_jax.data import labelled
 from ssl_jax.evals import features, supervised
 from ssl_jax.evals import pretrained as pre_lib
 from ssl_jax.ops import losses
@@ -146,23 +144,12 @@ def fit_cached(config: ml_collections.ConfigDict, workdir: str, train, test, *,
 # Config validation
 # =============================================================================================
 def validate(c: ml_collections.ConfigDict) -> None:
-  pre_lib.validate_common(c)
+  supervised.validate(c, optimizer_keys=('base_lr', 'momentum', 'weight_decay'))
   req = pre_lib.require
   req(c.feature_norm in FEATURE_NORMS, 'feature_norm', c.feature_norm, ', '.join(FEATURE_NORMS))
-  req(c.augment in labelled.AUGMENTS, 'augment', c.augment, ', '.join(labelled.AUGMENTS))
   req(c.features in pre_lib.FEATURES, 'features', c.features, ', '.join(pre_lib.FEATURES))
   req(c.optimizer.schedule in optim.EVAL_SCHEDULES, 'optimizer.schedule', c.optimizer.schedule,
       ', '.join(optim.EVAL_SCHEDULES))
-  req(isinstance(c.epochs, int) and c.epochs > 0, 'epochs', c.epochs, 'a positive integer')
-  req(isinstance(c.batch_size, int) and c.batch_size > 0, 'batch_size', c.batch_size,
-      'a positive integer')
-  for key in ('base_lr', 'momentum', 'weight_decay'):
-    v = c.optimizer[key]
-    req(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0, f'optimizer.{key}', v,
-        'a finite number >= 0')
-  req(c.optimizer.base_lr > 0, 'optimizer.base_lr', c.optimizer.base_lr, 'a number > 0')
-  lo, hi = c.crop_scale
-  req(0 < lo <= hi <= 1, 'crop_scale', tuple(c.crop_scale), '(lo, hi) with 0 < lo <= hi <= 1')
   if c.cache_features and c.augment != 'none':
     pre_lib.log("Note: cache_features=True extracts features once without augmentation; "
                 f"config.augment={c.augment!r} is ignored.")

@@ -24,6 +24,7 @@ on the eval split (centre crop), written to TensorBoard as ``<tag>/test_*``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from typing import Any, Callable, Sequence
 
@@ -121,6 +122,24 @@ def predict(net: Net, st: State, frozen, images) -> dict[str, jax.Array]:
     ema = st.replace(params=st.ema_params, batch_stats=st.ema_batch_stats)
     out['ema_logits'] = net.apply(ema, frozen, images, train=False)[0]
   return out
+
+
+def validate(c, *, optimizer_keys: Sequence[str]) -> None:
+  """The fields every supervised run reads (and the eval config's common ones); the mode checks
+  its own. ``optimizer_keys``: the ``config.optimizer`` numbers that must be finite and >= 0."""
+  pre_lib.validate_common(c)
+  req = config_lib.require
+  req(isinstance(c.epochs, int) and c.epochs > 0, 'epochs', c.epochs, 'a positive integer')
+  req(isinstance(c.batch_size, int) and c.batch_size > 0, 'batch_size', c.batch_size,
+      'a positive integer')
+  for key in optimizer_keys:
+    v = c.optimizer[key]
+    req(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0, f'optimizer.{key}', v,
+        'a finite number >= 0')
+  req(c.optimizer.base_lr > 0, 'optimizer.base_lr', c.optimizer.base_lr, 'a number > 0')
+  req(c.augment in labelled.AUGMENTS, 'augment', c.augment, ', '.join(labelled.AUGMENTS))
+  lo, hi = c.crop_scale
+  req(0 < lo <= hi <= 1, 'crop_scale', tuple(c.crop_scale), '(lo, hi) with 0 < lo <= hi <= 1')
 
 
 # =============================================================================================
