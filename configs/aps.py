@@ -28,6 +28,7 @@ from __future__ import annotations
 import ml_collections
 
 from ssl_jax import config_lib
+from ssl_jax.evals import evaluators
 
 # Released config/pretrain/vit_{tiny,small,base}_pretrain.py ``lr_base`` (lr = base x B / 256).
 _BASE_LR_CIFAR = {'vit_tiny': 1e-3, 'vit_small': 5e-4, 'vit_base': 5e-4, 'vit_test': 1e-3}
@@ -66,13 +67,14 @@ def get_config(arg: str | None = None):
     c.batch_size = 1024
     c.total_epochs = 300
     c.optimizer.update({'base_lr': 1.5e-4, 'weight_decay': 0.1, 'warmup_epochs': 40.0})
-    c.evals.knn.update({'every_epochs': 20.0, 'train_examples': 100_000})
+    c.evals.knn.train_examples = 100_000
+    evaluators.set_all(c.evals, every_epochs=20.0)   # kNN and online probe
   else:
     c.batch_size = 512
     c.total_epochs = 1600
     c.optimizer.update({'base_lr': _BASE_LR_CIFAR[c.model.backbone], 'weight_decay': 0.05,
                         'warmup_epochs': 20.0})
-    c.evals.knn.update({'every_epochs': 50.0})
+    evaluators.set_all(c.evals, every_epochs=50.0)   # kNN and online probe
   c = config_lib.finish_config(c, args)
   if args.runlocal:  # finish_config has set vit_test, 64-wide heads, batch 32, 20 steps
     c.model.patch_size = 4 if not imagenet_like else 16

@@ -23,6 +23,7 @@ are in docs/recipes/byol.md:
   untrained after 65 steps (the MoCo quick start: +9.4 points after one epoch).
 """
 from ssl_jax import config_lib
+from ssl_jax.evals import evaluators
 
 
 def get_config(arg: str | None = None):
@@ -52,7 +53,8 @@ def get_config(arg: str | None = None):
                         'trust_coefficient': 0.02, 'trust_clip': True})
     c.ema.base = 0.99
     c.probe.lr = 0.1
-    c.evals.knn.update({'every_epochs': 20.0, 'train_examples': 100_000})
+    c.evals.knn.train_examples = 100_000
+    evaluators.set_all(c.evals, every_epochs=20.0)   # kNN and online probe
   else:                                       # deepmind-research byol/configs/byol.py, 300 ep
     c.batch_size = 4096
     c.total_epochs = 300
@@ -60,5 +62,6 @@ def get_config(arg: str | None = None):
                         'warmup_epochs': 10.0, 'end_lr_factor': 0.0,
                         'trust_coefficient': 0.001, 'trust_clip': False})
     c.ema.base = 0.99
-    c.evals.knn.update({'every_epochs': 20.0, 'train_examples': 100_000})
+    c.evals.knn.train_examples = 100_000
+    evaluators.set_all(c.evals, every_epochs=20.0)   # kNN and online probe
   return config_lib.finish_config(c, args)

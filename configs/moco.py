@@ -23,6 +23,7 @@ deviations are in docs/recipes/moco.md:
   after 780 steps; online probe 9.55% -> 22.30%.
 """
 from ssl_jax import config_lib
+from ssl_jax.evals import evaluators
 
 
 def get_config(arg: str | None = None):
@@ -53,7 +54,8 @@ def get_config(arg: str | None = None):
     else:                                     # facebookresearch/moco main_moco.py, MoCo v2 flags
       c.optimizer.end_lr_factor = 0.0
       c.ema.update({'schedule': 'constant', 'base': 0.999})
-    c.evals.knn.update({'every_epochs': 20.0, 'train_examples': 100_000})
+    c.evals.knn.train_examples = 100_000
+    evaluators.set_all(c.evals, every_epochs=20.0)   # kNN and online probe
   c = config_lib.finish_config(c, args)
   if args.quick:    # README quick start: learns visibly within 2 epochs on a CPU (recipe doc)
     c.method.update({'queue_size': 4096, 'temperature': 0.1, 'symmetric': False})

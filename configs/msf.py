@@ -17,6 +17,7 @@ commands it follows, and the deviations are in docs/recipes/msf.md:
 * ``runlocal``: resnet_tiny, 20 steps, bank 1,024.
 """
 from ssl_jax import config_lib
+from ssl_jax.evals import evaluators
 
 
 def _heads(backbone: str) -> tuple[int, int]:
@@ -44,9 +45,11 @@ def get_config(arg: str | None = None):
     c.data.blur = False                       # measured: blur at 32 px costs kNN (recipe doc)
   elif args.dataset == 'imagenet100':
     c.method.bank_size = 101_376
-    c.evals.knn.update({'every_epochs': 20.0, 'train_examples': 100_000})
+    c.evals.knn.train_examples = 100_000
+    evaluators.set_all(c.evals, every_epochs=20.0)   # kNN and online probe
   else:
-    c.evals.knn.update({'every_epochs': 20.0, 'train_examples': 100_000})
+    c.evals.knn.train_examples = 100_000
+    evaluators.set_all(c.evals, every_epochs=20.0)   # kNN and online probe
   c = config_lib.finish_config(c, args)
   if args.runlocal:
     c.method.bank_size = 1024

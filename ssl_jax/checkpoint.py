@@ -28,13 +28,18 @@ from jax.experimental import multihost_utils
 
 from ssl_jax import paths
 
-# Fields that may change between a run and its resume without changing its results.
+# Fields that may change between a run and its resume without changing its results: these keys,
+# and every key under these prefixes (an evaluator only reads the state, so any evals.* field --
+# an evaluator's cadence, sizes, settings, or the whole entry -- may change).
 RESUMABLE_CHANGES = ('log_every_steps', 'checkpoint.every_steps', 'checkpoint.keep',
-                     'checkpoint.async_save', 'evals.knn.every_epochs',
-                     'evals.knn.every_steps', 'evals.knn.at_start', 'evals.knn.at_end',
-                     'evals.knn.batch_size', 'evals.knn.train_examples',
-                     'evals.knn.eval_examples', 'score_hist_every_steps', 'data.data_dir',
+                     'checkpoint.async_save', 'score_hist_every_steps', 'data.data_dir',
                      'data.folder_root', 'profile_steps', 'profile_start_step')
+RESUMABLE_PREFIXES = ('evals.',)
+
+
+def resumable(key: str) -> bool:
+  """True when the flattened config ``key`` may change across a resume."""
+  return key in RESUMABLE_CHANGES or key.startswith(RESUMABLE_PREFIXES)
 
 
 class ConfigMismatchError(RuntimeError):
@@ -65,10 +70,10 @@ def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def config_meta(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """What every checkpoint's meta carries about its config: the method, the whole config and a
-  fingerprint (sha256 of the config without ``RESUMABLE_CHANGES``), so a workdir whose
+  fingerprint (sha256 of the config without the :func:`resumable` keys), so a workdir whose
   config.json is lost still knows what wrote it."""
   cfg = config_to_dict(config)
-  kept = {k: v for k, v in _flatten(cfg).items() if k not in RESUMABLE_CHANGES}
+  kept = {k: v for k, v in _flatten(cfg).items() if not resumable(k)}
   digest = hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
   return {'config_method': config.method.name, 'config_fingerprint': digest, 'config': cfg}
 
@@ -91,8 +96,8 @@ def check_workdir_config(workdir: str, config: ml_collections.ConfigDict, *,
   The first run writes ``WORKDIR/config.json``; later runs compare against it when the workdir
   holds a checkpoint (without one there is nothing to resume and the new config replaces the
   old). When config.json is missing the newest checkpoint's meta (:func:`config_meta`) is the
-  reference; a corrupt config.json is an error naming it. Keys in ``RESUMABLE_CHANGES``
-  (logging, eval cadence, data location) may differ. Checkpoints of another method cannot be
+  reference; a corrupt config.json is an error naming it. :func:`resumable` keys (logging,
+  checkpoint cadence, evaluators, data location) may differ. Checkpoints of another method cannot be
   resumed at all: ``allow_config_change`` does not change that.
   """
   path = paths.join(workdir, 'config.json')
@@ -129,7 +134,7 @@ def check_workdir_config(workdir: str, config: ml_collections.ConfigDict, *,
           'method.')
     diff = sorted(k for k in set(old) | set(new)
                   if old.get(k, '<missing>') != new.get(k, '<missing>')
-                  and k not in RESUMABLE_CHANGES)
+                  and not resumable(k))
     if method_only:
       diff = []   # only the method is known (an old checkpoint): nothing more to compare
     if diff and not allow_config_change:
@@ -358,10 +363,19 @@ class _ItemMetadataFilter(logging.Filter):
                 and msg.endswith('state/_CHECKPOINT_METADATA'))
 
 
-logging.getLogger('absl').addFilter(_ItemMetadataFilter())
-
 
 def _restore_step(workdir: str, step: int, items: tuple[str, ...]) -> dict[str, Any]:
+  """The filter on absl's logger is installed for this restore only (none at import)."""
+  absl_logger = logging.getLogger('absl')
+  quiet = _ItemMetadataFilter()
+  absl_logger.addFilter(quiet)
+  try:
+    return _restore_step_items(workdir, step, items)
+  finally:
+    absl_logger.removeFilter(quiet)
+
+
+def _restore_step_items(workdir: str, step: int, items: tuple[str, ...]) -> dict[str, Any]:
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
   path = paths.join(paths.absolute(workdir), 'checkpoints', str(step), 'state')
   ckptr = ocp.PyTreeCheckpointer()

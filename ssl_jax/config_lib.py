@@ -80,6 +80,7 @@ def parse_arg(arg: str | None, *, backbones: Iterable[str] = RESNETS,
 def base_config(args: Args, *, method: str) -> ml_collections.ConfigDict:
   """Fields every method shares; a method config then sets its own recipe on top."""
   from ssl_jax import data  # local import: configs stay importable without TF at parse time
+  from ssl_jax.evals import evaluators  # local import: it imports this module
 
   c = ml_collections.ConfigDict()
   c.method = ml_collections.ConfigDict({'name': method})
@@ -118,10 +119,7 @@ def base_config(args: Args, *, method: str) -> ml_collections.ConfigDict:
   c.ema = ml_collections.ConfigDict({'schedule': 'cosine', 'base': 0.996, 'final': 1.0})
   c.probe = ml_collections.ConfigDict({'lr': 0.1, 'momentum': 0.9})
   # Evaluators (ssl_jax/evals/evaluators.py): each entry names its type and when it runs.
-  c.evals = ml_collections.ConfigDict({'knn': ml_collections.ConfigDict({
-      'type': 'knn', 'every_epochs': 10.0, 'every_steps': -1, 'at_start': False, 'at_end': True,
-      'k': 200, 'temperature': 0.1, 'train_examples': -1, 'eval_examples': -1,
-      'batch_size': 512})})
+  c.evals = evaluators.default_config()
   # Top-k searches of the methods' banks: < 1 searches approximately (TPU, approx_max_k).
   c.knn = ml_collections.ConfigDict({'recall_target': 1.0})
   c.log_every_steps = 50
@@ -138,7 +136,9 @@ def base_config(args: Args, *, method: str) -> ml_collections.ConfigDict:
 
 
 def finish_config(c: ml_collections.ConfigDict, args: Args) -> ml_collections.ConfigDict:
-  """Apply the shared arg tokens (``bs=``, ``epochs=``, ``steps=``, ``runlocal``, ``quick``)."""
+  """Apply the shared arg tokens (``bs=``, ``epochs=``, ``steps=``, ``runlocal``, ``quick``);
+  the evaluators' sizes for ``quick`` and ``runlocal`` are ``evaluators.PRESETS``."""
+  from ssl_jax.evals import evaluators  # local import: it imports this module
   if args.quick:  # the README quick start's size: ~15 min on a 2-core CPU (not a recipe)
     c.model.width = 0.125
     c.model.projector.update({'hidden_dim': 1024, 'out_dim': 128})
@@ -147,8 +147,7 @@ def finish_config(c: ml_collections.ConfigDict, args: Args) -> ml_collections.Co
     c.batch_size = 128
     c.total_epochs = 2
     c.optimizer.warmup_epochs = 0.1
-    c.evals.knn.update({'every_epochs': -1.0, 'at_start': True, 'train_examples': 10000,
-                        'eval_examples': 2000})
+    evaluators.apply_preset(c.evals, 'quick')
     c.log_every_steps = 20
     c.checkpoint.every_steps = 100
     c.data.shuffle_buffer = 10_000
@@ -162,8 +161,7 @@ def finish_config(c: ml_collections.ConfigDict, args: Args) -> ml_collections.Co
     c.total_steps = 20
     c.optimizer.warmup_epochs = 0.0
     c.optimizer.warmup_steps = 2
-    c.evals.knn.update({'every_epochs': -1.0, 'train_examples': 1024, 'eval_examples': 512,
-                        'at_start': True, 'k': 20})
+    evaluators.apply_preset(c.evals, 'runlocal')
     c.log_every_steps = 5
     c.checkpoint.every_steps = 10
     c.data.shuffle_buffer = 1000
@@ -199,14 +197,18 @@ def _finite_number(x: Any) -> bool:
 
 
 def validate(c: ml_collections.ConfigDict, *, num_devices: int | None = None,
-             process_count: int = 1) -> None:
-  """Check every field the trainer reads; raise ``ConfigError`` naming key, value, accepted."""
-  from ssl_jax import methods  # the registry's names only (each method validates its own
-  # fields in ``train.validate_config``: config_lib never imports a method module)
+             process_count: int = 1, method_names: Iterable[str] | None = None) -> None:
+  """Check every field the trainer reads; raise ``ConfigError`` naming key, value, accepted.
+
+  The method's name is checked against ``method_names`` when given; otherwise the method
+  registry checks it (``ssl_jax.methods.get``): this module imports no method code. Each
+  method's own fields and the listed evaluators are checked by ``train.validate_config``.
+  """
   from ssl_jax import data
 
-  names = methods.names()
-  require(c.method.name in names, 'method.name', c.method.name, ', '.join(names))
+  if method_names is not None:
+    names = tuple(method_names)
+    require(c.method.name in names, 'method.name', c.method.name, ', '.join(names))
   backbones = RESNETS + VITS
   require(c.model.backbone in backbones, 'model.backbone', c.model.backbone, ', '.join(backbones))
   if c.model.backbone in RESNETS:
@@ -221,8 +223,7 @@ def validate(c: ml_collections.ConfigDict, *, num_devices: int | None = None,
       f'number of devices ({num_devices})')
   stray = sorted(set(c.knn.keys()) - {'recall_target'})
   require(not stray, f'knn.{stray[0] if stray else ""}', stray,
-          'only knn.recall_target here; the kNN evaluator\'s fields are config.evals.knn.* '
-          '(e.g. --config.evals.knn.train_examples)')
+          'only knn.recall_target (the top-k search of the methods\' memory banks)')
   recall = c.knn.get('recall_target', 1.0)
   require(_finite_number(recall) and 0 < recall <= 1, 'knn.recall_target', recall,
           'a number in (0, 1]; 1 = exact top-k')

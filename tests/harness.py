@@ -32,7 +32,8 @@ def short_real_run(config, workdir, *, steps=30, batch=32, examples=512, knn=Fal
   config.batch_size = batch
   config.log_every_steps = 1
   config.checkpoint.every_steps = 10_000
-  config.evals.knn.update({'at_start': knn, 'at_end': knn})
+  for ev in config.evals.values():   # every listed evaluator (kNN, online probe)
+    ev.update({'at_start': knn, 'at_end': knn})
   config.data.data_dir = TFDS_DATA_DIR
   config.data.train_split = f'train[:{examples}]'
   config.data.shuffle_buffer = examples

@@ -160,7 +160,8 @@ def test_trainer_runs_all_chunks_with_momentum_target_under_mock_data(tmp_path):
   c.log_every_steps = 1
   c.checkpoint.every_steps = 100
   c.checkpoint.async_save = False
-  c.evals.knn.update({'at_start': False, 'at_end': False})
+  for ev in c.evals.values():   # every listed evaluator (kNN, online probe)
+    ev.update({'at_start': False, 'at_end': False})
   c.data.shuffle_buffer = 64
   with tfds.testing.mock_data(num_examples=64):
     res = train.train_and_evaluate(c, str(tmp_path))    # 4 simulated devices (conftest)

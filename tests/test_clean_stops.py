@@ -27,7 +27,8 @@ REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
 STEPS = 8
 BASE = ['--config=configs/moco.py:cifar10,runlocal', f'--config.data.data_dir={TFDS_DATA_DIR}',
         '--config.batch_size=16', '--config.log_every_steps=1', '--config.checkpoint.every_steps=2',
-        '--config.evals.knn.at_start=False', '--config.data.train_split=train[:256]',
+        '--config.evals.knn.at_start=False', '--config.evals.online_probe.at_start=False',
+        '--config.data.train_split=train[:256]',
         '--config.data.shuffle_buffer=256']
 LINE = re.compile(r'^step (\d+)/\d+ ')
 
@@ -139,7 +140,7 @@ def test_ctrl_c_saves_resumes_exactly_and_a_second_one_exits_at_once(finished, t
   # Two Ctrl-C during start-up (reading the data, building, the start-up kNN evaluation, some
   # seconds): out at once, one line, exit 130. The second is sent once the first is
   # acknowledged (two pending signals merge into one).
-  start_up = [a for a in BASE if a != '--config.evals.knn.at_start=False']
+  start_up = [a for a in BASE if not a.startswith('--config.evals.')]
   p = subprocess.Popen([sys.executable, '-m', 'ssl_jax.main', *start_up,
                         '--config.total_steps=400', f'--workdir={tmp_path / "twice"}'],
                        cwd=REPO, env=_env(),
@@ -194,6 +195,7 @@ def test_disk_full_is_a_few_lines_and_keeps_the_earlier_checkpoint(tmp_path):
   work = mnt / 'run'
   cmd = [sys.executable, '-m', 'ssl_jax.main', *BASE, '--config.total_steps=10',
          '--config.checkpoint.every_steps=5', '--config.evals.knn.at_end=False',
+         '--config.evals.online_probe.at_end=False',
          '--config.model.projector.hidden_dim=16', f'--workdir={work}']
   script = (f'mount -t tmpfs -o size=2m tmpfs {mnt} && '
             f'{subprocess.list2cmdline(cmd)}; echo "rc=$?"; ls {work}/checkpoints')

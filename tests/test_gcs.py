@@ -30,6 +30,7 @@ BUCKET = 'ssl-jax-test'
 STEPS = 12
 OVERRIDES = {'total_steps': STEPS, 'batch_size': 16, 'log_every_steps': 1,
              'checkpoint.every_steps': 4, 'evals.knn.at_start': False,
+             'evals.online_probe.at_start': False,
              'data.train_split': 'train[:256]', 'data.shuffle_buffer': 256}
 LINE = re.compile(r'^step (\d+)/\d+ ')
 
@@ -177,14 +178,16 @@ def test_damaged_checkpoint_on_gcs_is_moved_aside_and_the_run_resumes(gcs, tmp_p
   cwd.mkdir()
   run = f'gs://{BUCKET}/damaged'
   rc, out, err = _cli(cwd, *_train_args(run, '--config.total_steps=8',
-                                        '--config.evals.knn.at_end=False'))
+                                        '--config.evals.knn.at_end=False',
+                                        '--config.evals.online_probe.at_end=False'))
   assert rc == 0, out[-3000:] + err[-3000:]
   state = list(gcs.objects(BUCKET, 'damaged/checkpoints/8/state/'))
   assert state
   for n in state:   # every file of the newest checkpoint's state emptied
     paths.write_bytes(f'gs://{BUCKET}/{n}', b'')
   rc, out, err = _cli(cwd, *_train_args(run, '--config.total_steps=12',
-                                        '--config.evals.knn.at_end=False'),
+                                        '--config.evals.knn.at_end=False',
+                                        '--config.evals.online_probe.at_end=False'),
                       '--allow_config_change')
   assert rc == 0, out[-3000:] + err[-3000:]
   assert 'skipping damaged checkpoint gs://' in out, out[-3000:]

@@ -268,6 +268,11 @@ def test_knn_classify_with_recall_target_equals_exact_on_cpu():
   approx = knn_eval.knn_classify(bank, labels, queries, recall_target=0.9, **kw)
   for name in exact:
     np.testing.assert_allclose(approx[name], exact[name], rtol=1e-6, atol=1e-6)
-  ev = knn_eval.KnnEvaluator(None, data_cfg=None, mesh=None, num_classes=5,
-                             search_cfg={'recall_target': 0.9})
+  import ml_collections
+  from ssl_jax.evals import evaluators
+  run_config = ml_collections.ConfigDict({'knn': {'recall_target': 0.9}})
+  ctx = evaluators.Context(run_config=run_config, data=ml_collections.ConfigDict(
+      {'train_split': 'train', 'eval_split': 'test'}), mesh=None, num_classes=5,
+      cache=knn_eval.features.ExtractionCache(None, None, None))
+  ev = knn_eval.KnnEvaluator(evaluators.default_config().knn, None, ctx)
   assert ev.recall_target == 0.9

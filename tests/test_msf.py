@@ -67,6 +67,7 @@ def test_short_real_run_loss_decreases_and_knn_rises_above_untrained(tmp_path):
   c.optimizer.base_lr = 0.4
   c.method.bank_size = 1024
   c.evals.knn.update({'train_examples': 2000, 'eval_examples': 500, 'k': 20, 'batch_size': 500})
+  c.evals.online_probe.update({'eval_examples': 500, 'batch_size': 500})
   res = harness.short_real_run(c, tmp_path, steps=60, batch=64, examples=4096, knn=True)
   first, last = harness.decreased(res)
   assert last < first, (first, last)

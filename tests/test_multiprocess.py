@@ -83,7 +83,8 @@ def test_two_processes_from_the_entry_point(tmp_path):
   common = ['--config=configs/moco.py:cifar10,runlocal', f'--workdir={work}',
             '--config.total_steps=4', '--config.batch_size=16', '--config.log_every_steps=2',
             '--config.checkpoint.every_steps=4', '--config.evals.knn.at_start=False',
-            '--config.evals.knn.at_end=False', "--config.data.train_split=train[:256]",
+            '--config.evals.knn.at_end=False', '--config.evals.online_probe.at_start=False',
+            '--config.evals.online_probe.at_end=False', "--config.data.train_split=train[:256]",
             '--config.data.shuffle_buffer=256', f'--coordinator_address=127.0.0.1:{port}',
             '--num_processes=2']
   procs = [_cli(common + [f'--process_id={i}'], env) for i in range(2)]

@@ -22,7 +22,8 @@ REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
 STEPS = 8
 OVERRIDES = {'total_steps': STEPS, 'batch_size': 16, 'log_every_steps': 1,
              'checkpoint.every_steps': 2, 'evals.knn.at_start': False,
-             'evals.knn.at_end': False, 'data.train_split': 'train[:256]',
+             'evals.knn.at_end': False, 'evals.online_probe.at_start': False,
+             'evals.online_probe.at_end': False, 'data.train_split': 'train[:256]',
              'data.shuffle_buffer': 256}
 
 

@@ -17,8 +17,8 @@ Quick start, its one ``bash`` block, line by line:
    runs as written, with ``--config.data.download=True`` (a no-op here: CIFAR-10 is present),
    with two substitutions: ``/tmp/moco_quick`` -> a temporary directory, and appended
    ``--config.total_steps=3 --config.evals.knn.train_examples=512
-   --config.evals.knn.eval_examples=256`` (the full run is 780 steps and 5-17 minutes on two
-   cores; this checks that the command works and yields the quick start's network, not what it
+   --config.evals.knn.eval_examples=256 --config.evals.online_probe.eval_examples=256`` (the
+   full run is 780 steps and 5-17 minutes on two cores; this checks that the command works and yields the quick start's network, not what it
    learns — the README states the measured result).
 3. ``pip install -r requirements-test.txt && python -m pytest -q tests``: left out — it is this
    suite; .ci/run runs the line verbatim (``test_ci_runs_the_test_line_verbatim`` checks).
@@ -60,7 +60,8 @@ README = REPO / 'README.md'
 QUICK_START = 'Quick start'
 OFFLINE = 'Evaluating a trained model (offline)'
 TRAIN_OVERRIDES = ('--config.total_steps=3', '--config.evals.knn.train_examples=512',
-                   '--config.evals.knn.eval_examples=256')
+                   '--config.evals.knn.eval_examples=256',
+                   '--config.evals.online_probe.eval_examples=256')
 VENV_STEPS = ['python3 -m venv .venv', '. .venv/bin/activate', 'pip install -r requirements.txt']
 TEST_LINE = 'pip install -r requirements-test.txt && python -m pytest -q tests'
 FENCE = re.compile(r'^```(\w*)\n(.*?)^```\n', re.M | re.S)

@@ -49,6 +49,7 @@ c.total_steps = 4
 c.log_every_steps = 2
 c.evals.knn.train_examples = 64
 c.evals.knn.eval_examples = 32
+c.evals.online_probe.eval_examples = 32
 with tempfile.TemporaryDirectory() as wd:
   res = train.train_and_evaluate(c, wd)
   out['final_step'] = res['final_step']

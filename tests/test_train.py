@@ -19,7 +19,8 @@ def _config(method: str, *, steps: int = 6, extra: str = ''):
   c.log_every_steps = 1
   c.checkpoint.every_steps = 3
   c.checkpoint.async_save = False
-  c.evals.knn.update({'at_start': False, 'at_end': False})
+  for ev in c.evals.values():   # every listed evaluator (kNN, online probe)
+    ev.update({'at_start': False, 'at_end': False})
   c.data.shuffle_buffer = 64
   return c
 
@@ -35,6 +36,7 @@ def test_loop_under_mock_data_writes_events_and_checkpoints(method, tmp_path):
   # Whole (mock) splits, 64 images each: no subset draw, so the reference reads the same images.
   c.evals.knn.update({'at_end': True, 'train_examples': -1, 'eval_examples': -1,
                       'batch_size': 16, 'k': 5})
+  c.evals.online_probe.update({'at_end': True, 'eval_examples': -1, 'batch_size': 16})
   with tfds.testing.mock_data(num_examples=64):
     res = train.train_and_evaluate(c, str(tmp_path))
     # The monitor's numbers against a reference on the final network: the same images read
@@ -159,6 +161,8 @@ def test_real_cifar10_knn_rises_above_untrained(tmp_path):
   c.log_every_steps = 40
   c.checkpoint.every_steps = 1000
   c.data.data_dir = TFDS_DATA_DIR
+  c.evals.online_probe.update({'at_start': True, 'at_end': True, 'eval_examples': 1000,
+                               'batch_size': 500})
   c.evals.knn.update({'at_start': True, 'at_end': True, 'train_examples': 5000,
                       'eval_examples': 1000, 'k': 20, 'batch_size': 500})
   res = train.train_and_evaluate(c, str(tmp_path))

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +34,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ssl_jax import sharding
 from ssl_jax import writers
-from ssl_jax.evals import features, metrics
+from ssl_jax.evals import evaluators, features, metrics
 from ssl_jax.evals import pretrained as pre_lib
 from ssl_jax.ops import knn as knn_ops
 from ssl_jax.ops import losses
@@ -274,22 +274,23 @@ def run(config: ml_collections.ConfigDict, workdir: str, **unused) -> dict[str, 
 
 
 # =============================================================================================
-# The kNN evaluator (training's monitor, config.evals.<name>.type = 'knn'; and --mode=knn)
+# The kNN evaluator (config.evals.<name>.type = 'knn', during training and in --mode=eval)
 # =============================================================================================
-class KnnEvaluator:
-  """Weighted kNN top-1 of frozen features: ``train_examples`` images of the train split (a
-  seeded class-balanced subset when fewer than the split) form the bank, ``eval_examples`` of
-  the eval split query it; eval transform (centre crop), eval-mode network. When the feature
-  function also returns ``probe_logits`` (training's online probe), its top-1 on the same
-  queries is reported too. Config fields: ``k``, ``temperature``, ``train_examples``,
-  ``eval_examples`` (<= 0: the whole split), ``batch_size``; ``--mode=knn`` sweeps k and T with
-  the same :func:`knn_classify` on the same extracted features.
+class KnnEvaluator(evaluators.Evaluator):
+  """Weighted kNN top-1 of frozen features (``monitor/knn_top1``): ``train_examples`` images of
+  the train split (a seeded class-balanced subset when fewer than the split) form the bank,
+  ``eval_examples`` of the eval split query it; eval transform (centre crop), eval-mode network.
+  Config fields: ``k``, ``temperature``, ``train_examples``, ``eval_examples`` (<= 0: the whole
+  split), ``batch_size``. The search is approximate when the run's ``knn.recall_target`` (the
+  methods' bank searches' setting) is < 1. ``--mode=knn`` sweeps k and T with the same
+  :func:`knn_classify`.
   """
 
-  def __init__(self, cfg, *, data_cfg, mesh, num_classes: int, search_cfg=None):
-    self.cfg, self.data_cfg, self.mesh, self.num_classes = cfg, data_cfg, mesh, num_classes
+  def __init__(self, cfg, feature_fn, ctx: evaluators.Context, *, name: str = 'knn'):
+    super().__init__(cfg, feature_fn, ctx, name=name)
     # config.knn.recall_target < 1: approximate top-k (approx_max_k; TPU), as the bank searches.
-    recall = None if search_cfg is None else search_cfg.get('recall_target', 1.0)
+    search = ctx.run_config.get('knn') if ctx.run_config is not None else None
+    recall = None if search is None else search.get('recall_target', 1.0)
     self.recall_target = None if recall is None or recall >= 1.0 else float(recall)
 
   @staticmethod
@@ -301,25 +302,22 @@ class KnnEvaluator:
     req(isinstance(cfg.batch_size, int) and cfg.batch_size > 0, f'{key}.batch_size',
         cfg.batch_size, 'a positive integer')
 
-  def features(self, feature_fn, variables) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """``(bank, queries)`` host arrays: 'features', 'label' (and 'probe_logits' if given)."""
-    kw = dict(mesh=self.mesh, batch_size=int(self.cfg.batch_size))
-    bank = features.extract(feature_fn, variables, self.data_cfg, split=self.data_cfg.train_split,
-                           max_examples=int(self.cfg.train_examples), **kw)
-    test = features.extract(feature_fn, variables, self.data_cfg, split=self.data_cfg.eval_split,
-                           max_examples=int(self.cfg.eval_examples), **kw)
-    return bank, test
+  def reads(self) -> list[tuple[str, int]]:
+    return [(self.ctx.data.train_split, int(self.cfg.train_examples)),
+            (self.ctx.data.eval_split, int(self.cfg.eval_examples))]
 
-  def run(self, feature_fn, variables) -> list[tuple[str, float]]:
-    bank, test = self.features(feature_fn, variables)
-    features.check_bank_classes(bank['label'], test['label'], self.data_cfg.train_split)
+  def headline(self) -> dict[str, str]:
+    return {'monitor/knn_top1': f'kNN top-1 (weighted k={self.cfg.k}, T={self.cfg.temperature}, '
+                                'frozen backbone)'}
+
+  def run(self, variables) -> Iterator[tuple[str, float]]:
+    (train_split, n_bank), (eval_split, n_test) = self.reads()
+    bank = self.extract(variables, train_split, n_bank)
+    test = self.extract(variables, eval_split, n_test)
+    features.check_bank_classes(bank['label'], test['label'], train_split)
     k, t = int(self.cfg.k), float(self.cfg.temperature)
     scores = knn_classify(bank['features'], bank['label'], test['features'],
-                          num_classes=self.num_classes, ks=(k,), temperatures=(t,),
-                          mesh=self.mesh, recall_target=self.recall_target)
+                          num_classes=self.ctx.num_classes, ks=(k,), temperatures=(t,),
+                          mesh=self.ctx.mesh, recall_target=self.recall_target)
     pred = next(iter(scores.values())).argmax(-1)
-    out = [('monitor/knn_top1', float(np.mean(pred == test['label'])))]
-    if 'probe_logits' in test:
-      out.append(('online_probe/test_top1',
-                  float(np.mean(test['probe_logits'].argmax(-1) == test['label']))))
-    return out
+    yield 'monitor/knn_top1', float(np.mean(pred == test['label']))
