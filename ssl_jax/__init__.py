@@ -1,5 +1,17 @@
-"""ssl_jax: self-supervised visual representation learning in JAX/Flax."""
+"""ssl_jax: self-supervised visual representation learning in JAX/Flax.
+
+Importing ssl_jax or any of its modules has no side effect but one: this file sets the two
+environment variables in ``IMPORT_TIME_ENV`` (when not already set). They must be at import:
+XLA reads ``XLA_FLAGS`` once, when JAX starts its CPU backend, and TensorFlow reads
+``TF_ENABLE_ONEDNN_OPTS`` once, when it is imported; a library user may do either right after
+``import ssl_jax``, before calling anything of ours, so no later point is early enough.
+Everything else (log levels, log filters, the command line) is set by ``ssl_jax.main.cli`` /
+``main`` at run time (``tests/test_import.py`` checks this).
+"""
 import os as _os
+
+#: The environment variables importing ssl_jax may set (see above); nothing else is changed.
+IMPORT_TIME_ENV = ('XLA_FLAGS', 'TF_ENABLE_ONEDNN_OPTS')
 
 
 def _xla_cpu_defaults() -> None:
@@ -29,10 +41,11 @@ def _xla_cpu_defaults() -> None:
     _os.environ['XLA_FLAGS'] = f'{current} {flag}=individual_dot'.strip()
 
 
-_xla_cpu_defaults()
+_xla_cpu_defaults()   # at import on purpose: see the module docstring (IMPORT_TIME_ENV)
 
 # TensorFlow's oneDNN rewrites serve only the input pipeline's image ops here (the model is JAX),
 # and their start-up banner ignores TF_CPP_MIN_LOG_LEVEL: off for every use of the package (CLI,
 # library, tests alike, so the input's numerics never depend on how a run was started). Set the
-# variable yourself to choose otherwise; it must be set before TensorFlow is imported.
+# variable yourself to choose otherwise; it must be set before TensorFlow is imported (so at our
+# import: see the module docstring, IMPORT_TIME_ENV).
 _os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')

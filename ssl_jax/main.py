@@ -10,6 +10,8 @@ TensorBoard events and, for the trained ones, checkpoints):
         --config.pretrained=WORKDIR --workdir=EVAL_DIR
     python -m ssl_jax.main --mode=finetune --config=configs/eval_finetune.py:cifar10,1% \
         --config.pretrained=WORKDIR --workdir=EVAL_DIR
+    python -m ssl_jax.main --mode=eval --config=configs/eval.py \
+        --config.pretrained=WORKDIR --workdir=EVAL_DIR   # the training run's evaluators
     python -m ssl_jax.main --mode=knn --config=configs/eval_knn.py:cifar10 \
         --config.pretrained=WORKDIR --workdir=EVAL_DIR
     python -m ssl_jax.main --mode=embed --config=configs/eval_knn.py:cifar10 \
@@ -19,11 +21,14 @@ TensorBoard events and, for the trained ones, checkpoints):
 
 Flags: ``--config`` (an ml_collections config file with ``get_config(arg)``, the argument after
 ``:``), ``--workdir`` (checkpoints, TensorBoard events, config.json), ``--mode`` (``train``,
-``linear``, ``finetune``, ``knn``, ``embed``, ``export``; every mode but ``train`` runs
-``ssl_jax.evals.<module>.run(config, workdir)``), ``--allow_config_change`` (resume a workdir
-written by a different config). Multi-host runs
-call ``jax.distributed.initialize()`` first (``--distributed``, or automatically when the
-launcher sets the cluster environment).
+``eval``, ``linear``, ``finetune``, ``knn``, ``embed``, ``export``; every mode but ``train``
+runs ``<module>.run(config, workdir)`` of ``EVAL_MODES``), ``--allow_config_change`` (resume a
+workdir written by a different config). Multi-host runs call ``jax.distributed.initialize()``
+first (``--distributed``, or automatically when the launcher sets the cluster environment).
+
+Importing this module changes nothing outside it but absl's flag registry (the ``DEFINE_*``
+below: absl reads flags only from defined names, at ``app.run``). The screen set-up (TF's C++
+log level, library log levels, the Orbax error filter) happens in :func:`cli` and :func:`main`.
 """
 from __future__ import annotations
 
@@ -31,9 +36,14 @@ import logging as logging_std
 import os
 import sys
 
+from absl import app, flags, logging
+from ml_collections import config_flags
 
-def _verbose(argv) -> bool:
-  """``--verbosity=N`` (N >= 0) on the command line: library logs on. Default: a clean screen."""
+
+def _verbose(argv=None) -> bool:
+  """``--verbosity=N`` (N >= 0) on the command line (``argv``, default ``sys.argv``): library
+  logs and tracebacks on. Default: a clean screen."""
+  argv = sys.argv if argv is None else argv
   for i, a in enumerate(argv):
     for name in ('--verbosity', '-v'):
       if a == name and i + 1 < len(argv):
@@ -46,15 +56,15 @@ def _verbose(argv) -> bool:
   return False
 
 
-_VERBOSE = _verbose(sys.argv)
-if not _VERBOSE:
-  # TensorFlow's and XLA's C++ INFO/WARNING banners (CPU features), before they load.
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-# (TF's oneDNN banner: ssl_jax/__init__.py turns oneDNN off for every use of the package.)
+def _quiet_native_logs(argv) -> None:
+  """Without ``--verbosity``: TensorFlow's and XLA's C++ INFO/WARNING banners (CPU features)
+  off. Called by :func:`cli` before TensorFlow or a JAX backend loads (they read the variable
+  once, at load). (TF's oneDNN banner: ``ssl_jax/__init__.py`` turns oneDNN off.)"""
+  if not _verbose(argv):
+    os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags
 
+# absl's flags are defined at import, as absl requires (its parser knows only defined names).
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (path[:arg]).',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and TensorBoard.')
@@ -62,6 +72,7 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and T
 EVAL_MODES = {
     'linear': 'ssl_jax.evals.linear',
     'finetune': 'ssl_jax.evals.finetune',
+    'eval': 'ssl_jax.evals.offline',
     'knn': 'ssl_jax.evals.knn_eval',
     'embed': 'ssl_jax.evals.embedding',
     'export': 'ssl_jax.export',
@@ -136,7 +147,7 @@ class _UserError(Exception):
 
 def _fail(msg: str, exc: BaseException | None = None) -> None:
   """Print ``Config error: msg`` (one line) and exit 2; with --verbosity, raise the traceback."""
-  if _VERBOSE and exc is not None:
+  if _verbose() and exc is not None:
     raise exc
   print(f'Config error: {msg}', file=sys.stderr, flush=True)
   sys.exit(2)
@@ -181,12 +192,10 @@ def _explain_flag_error(exc: BaseException, argv) -> str:
       return (f'{flag}: no such config key; did you mean '
               f'{flag[:len(flag) - len(bad)]}{good}?')
     if isinstance(e, (AttributeError, KeyError)) and e.args:
-      flag = next((a.split('=', 1)[0] for a in argv if a.startswith('--config.')), '--config.*')
-      moved = [a.split('=', 1)[0] for a in argv if a.startswith('--config.knn.')
-               and a.split('=', 1)[0] != '--config.knn.recall_target']
-      if moved:  # the kNN evaluator's fields moved under config.evals
-        return (f'{moved[0]}: no such config key; the kNN evaluator\'s fields are '
-                f'--config.evals.knn.* (did you mean --config.evals.{moved[0][len("--config."):]}?)')
+      named = [a.split('=', 1)[0] for a in argv if a.startswith('--config.')]
+      keys = set(_config_keys(argv))   # the one the config lacks, not merely the first named
+      flag = next((f for f in named if keys and f[len('--config.'):] not in keys),
+                  named[0] if named else '--config.*')
       hint = _suggest_key(flag, argv) or f' ({str(e.args[0]).strip()!s})'
       return f'{flag}: no such config key{hint}'
   arg = _config_arg(argv) or ''
@@ -275,7 +284,7 @@ def _parse_flags(argv):
   except flags.Error as e:
     if any(a.startswith('--config') for a in argv[1:]) and 'config' in str(e):
       _fail(_explain_flag_error(e, argv), e)
-    if _VERBOSE:
+    if _verbose(argv):
       raise
     hint = _suggest_flag(e, argv)
     print(f'Flag error: {e}{hint}', file=sys.stderr)
@@ -335,7 +344,7 @@ def main(argv):
     print(f'Flag error: unexpected arguments {argv[1:]}; flags are written --name=value (e.g. '
           '--config.batch_size=256).', file=sys.stderr)
     sys.exit(2)
-  if not _VERBOSE:  # library INFO logs (Orbax, TFDS, absl) off; --verbosity=0|1 turns them on
+  if not _verbose():  # library INFO logs (Orbax, TFDS, absl) off; --verbosity=0|1 turns them on
     logging.set_verbosity(logging.WARNING)
     logging.get_absl_handler().addFilter(_LIBRARY_ERRORS)   # every record that reaches the screen
   try:
@@ -361,9 +370,8 @@ def main(argv):
     _fail(str(e), e)
   from ssl_jax import checkpoint, config_lib
   from ssl_jax.data import sources
-  from ssl_jax.evals import pretrained
   errors = (_UserError, config_lib.ConfigError, checkpoint.WorkdirError, sources.DatasetNotFound, sources.DataConfigError,
-            checkpoint.ConfigMismatchError, pretrained.PretrainedNotFound, paths.PathError)
+            checkpoint.ConfigMismatchError, checkpoint.PretrainedNotFound, paths.PathError)
   from ssl_jax import utils
   try:
     if _MODE.value == 'train':
@@ -404,7 +412,7 @@ def _stop_error(kind: str, msg: str, exc: BaseException, workdir: str, code: int
   """At most a few lines on stderr; the full traceback goes to WORKDIR/error.log (process 0),
   or to the screen with --verbosity."""
   import traceback
-  if _VERBOSE:
+  if _verbose():
     raise exc
   where = ''
   try:
@@ -424,9 +432,8 @@ def _stop_error(kind: str, msg: str, exc: BaseException, workdir: str, code: int
 def _train(config, workdir: str, errors: tuple) -> None:
   """``--mode=train``, recording how it ended in ``WORKDIR/outcome.json`` (``train.write_outcome``:
   done / stopped / failed, the exit code and the final line; launch/tpu_pod.sh reads it)."""
-  from ssl_jax import config_lib, train
-  try:
-    config_lib.validate(config)
+  from ssl_jax import train
+  try:   # the config is validated once, by the trainer (train.validate_config)
     results = train.train_and_evaluate(config, workdir, allow_config_change=_ALLOW_CHANGE.value)
   except errors as e:
     train.write_outcome(workdir, 'failed', 2, f'Config error: {e}')
@@ -451,7 +458,8 @@ def run_eval(mode: str, config, workdir: str, *, allow_config_change: bool = Fal
   if 'pretrained' not in config:
     raise config_lib.ConfigError(
         f'--mode={mode} needs an evaluation config with a `pretrained` field '
-        '(configs/eval_linear.py, eval_finetune.py or eval_knn.py), not a training config.')
+        '(configs/eval.py, eval_linear.py, eval_finetune.py or eval_knn.py), not a training '
+        'config.')
   module = importlib.import_module(EVAL_MODES[mode])
   kwargs = {'allow_config_change': allow_config_change} if mode in ('linear', 'finetune') else {}
   return module.run(config, workdir, **kwargs)
@@ -459,6 +467,7 @@ def run_eval(mode: str, config, workdir: str, *, allow_config_change: bool = Fal
 
 def cli():
   """The ``ssl-jax`` console script (``pip install -e .``): the same as ``python -m ssl_jax.main``."""
+  _quiet_native_logs(sys.argv)
   app.run(main, flags_parser=_parse_flags)
 
 

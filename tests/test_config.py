@@ -83,14 +83,19 @@ _ENTRY_ERRORS = [
      r'^Config error: --config.optimizer.bse_lr: no such config key; did you mean '
      r'--config.optimizer.base_lr\?$'),
     (['--config=configs/byol.py:cifar10,runlocal', '--config.knn.train_examples=64'],
-     r'^Config error: --config.knn.train_examples: no such config key; the kNN evaluator.s '
-     r'fields are --config.evals.knn.\* \(did you mean --config.evals.knn.train_examples\?\)$'),
+     r'^Config error: --config.knn.train_examples: no such config key; did you mean '
+     r'--config.evals.knn.train_examples\?$'),
     (['--config=configs/byol.py:cifar10,runlocal', '--config.optimizer.name=adam'],
      r"^Config error: config.optimizer.name='adam' is invalid; accepted: sgd, lars, adamw$"),
     (['--config=configs/byol.py:cifar10,runlocal', '--config.data.data_dir=/nonexistent'],
      r"^Config error: TFDS dataset 'cifar10' was not found .* Fix: point --config.data.data_dir"),
     (['--config=configs/eval_knn.py:cifar10', '--mode=knn',
       '--config.pretrained=/nonexistent_run'], r'^Config error: .*nonexistent_run'),
+    (['--config=configs/eval.py:cifar10', '--mode=eval', '--config.pretrained=/nonexistent_run'],
+     r'^Config error: .*nonexistent_run'),
+    (['--config=configs/eval.py:cifar10,runlocal', '--mode=eval', '--config.pretrained=/x',
+      '--config.evals.knn.at_start=False'],
+     r'^Config error: --config.evals.knn.at_start: no such config key'),
     (['--config=configs/byol.py:cifar10,runlocal', '--batch_size=64'],
      r"^Flag error: Unknown command line flag 'batch_size'; did you mean --config.batch_size\?$"),
     (['--config=configs/byol.py:cifar10,runlocal', '--config.optimizer.learning_rate=0.1'],
@@ -187,10 +192,29 @@ def test_config_docstrings_table_the_reference():
     assert 'Deviations' in doc and 'visresearch/aps' in doc, name
 
 
-def test_kNN_evaluator_fields_under_the_old_knn_key_are_an_error():
-  """config.knn holds only the search's recall_target since the evaluators moved to
-  config.evals: a stale ``knn.train_examples`` would be silently ignored, so it is an error."""
+def test_stray_fields_under_the_bank_search_key_are_an_error():
+  """config.knn holds only the methods' bank search's recall_target: a stale
+  ``knn.train_examples`` (the evaluators are under config.evals) would be silently ignored, so
+  it is an error, which names the key and what config.knn is for (not an evaluator)."""
   c = load_config('byol', 'cifar10,runlocal')
   c.knn.train_examples = 64
-  with pytest.raises(config_lib.ConfigError, match=r'config\.knn\.train_examples=.*evals\.knn'):
+  with pytest.raises(config_lib.ConfigError,
+                     match=r'config\.knn\.train_examples=.*only knn\.recall_target \(the top-k '
+                           r"search of the methods' memory banks\)$"):
     train.validate_config(c, num_devices=1)
+
+
+def test_config_lib_imports_no_method_code():
+  """The method's name is checked by the registry (methods.get) or against names passed in."""
+  imported = set()
+  for node in ast.walk(ast.parse(open(config_lib.__file__).read())):
+    if isinstance(node, ast.ImportFrom):
+      imported.update(f'{node.module}.{a.name}' for a in node.names)
+    elif isinstance(node, ast.Import):
+      imported.update(a.name for a in node.names)
+  assert not [m for m in imported if 'methods' in m], imported
+  c = load_config('byol', 'cifar10,runlocal')
+  c.method.name = 'simclr'
+  config_lib.validate(c)   # no names given: not checked here
+  with pytest.raises(config_lib.ConfigError, match=r'method\.name=.simclr. is invalid; accepted: a, b'):
+    config_lib.validate(c, method_names=('a', 'b'))

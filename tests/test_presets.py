@@ -63,6 +63,8 @@ def _backbone(c) -> str:
 def _batch(c) -> str:
   if 'batch_size' in c:
     return str(c.batch_size)
+  if 'eval_batch_size' not in c:   # --mode=eval: each listed evaluator has its own
+    return ', '.join(f'{e.batch_size} ({name})' for name, e in c.evals.items())
   return f'{c.eval_batch_size} (feature extraction)'
 
 
