@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from ssl_jax.evals import pretrained
+from ssl_jax.evals import eval_config
 
 # Released config/finetune/vit_{tiny,small,base}_finetune.py ``lr`` (lr = lr x B / 512), as our
 # base_lr (lr = base_lr x B / 256): half the released number.
@@ -36,7 +36,7 @@ _APS_BASE_LR = {'vit_tiny': 2e-3 / 2, 'vit_small': 1e-3 / 2, 'vit_base': 5e-4 / 
 
 
 def get_config(arg: str | None = None):
-  c, rest = pretrained.base_eval_config(arg)
+  c, rest = eval_config.base_eval_config(arg)
   c.label_fraction = '10%'
   c.subset_file = ''               # file of image ids (overrides label_fraction)
   c.subset_seed = 0
@@ -68,9 +68,9 @@ def get_config(arg: str | None = None):
       runlocal = True
     else:
       unknown.append(token)
-  pretrained.reject_tokens(unknown, ['1%', '10%', '<p>%', 'aps', *_APS_BASE_LR])
+  eval_config.reject_tokens(unknown, ['1%', '10%', '<p>%', 'aps', *_APS_BASE_LR])
   if vit and not aps:
-    pretrained.reject_tokens([vit], ['aps (a ViT token goes with it)'])
+    eval_config.reject_tokens([vit], ['aps (a ViT token goes with it)'])
 
   if aps:  # the released APS CIFAR fine-tune recipe (docs/recipes/eval.md)
     vit = vit or 'vit_small'

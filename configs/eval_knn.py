@@ -37,11 +37,11 @@ from __future__ import annotations
 
 import ml_collections
 
-from ssl_jax.evals import pretrained
+from ssl_jax.evals import eval_config
 
 
 def get_config(arg: str | None = None):
-  c, rest = pretrained.base_eval_config(arg)
+  c, rest = eval_config.base_eval_config(arg)
   c.features = 'backbone'          # 'backbone' or 'projector'
   c.metric = 'cosine'              # 'cosine' or 'euclidean'
   c.l2_normalize = True            # euclidean only (cosine always normalises)
@@ -70,5 +70,5 @@ def get_config(arg: str | None = None):
       c.unweighted_ks = (1, 20)
       c.embed.update({'num_examples': 200, 'score_examples': 64})
     else:
-      pretrained.reject_tokens([token], ['sweep', 'projector', 'euclidean'])
+      eval_config.reject_tokens([token], ['sweep', 'projector', 'euclidean'])
   return c

@@ -29,11 +29,11 @@ from __future__ import annotations
 
 import ml_collections
 
-from ssl_jax.evals import pretrained
+from ssl_jax.evals import eval_config
 
 
 def get_config(arg: str | None = None):
-  c, rest = pretrained.base_eval_config(arg)
+  c, rest = eval_config.base_eval_config(arg)
   c.epochs = 100
   c.batch_size = 256
   c.features = 'backbone'          # 'backbone' (avg-pool / CLS) or 'projector'
@@ -67,5 +67,5 @@ def get_config(arg: str | None = None):
       c.eval_every_epochs = -1
       c.log_every_steps = 4
     else:
-      pretrained.reject_tokens([token], accepted)
+      eval_config.reject_tokens([token], accepted)
   return c

@@ -581,8 +581,8 @@ def run(config, workdir: str) -> dict[str, str]:
   ``export.json`` (how to load it) to ``workdir``."""
   import jax  # pylint: disable=import-outside-toplevel
   from ssl_jax import checkpoint as ckpt_lib, config_lib, utils  # pylint: disable=import-outside-toplevel
-  from ssl_jax.evals import pretrained as pre_lib  # pylint: disable=import-outside-toplevel
-  pre_lib.validate_common(config)
+  from ssl_jax.evals import eval_config, report  # pylint: disable=import-outside-toplevel
+  eval_config.validate_common(config)
   formats = tuple(config.export.formats)
   for fmt in formats:
     config_lib.require(fmt in FORMATS, 'export.formats', formats, ', '.join(FORMATS))
@@ -603,7 +603,7 @@ def run(config, workdir: str) -> dict[str, str]:
       path = export_resnet(params['backbone'], batch_stats.get('backbone', {}),
                            paths.join(workdir, f'backbone.{fmt}'), fmt=fmt, fc=fc)
       out[fmt] = str(path)
-      pre_lib.log(f'Exported {pre.model.backbone} ({pre.model.stem} stem) from '
+      report.log(f'Exported {pre.model.backbone} ({pre.model.stem} stem) from '
           f'{config.pretrained}/checkpoints/{step} to {path}.')
   sd_base = int(np.asarray(to_torchvision_state_dict(
       params['backbone'], batch_stats.get('backbone', {}))['conv1.weight']).shape[0])
@@ -618,9 +618,9 @@ def run(config, workdir: str) -> dict[str, str]:
   if sd_base != 64:
     how['by_hand'] = [f'base width {sd_base} != 64: use torchvision_model (it rebuilds '
                       'torchvision.models.ResNet at this width)']
-  pre_lib.write_json(workdir, 'export.json', {'pretrained': config.pretrained, 'step': step,
-                                      'backbone': pre.model.backbone, 'stem': pre.model.stem,
-                                      'base_width': sd_base, 'files': out, 'load': how})
+  report.write_json(workdir, 'export.json', {'pretrained': config.pretrained, 'step': step,
+                                             'backbone': pre.model.backbone, 'stem': pre.model.stem,
+                                             'base_width': sd_base, 'files': out, 'load': how})
   if jax.process_index() == 0:
-    pre_lib.log('Load it in PyTorch: ' + how['drop_in'] + ' (export.json has the by-hand recipe).')
+    report.log('Load it in PyTorch: ' + how['drop_in'] + ' (export.json has the by-hand recipe).')
   return out

@@ -18,7 +18,8 @@ from PIL import Image
 from harness import load_config
 from ssl_jax import data
 from ssl_jax.data import sources
-from ssl_jax.evals import knn_eval, pretrained
+from ssl_jax import checkpoint
+from ssl_jax.evals import knn_eval
 
 REAL_TFDS = os.environ.get('TFDS_DATA_DIR')
 HAVE_CIFAR = bool(REAL_TFDS) and os.path.isdir(os.path.join(REAL_TFDS, 'cifar10'))
@@ -73,7 +74,7 @@ def test_offline_knn_stops_on_a_stray_macosx_folder(tmp_path, monkeypatch):
   pre = load_config('byol', 'cifar10,runlocal')
   pre.data.source, pre.data.folder_root, pre.data.eval_split = 'folder', str(root), 'val'
   # The run's weights are never reached: the data check comes first.
-  monkeypatch.setattr(pretrained, 'load_pretrained', lambda *a, **k: (pre, {}, {}, 7))
+  monkeypatch.setattr(checkpoint, 'load_pretrained', lambda *a, **k: (pre, {}, {}, 7))
   c = load_config('eval_knn', 'runlocal')
   c.pretrained = str(tmp_path / 'run')
   with pytest.raises(data.DataConfigError) as e:

@@ -15,8 +15,10 @@ import tensorflow as tf
 
 from conftest import TFDS_DATA_DIR
 from harness import knn_reference, load_config, split_images
+from ssl_jax import checkpoint as ckpt_lib
 from ssl_jax import config_lib, sharding, train
-from ssl_jax.evals import embedding, finetune, knn_eval, linear, pretrained, score_plots, supervised
+from ssl_jax.evals import (embedding, eval_config, finetune, knn_eval, linear, score_plots,
+                           supervised)
 
 PRETRAIN_SPLIT = 'train[:1024]'
 # The evals read these whole splits (no subset draw), in stored order: the tests' references
@@ -57,7 +59,7 @@ def _scalars(workdir: str, tag: str) -> list[float]:
 def _pretrained_features(pretrained_dir: str, images: np.ndarray) -> np.ndarray:
   """Backbone features of the run's newest checkpoint, eval mode, without the eval code."""
   from ssl_jax.models import ssl_model
-  pre, params, batch_stats, _ = pretrained.load_pretrained(pretrained_dir)
+  pre, params, batch_stats, _ = ckpt_lib.load_pretrained(pretrained_dir)
   net = ssl_model.build_ssl_net(pre.model, image_size=images.shape[1], with_predictor=False)
   params, batch_stats = ({k: v for k, v in tree.items() if k in ('backbone', 'projector')}
                          for tree in (params, batch_stats))
@@ -308,11 +310,11 @@ def test_score_plot_writes_png(tmp_path):
 
 
 def test_load_pretrained_errors_name_the_problem(tmp_path):
-  with pytest.raises(pretrained.PretrainedNotFound, match='config.json does not exist'):
-    pretrained.load_pretrained(str(tmp_path))
+  with pytest.raises(ckpt_lib.PretrainedNotFound, match='config.json does not exist'):
+    ckpt_lib.load_pretrained(str(tmp_path))
   (tmp_path / 'config.json').write_text('{}')
-  with pytest.raises(pretrained.PretrainedNotFound, match='No checkpoint in'):
-    pretrained.load_pretrained(str(tmp_path))
+  with pytest.raises(ckpt_lib.PretrainedNotFound, match='No checkpoint in'):
+    ckpt_lib.load_pretrained(str(tmp_path))
   c = load_config('eval_knn', 'cifar10')
   c.metric = 'dot'
   c.pretrained = str(tmp_path)
@@ -329,7 +331,7 @@ def test_load_pretrained_errors_name_the_problem(tmp_path):
 def test_load_pretrained_and_export(pretrained_dir, tmp_path):
   from ssl_jax import export
   from ssl_jax import main as main_lib
-  config, params, batch_stats, step = pretrained.load_pretrained(pretrained_dir)
+  config, params, batch_stats, step = ckpt_lib.load_pretrained(pretrained_dir)
   assert step == 3 and config.method.name == 'byol'
   assert {'backbone', 'projector'} <= set(params) and 'backbone' in batch_stats
   # A damaged newest checkpoint is skipped: the previous one is loaded.
@@ -338,7 +340,7 @@ def test_load_pretrained_and_export(pretrained_dir, tmp_path):
   for f in (broken / 'checkpoints' / '3' / 'state').rglob('*'):
     if f.is_file() and f.name not in ('_METADATA', '_CHECKPOINT_METADATA'):
       f.write_bytes(b'')
-  assert pretrained.load_pretrained(str(broken))[3] == 2
+  assert ckpt_lib.load_pretrained(str(broken))[3] == 2
   c = _eval_config('eval_linear', 'cifar10', pretrained_dir)
   out = main_lib.run_eval('export', c, str(tmp_path))
   assert sorted(out) == ['npz', 'pth']
@@ -372,7 +374,7 @@ def test_linear_probe_cached_and_streaming(pretrained_dir, eval_data, tmp_path):
   assert res['cache_features']
   w, b = _probe_reference(train_f, train_y, steps=5, lr=0.5, momentum=0.9, weight_decay=1e-3,
                           feature_norm='none')
-  probe, step = pretrained.restore_state(str(tmp_path / 'cached'), items=('params',))
+  probe, step = ckpt_lib.restore_state(str(tmp_path / 'cached'), items=('params',))
   assert step == 5
   head = probe['params']['head']
   scale = np.abs(w).max()
@@ -393,7 +395,7 @@ def test_linear_probe_cached_and_streaming(pretrained_dir, eval_data, tmp_path):
   s.batch_size = 32
   stream = linear.run(s, str(tmp_path / 'stream'))
   assert stream['augment'] == 'rrc_flip' and stream['feature_norm'] == 'l2_standardize'
-  probe, step = pretrained.restore_state(str(tmp_path / 'stream'), items=('params', 'norm'))
+  probe, step = ckpt_lib.restore_state(str(tmp_path / 'stream'), items=('params', 'norm'))
   probe['head'] = probe['params']['head']
   assert step == 8                                                # 256 / 32 steps x 1 epoch
   l2 = train_f / np.linalg.norm(train_f, axis=1, keepdims=True)
@@ -438,7 +440,7 @@ def test_finetune_on_label_subset(pretrained_dir, eval_data, tmp_path):
   c.ema_decay = 0.5   # large, so that the EMA visibly differs from both ends of the run
   res = finetune.run(c, str(tmp_path))
   # The reported last numbers are the final network's (online and EMA) on the 128 eval images.
-  pre = pretrained.load_pretrained(pretrained_dir)[0]
+  pre = ckpt_lib.load_pretrained(pretrained_dir)[0]
   ref = _finetuned_accuracies(res['final_state'], ssl_model.build_backbone(pre.model, 32),
                               *eval_data[1])
   for key in ('top1', 'top5', 'ema_top1', 'ema_top5'):
@@ -473,7 +475,7 @@ def test_finetune_on_label_subset(pretrained_dir, eval_data, tmp_path):
           'finetune/test_ema_top1', 'finetune/test_top1_best',
           'finetune/test_ema_top1_best'} <= tags, tags
   # The backbone was trained, not only the head.
-  _, params, _, _ = pretrained.load_pretrained(pretrained_dir)
+  _, params, _, _ = ckpt_lib.load_pretrained(pretrained_dir)
   new = jax.device_get(res['final_state'].params['backbone']['conv1']['kernel'])
   assert not np.array_equal(new, params['backbone']['conv1']['kernel'])
 
@@ -482,7 +484,6 @@ def _fake_aps_run(workdir: str):
   """An APS (vit_test) "training run" written directly: config.json + one checkpoint of random
   weights, in the trainer's layout. (Running the APS trainer here would add a minute of
   compiles; the fine-tuning is what is tested.)"""
-  from ssl_jax import checkpoint as ckpt_lib
   from ssl_jax.models import ssl_model
   p = load_config('aps', 'cifar10,runlocal')
   p.data.data_dir = TFDS_DATA_DIR
@@ -512,7 +513,7 @@ def test_finetune_aps_vit_with_drop_path_and_ema(eval_data, tmp_path):
   assert TFDS_DATA_DIR, 'set TFDS_DATA_DIR to a data dir with cifar10 (../shared/data/tfds)'
   pre_dir = str(tmp_path / 'aps')
   _fake_aps_run(pre_dir)
-  pre, params, _, _ = pretrained.load_pretrained(pre_dir)
+  pre, params, _, _ = ckpt_lib.load_pretrained(pre_dir)
   assert 'bias' not in params['backbone']['block_0']['attn']['qkv']   # the official APS ViT
   assert (pre.model.qkv_bias, pre.model.layer_norm_eps) == (False, 1e-5)
 
@@ -632,12 +633,12 @@ def test_eval_data_overrides_that_would_be_ignored_are_errors():
   c.folder_root = '/data/my_folder'
   with pytest.raises(config_lib.ConfigError, match=r'folder_root=.* is not read: .*TFDS dataset '
                      r"'cifar10'.*--config.source=folder"):
-    pretrained.eval_data_config(c, pre)
+    eval_config.eval_data_config(c, pre)
   c.source = 'folder'
-  d = pretrained.eval_data_config(c, pre)
+  d = eval_config.eval_data_config(c, pre)
   assert d.source == 'folder' and d.folder_root == '/data/my_folder'
   c2 = load_config('eval_knn', '')
   c2.pretrained = '/runs/x'
   c2.source, c2.data_dir = 'folder', '/tfds'
   with pytest.raises(config_lib.ConfigError, match=r'data_dir=.* is not read.*folder_root'):
-    pretrained.eval_data_config(c2, pre)
+    eval_config.eval_data_config(c2, pre)

@@ -23,9 +23,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ssl_jax import utils, paths, sharding
+from ssl_jax import config_lib, utils, paths, sharding
 from ssl_jax import writers
-from ssl_jax.evals import features
+from ssl_jax.evals import devices, eval_config, features, report
 from ssl_jax.evals import pretrained as pre_lib
 from ssl_jax.evals import score_plots
 
@@ -140,8 +140,8 @@ def pair_scores(net: pre_lib.FrozenNet, variables, pre_config, data_cfg, *, mesh
 
 
 def validate(c: ml_collections.ConfigDict) -> None:
-  pre_lib.validate_common(c)
-  req = pre_lib.require
+  eval_config.validate_common(c)
+  req = config_lib.require
   req(c.features in pre_lib.FEATURES, 'features', c.features, ', '.join(pre_lib.FEATURES))
   req(c.embed.method in EMBED_METHODS, 'embed.method', c.embed.method, ', '.join(EMBED_METHODS))
   req(isinstance(c.embed.num_examples, int) and c.embed.num_examples >= 5,
@@ -154,7 +154,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, **unused) -> dict[str, 
   """``--mode=embed``: writes embedding.png/.npz and scores.png (+ TensorBoard images)."""
   del unused
   validate(config)
-  mesh = pre_lib.eval_mesh(config)
+  mesh = devices.eval_mesh(config)
   pre, data_cfg, net, pre_step = pre_lib.load_for_eval(config)
   e = config.embed
   t0 = time.time()
@@ -198,8 +198,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, **unused) -> dict[str, 
       out.update({'pos_mean': float(pos.mean()), 'neg_mean': float(neg.mean())})
     writer.flush()
   out['time_s'] = time.time() - t0
-  pre_lib.write_json(workdir, 'results.json', out)
-  pre_lib.log(f'Embedding ({out.get("embedding_method")}) of {len(test["label"])} '
-              f'{config.features} features -> {out.get("embedding_png")}; score plot -> '
-              f'{out.get("scores_png")}.')
+  report.write_json(workdir, 'results.json', out)
+  report.log(f'Embedding ({out.get("embedding_method")}) of {len(test["label"])} '
+             f'{config.features} features -> {out.get("embedding_png")}; score plot -> '
+             f'{out.get("scores_png")}.')
   return out

@@ -63,8 +63,7 @@ import optax
 from ssl_jax import checkpoint as ckpt_lib
 from ssl_jax import config_lib, optim, paths, sharding, utils, writers
 from ssl_jax.data import labelled
-from ssl_jax.evals import pretrained as pre_lib
-from ssl_jax.evals import supervised
+from ssl_jax.evals import devices, eval_config, report, supervised
 from ssl_jax.models import normalize as normalize_lib
 from ssl_jax.ops import losses
 
@@ -162,8 +161,8 @@ def select_subset(config: ml_collections.ConfigDict, data_cfg) -> tuple[np.ndarr
     return pool, f'all {len(pool)} labelled examples'
   idx = pool[class_balanced_subset(labels[pool], fraction, config.subset_seed)]
   if data_cfg.name.startswith('imagenet') and config.label_fraction in ('1%', '10%'):
-    pre_lib.log('Note: using a seeded class-balanced subset; the standard ImageNet 1%/10% '
-                'subsets are SimCLR\'s id files (set config.subset_file).')
+    report.log('Note: using a seeded class-balanced subset; the standard ImageNet 1%/10% '
+               'subsets are SimCLR\'s id files (set config.subset_file).')
   return idx, (f'{len(idx)} examples ({config.label_fraction} per class, class-balanced, '
                f'seed {config.subset_seed})')
 
@@ -203,9 +202,9 @@ def finetune_net(config: ml_collections.ConfigDict, pre: ml_collections.ConfigDi
         'drop_path=0.')
   recipe_backbone = config.get('recipe_backbone', '')
   if recipe_backbone and recipe_backbone != pre.model.backbone:
-    pre_lib.log(f'WARNING: this fine-tune recipe was set up for {recipe_backbone} (its lr), '
-                f'but the pretrained backbone is {pre.model.backbone}; pass the matching ViT '
-                'token.')
+    report.log(f'WARNING: this fine-tune recipe was set up for {recipe_backbone} (its lr), '
+               f'but the pretrained backbone is {pre.model.backbone}; pass the matching ViT '
+               'token.')
   overrides = {'drop_path_rate': drop_path} if drop_path > 0 else {}
   model = FinetuneNet(ssl_model.build_backbone(pre.model, size, **overrides), num_classes,
                       head_init_std=float(config.head_init_std))
@@ -266,7 +265,7 @@ def format_summary(summary: dict[str, Any]) -> str:
 def validate(c: ml_collections.ConfigDict) -> None:
   supervised.validate(c, optimizer_keys=('base_lr', 'weight_decay', 'momentum', 'head_lr_mult',
                                          'warmup_epochs'))
-  req = pre_lib.require
+  req = config_lib.require
   if not c.subset_file:
     parse_fraction(c.label_fraction)
   req(c.optimizer.name in OPTIMIZERS, 'optimizer.name', c.optimizer.name, ', '.join(OPTIMIZERS))
@@ -285,14 +284,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   """Fine-tune on the labelled subset; returns ``{'top1', 'top5', 'top1_best', 'num_labelled',
   ...}`` (``top1`` / ``top5``: the last evaluation; see the module docstring)."""
   validate(config)
-  mesh = pre_lib.eval_mesh(config, ('batch_size', 'eval_batch_size'))
+  mesh = devices.eval_mesh(config, ('batch_size', 'eval_batch_size'))
   ckpt_lib.check_workdir_config(workdir, config, allow_config_change=allow_config_change)
-  pre, params, batch_stats, pre_step = pre_lib.load_pretrained(
+  pre, params, batch_stats, pre_step = ckpt_lib.load_pretrained(
       config.pretrained, weights=config.weights, step=utils.optional(config.checkpoint_step))
-  data_cfg = pre_lib.checked_eval_data_config(config, pre)
+  data_cfg = eval_config.checked_eval_data_config(config, pre)
   subset, desc = select_subset(config, data_cfg)
-  pre_lib.log(f'Fine-tuning {pre.method.name} / {pre.model.backbone} from '
-              f'{config.pretrained}/checkpoints/{pre_step} on {data_cfg.name}: {desc}.')
+  report.log(f'Fine-tuning {pre.method.name} / {pre.model.backbone} from '
+             f'{config.pretrained}/checkpoints/{pre_step} on {data_cfg.name}: {desc}.')
   if jax.process_index() == 0:
     buf = io.BytesIO()
     np.save(buf, subset)
@@ -319,9 +318,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
               'subset_file': config.subset_file, 'num_labelled': int(len(subset)),
               'epochs': config.epochs, 'steps': total_steps, 'time_s': time.time() - t0,
               'final_state': state})
-  pre_lib.write_json(workdir, 'results.json', {k: v for k, v in out.items()
-                                               if k != 'final_state'})
-  pre_lib.log(f'Fine-tuned on {desc}: {data_cfg.name}/{data_cfg.eval_split} '
-              f'{format_summary(summary)} ({out["time_s"]:.0f}s; "best" is picked on this '
-              f'split). Written to {workdir}/results.json.')
+  report.write_json(workdir, 'results.json', {k: v for k, v in out.items()
+                                              if k != 'final_state'})
+  report.log(f'Fine-tuned on {desc}: {data_cfg.name}/{data_cfg.eval_split} '
+             f'{format_summary(summary)} ({out["time_s"]:.0f}s; "best" is picked on this '
+             f'split). Written to {workdir}/results.json.')
   return out

@@ -32,9 +32,9 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ssl_jax import sharding
+from ssl_jax import config_lib, sharding
 from ssl_jax import writers
-from ssl_jax.evals import evaluators, features, metrics
+from ssl_jax.evals import devices, eval_config, evaluators, features, metrics, report
 from ssl_jax.evals import pretrained as pre_lib
 from ssl_jax.ops import knn as knn_ops
 from ssl_jax.ops import losses
@@ -151,8 +151,8 @@ def accuracies(scores: dict[str, np.ndarray], labels) -> dict[str, float]:
 
 
 def validate(c: ml_collections.ConfigDict) -> None:
-  pre_lib.validate_common(c)
-  req = pre_lib.require
+  eval_config.validate_common(c)
+  req = config_lib.require
   req(c.metric in METRICS, 'metric', c.metric, ', '.join(METRICS))
   req(c.features in pre_lib.FEATURES, 'features', c.features, ', '.join(pre_lib.FEATURES))
   for key in ('ks', 'unweighted_ks'):
@@ -210,8 +210,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, **unused) -> dict[str, 
   del unused
   validate(config)
   frac = float(config.get('selection_holdout', 0.1))
-  pre_lib.require(0.0 < frac < 1.0, 'selection_holdout', frac, 'a fraction in (0, 1)')
-  mesh = pre_lib.eval_mesh(config)
+  config_lib.require(0.0 < frac < 1.0, 'selection_holdout', frac, 'a fraction in (0, 1)')
+  mesh = devices.eval_mesh(config)
   pre, data_cfg, net, pre_step = pre_lib.load_for_eval(config)
   t0 = time.time()
   kw_knn = dict(num_classes=int(data_cfg.num_classes), ks=tuple(config.ks),
@@ -259,17 +259,17 @@ def run(config: ml_collections.ConfigDict, workdir: str, **unused) -> dict[str, 
       'metric': config.metric, 'bank_size': int(len(bank['label'])),
       'num_queries': int(len(test['label'])), 'time_features_s': t_feat,
       'time_s': time.time() - t0}
-  pre_lib.write_json(workdir, 'results.json', out)
+  report.write_json(workdir, 'results.json', out)
   lines = [f'  {r["setting"]:<28} held-out top-1 {100 * v["top1"]:6.2f}% | test top-1 '
            f'{100 * r["top1"]:6.2f}% | test top-5 {100 * r["top5"]:6.2f}%'
            for r, v in zip(test_grid, val_grid)]
-  pre_lib.log(f'Offline kNN ({config.features} features, {config.metric}; bank '
-              f'{out["bank_size"]} {data_cfg.train_split}, {out["num_queries"]} '
-              f'{data_cfg.eval_split} queries). Grid (test column for reference only):\n'
-              + '\n'.join(lines) +
-              f'\nSelected on {out["selected_on"]}: {selected} -> test top-1 '
-              f'{100 * out["test_top1"]:.2f}% | top-5 {100 * out["test_top5"]:.2f}%. '
-              f'Written to {workdir}/results.json.')
+  report.log(f'Offline kNN ({config.features} features, {config.metric}; bank '
+             f'{out["bank_size"]} {data_cfg.train_split}, {out["num_queries"]} '
+             f'{data_cfg.eval_split} queries). Grid (test column for reference only):\n'
+             + '\n'.join(lines) +
+             f'\nSelected on {out["selected_on"]}: {selected} -> test top-1 '
+             f'{100 * out["test_top1"]:.2f}% | top-5 {100 * out["test_top5"]:.2f}%. '
+             f'Written to {workdir}/results.json.')
   return out
 
 
@@ -295,7 +295,7 @@ class KnnEvaluator(evaluators.Evaluator):
 
   @staticmethod
   def validate(cfg, key: str) -> None:
-    req = pre_lib.require
+    req = config_lib.require
     req(isinstance(cfg.k, int) and cfg.k >= 1, f'{key}.k', cfg.k, 'an integer >= 1')
     req(isinstance(cfg.temperature, (int, float)) and cfg.temperature > 0, f'{key}.temperature',
         cfg.temperature, 'a number > 0')

@@ -44,8 +44,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from ssl_jax import checkpoint as ckpt_lib
-from ssl_jax import optim, sharding, writers
-from ssl_jax.evals import features, supervised
+from ssl_jax import config_lib, optim, sharding, writers
+from ssl_jax.evals import devices, features, report, supervised
 from ssl_jax.evals import pretrained as pre_lib
 from ssl_jax.ops import losses
 
@@ -145,14 +145,14 @@ def fit_cached(config: ml_collections.ConfigDict, workdir: str, train, test, *,
 # =============================================================================================
 def validate(c: ml_collections.ConfigDict) -> None:
   supervised.validate(c, optimizer_keys=('base_lr', 'momentum', 'weight_decay'))
-  req = pre_lib.require
+  req = config_lib.require
   req(c.feature_norm in FEATURE_NORMS, 'feature_norm', c.feature_norm, ', '.join(FEATURE_NORMS))
   req(c.features in pre_lib.FEATURES, 'features', c.features, ', '.join(pre_lib.FEATURES))
   req(c.optimizer.schedule in optim.EVAL_SCHEDULES, 'optimizer.schedule', c.optimizer.schedule,
       ', '.join(optim.EVAL_SCHEDULES))
   if c.cache_features and c.augment != 'none':
-    pre_lib.log("Note: cache_features=True extracts features once without augmentation; "
-                f"config.augment={c.augment!r} is ignored.")
+    report.log("Note: cache_features=True extracts features once without augmentation; "
+               f"config.augment={c.augment!r} is ignored.")
 
 
 # =============================================================================================
@@ -162,7 +162,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
         allow_config_change: bool = False) -> dict[str, Any]:
   """Train and evaluate the offline linear probe; returns ``{'top1', 'top5', ...}``."""
   validate(config)
-  mesh = pre_lib.eval_mesh(config, ('batch_size', 'eval_batch_size'))
+  mesh = devices.eval_mesh(config, ('batch_size', 'eval_batch_size'))
   ckpt_lib.check_workdir_config(workdir, config, allow_config_change=allow_config_change)
   pre, data_cfg, net, pre_step = pre_lib.load_for_eval(config)
   num_classes = int(data_cfg.num_classes)
@@ -179,8 +179,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     if config.cache_features:
       train = extract(data_cfg.train_split, config.train_examples)
       test = extract(data_cfg.eval_split, config.eval_examples)
-      pre_lib.log(f'Cached features: train {train["features"].shape}, test '
-                  f'{test["features"].shape}.')
+      report.log(f'Cached features: train {train["features"].shape}, test '
+                 f'{test["features"].shape}.')
       _, history = fit_cached(config, workdir, train, test, num_classes=num_classes,
                               mesh=mesh, writer=writer)
     else:
@@ -210,9 +210,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
               'augment': 'none' if config.cache_features else config.augment,
               'epochs': config.epochs, 'base_lr': o.base_lr, 'weight_decay': o.weight_decay,
               'time_s': time.time() - t0})
-  pre_lib.write_json(workdir, 'results.json', out)
-  pre_lib.log(f'Offline linear probe ({config.features} features, {config.feature_norm}, '
-              f'{config.epochs} epochs) on {data_cfg.name}/{data_cfg.eval_split}: '
-              f'top-1 {100 * accs["top1"]:.2f}% | top-5 {100 * accs["top5"]:.2f}% '
-              f'({out["time_s"]:.0f}s). Written to {workdir}/results.json.')
+  report.write_json(workdir, 'results.json', out)
+  report.log(f'Offline linear probe ({config.features} features, {config.feature_norm}, '
+             f'{config.epochs} epochs) on {data_cfg.name}/{data_cfg.eval_split}: '
+             f'top-1 {100 * accs["top1"]:.2f}% | top-5 {100 * accs["top5"]:.2f}% '
+             f'({out["time_s"]:.0f}s). Written to {workdir}/results.json.')
   return out

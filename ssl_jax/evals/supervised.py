@@ -38,8 +38,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ssl_jax import checkpoint as ckpt_lib
 from ssl_jax import config_lib, sharding, utils
 from ssl_jax.data import labelled
-from ssl_jax.evals import features, metrics
-from ssl_jax.evals import pretrained as pre_lib
+from ssl_jax.evals import eval_config, features, metrics, report
 
 
 # =============================================================================================
@@ -127,7 +126,7 @@ def predict(net: Net, st: State, frozen, images) -> dict[str, jax.Array]:
 def validate(c, *, optimizer_keys: Sequence[str]) -> None:
   """The fields every supervised run reads (and the eval config's common ones); the mode checks
   its own. ``optimizer_keys``: the ``config.optimizer`` numbers that must be finite and >= 0."""
-  pre_lib.validate_common(c)
+  eval_config.validate_common(c)
   req = config_lib.require
   req(isinstance(c.epochs, int) and c.epochs > 0, 'epochs', c.epochs, 'a positive integer')
   req(isinstance(c.batch_size, int) and c.batch_size > 0, 'batch_size', c.batch_size,
@@ -251,8 +250,8 @@ def make_evaluate(net: Net, data: Streamed | Cached, config, *, mesh, steps_per_
                                 if k not in ('epoch', 'step')})
     ema_txt = (f' | EMA top-1 {100 * rec["ema_top1"]:.2f}% top-5 {100 * rec["ema_top5"]:.2f}%'
                if 'ema_top1' in rec else '')
-    pre_lib.log(f'[{net.name} epoch {rec["epoch"]}] test top-1 {100 * rec["top1"]:.2f}% top-5 '
-                f'{100 * rec["top5"]:.2f}%{ema_txt}')
+    report.log(f'[{net.name} epoch {rec["epoch"]}] test top-1 {100 * rec["top1"]:.2f}% top-5 '
+               f'{100 * rec["top5"]:.2f}%{ema_txt}')
     return rec
   return evaluate
 
@@ -294,8 +293,8 @@ def restore_or_init(net: Net, ckpt: ckpt_lib.Checkpointer, mesh
   if restored is None:
     return net.init(), []
   state, meta = restored
-  pre_lib.log(f'Resumed {net.name} from {ckpt.directory}/{meta["step"]} (epoch '
-              f'{float(meta["epoch"]):g}).')
+  report.log(f'Resumed {net.name} from {ckpt.directory}/{meta["step"]} (epoch '
+             f'{float(meta["epoch"]):g}).')
   return state, [dict(h) for h in meta.get('history', []) if h['step'] <= meta['step']]
 
 
@@ -332,8 +331,8 @@ def train(config, workdir: str, net: Net, data: Streamed | Cached, *, mesh, writ
           seed=config.seed, augment=config.augment, crop_scale=tuple(config.crop_scale),
           start_step=start, indices=data.indices, max_examples=data.max_examples)
       batches = (sharding.global_batch(mesh, b) for b in train_in.iterator)
-    pre_lib.log(f'{net.name}: {data.num} train examples, batch {bs}, {spe} steps/epoch x '
-                f'{config.epochs} epochs = {total} steps, from step {start}; {net.about}.')
+    report.log(f'{net.name}: {data.num} train examples, batch {bs}, {spe} steps/epoch x '
+               f'{config.epochs} epochs = {total} steps, from step {start}; {net.about}.')
 
     # ---- loop ----
     window = utils.Window(start, log_every)
@@ -341,12 +340,12 @@ def train(config, workdir: str, net: Net, data: Streamed | Cached, *, mesh, writ
     for step in range(start + stride, total + 1, stride):
       first = step == start + stride
       if first:
-        pre_lib.log('compiling the train step...')
+        report.log('compiling the train step...')
         t_compile = time.time()
       state, step_metrics = step_fn(state, next(batches))
       if first:
         jax.block_until_ready(step_metrics)
-        pre_lib.log(f'first step compiled in {time.time() - t_compile:.0f} s')
+        report.log(f'first step compiled in {time.time() - t_compile:.0f} s')
         window.restart_clock(step)
       if pending is not None:
         utils.check_finite(*pending, hint=hint)
@@ -361,9 +360,9 @@ def train(config, workdir: str, net: Net, data: Streamed | Cached, *, mesh, writ
         avg = window.flush(step)[0]
         writer.write_scalars(step, {f'{net.tag}/{k}': v for k, v in avg.items()}
                              | {f'{net.tag}/epoch': step / spe})
-        pre_lib.log(f'[{net.name} step {step}/{total}] loss {avg["train_loss"]:.4f} | train '
-                    f'top-1 {100 * avg["train_top1"]:.1f}% | lr {avg["lr"]:.4g} | '
-                    + utils.progress(step, total, avg['steps_per_sec'], bs))
+        report.log(f'[{net.name} step {step}/{total}] loss {avg["train_loss"]:.4f} | train '
+                   f'top-1 {100 * avg["train_top1"]:.1f}% | lr {avg["lr"]:.4g} | '
+                   + utils.progress(step, total, avg['steps_per_sec'], bs))
       if evaluating:
         history.append(evaluate(state, step))
       if saving:
