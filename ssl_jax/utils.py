@@ -133,5 +133,5 @@ def check_finite(step: int, metrics: dict[str, Any], on_fail: Callable[[], str] 
   for key, ok in jax.device_get(flags).items():
     if not bool(ok):
       name = key[len('finite/'):]
-      raise NonFiniteError(f'{name} is NaN or Inf at step {step}; stopping. {on_fail()} {hint}'
-                           .strip())
+      raise NonFiniteError(' '.join(part for part in (
+          f'{name} is NaN or Inf at step {step}; stopping.', on_fail(), hint) if part))
