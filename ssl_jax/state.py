@@ -10,7 +10,6 @@ from typing import Any
 
 import flax.struct
 import jax
-import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ssl_jax import sharding
@@ -79,6 +78,3 @@ def state_shardings(abstract_state: TrainState, mesh: Mesh, method_specs: Any) -
   method = method_state_shardings(abstract_state.method_state, mesh, method_specs)
   return shardings.replace(method_state=method)
 
-
-def zeros_like_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
-  return {k: jnp.zeros_like(v) for k, v in metrics.items()}

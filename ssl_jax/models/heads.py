@@ -1,4 +1,4 @@
-"""Projection / prediction MLPs and the online linear classifier (Flax Linen).
+"""Projection / prediction MLPs (Flax Linen).
 
 ``MLP`` with ``num_layers = L`` is::
 
@@ -83,19 +83,3 @@ class MLP(nn.Module):
     if self.last_bn:
       x = bn(f'bn_{last}', self.last_bn_affine)(x)
     return x.astype(jnp.float32)
-
-
-class LinearClassifier(nn.Module):
-  """Linear classifier for the online probe: ``logits = x W + b`` in float32.
-
-  The kernel is zero-initialised (the probe is a convex problem; big_vision's ``head_zeroinit``).
-  The caller applies ``jax.lax.stop_gradient`` to the features so the probe does not train the
-  backbone. The Dense layer is named ``fc`` (``ssl_jax.export`` can write it as torchvision's fc).
-  """
-  num_classes: int
-
-  @nn.compact
-  def __call__(self, x, train: bool = True):
-    del train  # no BN / dropout; the argument keeps the head interface uniform
-    return nn.Dense(self.num_classes, dtype=jnp.float32, param_dtype=jnp.float32,
-                    kernel_init=nn.initializers.zeros, name='fc')(jnp.asarray(x, jnp.float32))

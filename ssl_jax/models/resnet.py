@@ -237,14 +237,6 @@ def feature_dims(name: str, width: float = 1.0, base_width: int | None = None) -
   return dims
 
 
-def feature_strides(stem: str) -> dict[str, int]:
-  """Down-sampling factor of each stage map relative to the input, for ``stem``."""
-  if stem not in STEMS:
-    raise ValueError(f'unknown ResNet stem {stem!r}; accepted: {", ".join(STEMS)}')
-  first = 4 if stem == 'imagenet' else 1
-  return {f'stage{i + 1}': first * 2**i for i in range(4)}
-
-
 resnet18 = functools.partial(get_backbone, 'resnet18')
 resnet34 = functools.partial(get_backbone, 'resnet34')
 resnet50 = functools.partial(get_backbone, 'resnet50')
