@@ -251,6 +251,10 @@ class ViT(nn.Module):
                attention_mask: jax.Array | None = None) -> dict[str, jax.Array]:
     """Encodes ``images [B, H, W, C]``.
 
+    Long on purpose: one encoder forward read top to bottom in the order of the reference ViTs
+    (patch embedding, positions, token subset, attention mask, CLS, blocks, final norm and
+    pooling); the parameters it creates keep their names only inside this compact method.
+
     Args:
       images: NHWC images.
       token_indices: ``[B, K]`` or ``[K]`` int32 patch indices (row-major over the patch grid) of
