@@ -21,11 +21,10 @@ def aps_full_tokens(config, steps_per_epoch=None):
   class FullTokens(aps.Method):
     """The same network and loss with every patch token in both views."""
 
-    def loss(self, params, target_params, method_state, batch_stats, batch, rng, step):
-      del rng, step
+    def loss(self, ctx, batch):
       loss, metrics, batch_stats, feats, scores = self.pair_loss(
-          params, target_params, batch_stats, batch['view1'], batch['view2'], None, None)
-      return loss, base.LossAux({'loss': loss, **metrics}, method_state, batch_stats, feats,
+          ctx, ctx.batch_stats, batch['view1'], batch['view2'], None, None)
+      return loss, base.LossAux({'loss': loss, **metrics}, ctx.method_state, batch_stats, feats,
                                 scores)
 
   return FullTokens(config, steps_per_epoch)

@@ -100,7 +100,7 @@ def run_sharded(sizes, b, d, k, repeats):
     mm = jax.jit(lambda a, bk: a @ bk.T)
     single = jax.jit(lambda a, bk: knn.topk_cosine(a, bk, k))
     with jax.set_mesh(mesh):
-      sharded = jax.jit(lambda a, bk: knn.topk_cosine(a, bk, k))
+      sharded = jax.jit(lambda a, bk: knn.topk_cosine(a, bk, k, mesh=mesh))
       hlo = sharded.lower(jq, jb4).compile().as_text()
       got = np.asarray(sharded(jq, jb4)[1])
     ref = np.asarray(single(jq, jb1)[1])

@@ -19,6 +19,10 @@ XLA move more than it must:
   reassociation pass; ``benchmarks/scaling.py`` read 2 x 140 MB for BYOL).
 
 On one device none of this is used: the step is exactly the single-device program.
+
+Every function whose program depends on the device count takes the mesh (``mesh``; ``None``
+means one device) or the device count (``n_dev``) as an argument; none reads the ambient mesh
+(``jax.set_mesh``), except ``value_and_grad_reduced_once`` when its caller passes no mesh.
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ import jax
 import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 DATA = 'data'
 
@@ -53,25 +57,15 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def mesh_data_size(mesh: Mesh | None = None) -> int:
-  """Size of the ``'data'`` axis of ``mesh`` or of the context mesh (1 if none)."""
-  if mesh is None:
-    mesh = jax.sharding.get_abstract_mesh()
+def mesh_data_size(mesh: Mesh | AbstractMesh | None) -> int:
+  """Size of the ``'data'`` axis of ``mesh`` (1 for ``None``, an empty mesh or no such axis).
+
+  ``mesh`` is a ``Mesh`` or, inside ``jax.jit``, the ``AbstractMesh`` of one; the ambient
+  mesh is never read here.
+  """
   if mesh is None or mesh.empty or DATA not in mesh.axis_names:
     return 1
   return mesh.shape[DATA]
-
-
-def leading_axis_spec(x: Any, n: int) -> P:
-  """``P('data')`` for arrays whose leading dim is a multiple of n (banks, queues), else ``P()``.
-
-  Kept for code outside the train state (e.g. evaluation banks). The train state's method
-  entries are placed by their declared specs instead (``state.state_shardings``).
-  """
-  shape = getattr(x, 'shape', ())
-  if len(shape) >= 1 and shape[0] >= n and shape[0] % n == 0 and n > 1:
-    return P(DATA)
-  return P()
 
 
 def global_batch(mesh: Mesh, local_batch: Any) -> Any:
@@ -85,14 +79,13 @@ def global_batch(mesh: Mesh, local_batch: Any) -> Any:
 # ---------------------------------------------------------------------------------------------
 # Pools of rows that live on one device (partner search, FT's negative interpolation).
 # ---------------------------------------------------------------------------------------------
-def resolve_pool(setting: int, rows: int, n_dev: int | None = None) -> int:
+def resolve_pool(setting: int, rows: int, n_dev: int) -> int:
   """Rows per pool for a ``*_pool`` config value over ``rows`` global rows.
 
   ``0``: the rows of one device (``rows / n_dev``; all of them on one device); ``-1``: all
   rows; ``N > 0``: ``N`` (must divide ``rows``). Pools are consecutive rows, so a pool lies on
-  one device iff its size divides the rows per device.
+  one device iff its size divides the rows per device. ``n_dev``: devices on 'data'.
   """
-  n_dev = mesh_data_size() if n_dev is None else n_dev
   if setting == 0:
     return rows // n_dev
   if setting == -1:
@@ -103,22 +96,22 @@ def resolve_pool(setting: int, rows: int, n_dev: int | None = None) -> int:
   return setting
 
 
-def pool_is_local(pool: int, rows: int, n_dev: int | None = None) -> bool:
-  """Whether every pool of ``pool`` consecutive rows lies on one device."""
-  n_dev = mesh_data_size() if n_dev is None else n_dev
+def pool_is_local(pool: int, rows: int, n_dev: int) -> bool:
+  """Whether every pool of ``pool`` consecutive rows lies on one of ``n_dev`` devices."""
   return (rows // n_dev) % pool == 0
 
 
-def concat_per_device(xs: list[jax.Array]) -> jax.Array:
+def concat_per_device(xs: list[jax.Array], *, mesh: Mesh | AbstractMesh | None
+                      ) -> jax.Array:
   """Concatenate arrays sharded along 'data' so each device keeps its own rows.
 
   ``jnp.concatenate`` of two ``[B, ...]`` arrays gives rows ``0..2B-1``, which the mesh splits
   into contiguous blocks: device 0 would hold the first ``2B/n`` rows, all from ``xs[0]``, and
   XLA would move images to get there. Here the result is ``[x_0 rows of device 0, x_1 rows of
   device 0, ..., x_0 rows of device 1, ...]``: nothing moves. On one device it is
-  ``jnp.concatenate(xs)``. ``split_per_device`` undoes it.
+  ``jnp.concatenate(xs)`` (also for ``mesh=None``). ``split_per_device`` undoes it.
   """
-  n = mesh_data_size()
+  n = mesh_data_size(mesh)
   if n == 1:
     return jnp.concatenate(xs, axis=0)
   parts = [x.reshape((n, x.shape[0] // n) + x.shape[1:]) for x in xs]
@@ -126,9 +119,10 @@ def concat_per_device(xs: list[jax.Array]) -> jax.Array:
   return out.reshape((-1,) + out.shape[2:])
 
 
-def split_per_device(x: jax.Array, sizes: list[int]) -> list[jax.Array]:
+def split_per_device(x: jax.Array, sizes: list[int], *, mesh: Mesh | AbstractMesh | None
+                     ) -> list[jax.Array]:
   """Inverse of ``concat_per_device``: the arrays of global leading sizes ``sizes``."""
-  n = mesh_data_size()
+  n = mesh_data_size(mesh)
   if n == 1:
     return jnp.split(x, np.cumsum(sizes)[:-1].tolist(), axis=0)
   xr = x.reshape((n, x.shape[0] // n) + x.shape[1:])
@@ -160,13 +154,14 @@ class PerDevice:
     return cls(children[0])
 
 
-def per_device_copies(tree: Any) -> PerDevice:
+def per_device_copies(tree: Any, mesh: Mesh | AbstractMesh) -> PerDevice:
   """``PerDevice`` of ``tree``: ``[n, ...]`` broadcasts sharded on 'data' (a local copy each)."""
-  n = mesh_data_size()
+  n = mesh_data_size(mesh)
+  spec = NamedSharding(mesh, P(DATA))
 
   def copy(x):
     y = jnp.broadcast_to(x[None], (n,) + x.shape)
-    return jax.lax.with_sharding_constraint(y, P(DATA))
+    return jax.lax.with_sharding_constraint(y, spec)
 
   return PerDevice(jax.tree.map(copy, tree))
 
@@ -176,18 +171,23 @@ def sum_copies(copies: PerDevice) -> Any:
   return jax.tree.map(lambda g: jnp.sum(g, axis=0), copies.tree)
 
 
-def value_and_grad_reduced_once(fn: Callable, params: Any, *, has_aux: bool = False):
+def value_and_grad_reduced_once(fn: Callable, params: Any, *, has_aux: bool = False,
+                                mesh: Mesh | AbstractMesh | None = None):
   """``jax.value_and_grad(fn, has_aux=has_aux)(params)``, the gradient all-reduced once.
 
   On a mesh with ``n > 1`` devices ``fn`` receives ``PerDevice(params)`` (pass it on to
-  ``apply_per_device``, e.g. through ``Method.forward``); the gradient with respect to the
-  copies stays on each device through every application of the network and is summed once.
-  The result is the same gradient (``dL/dp = sum_i dL/dp_i`` at ``p_i = p``). On one device
-  this is ``jax.value_and_grad``.
+  ``apply_per_device``, e.g. through ``StepContext.forward`` of a context built with the same
+  mesh); the gradient with respect to the copies stays on each device through every
+  application of the network and is summed once. The result is the same gradient
+  (``dL/dp = sum_i dL/dp_i`` at ``p_i = p``). On one device this is ``jax.value_and_grad``.
+  ``mesh=None`` reads the ambient mesh (``jax.sharding.get_abstract_mesh()``): the one ambient
+  read left, for a trainer that does not pass its mesh yet.
   """
-  if mesh_data_size() == 1:
+  if mesh is None:
+    mesh = jax.sharding.get_abstract_mesh()
+  if mesh_data_size(mesh) == 1:
     return jax.value_and_grad(fn, has_aux=has_aux)(params)
-  out, grads = jax.value_and_grad(fn, has_aux=has_aux)(per_device_copies(params))
+  out, grads = jax.value_and_grad(fn, has_aux=has_aux)(per_device_copies(params, mesh))
   return out, sum_copies(grads)
 
 
@@ -206,7 +206,7 @@ def bn_axis_index_groups(bn_group_size: int, n_dev: int) -> tuple[tuple[int, ...
 
 
 def apply_per_device(model, params, batch_stats, images: jax.Array, *, grouped: bool,
-                     **kwargs) -> tuple[dict[str, jax.Array], Any]:
+                     mesh: Mesh | AbstractMesh, **kwargs) -> tuple[dict[str, jax.Array], Any]:
   """Training-mode ``model.apply`` on each device's rows; returns (outputs, new batch_stats).
 
   ``model`` must be built with BatchNorm ``axis_name='data'`` (and its ``axis_index_groups``
@@ -216,7 +216,8 @@ def apply_per_device(model, params, batch_stats, images: jax.Array, *, grouped: 
   ``images`` and array ``kwargs`` (e.g. ``token_indices``) are ``[B, ...]`` sharded along
   'data'; every output is ``[B, ...]`` sharded along 'data'. With groups, the running
   statistics of the groups differ, and the stored ones are their mean over all devices (one
-  more all-reduce per application: all running statistics as one flat vector).
+  more all-reduce per application: all running statistics as one flat vector). ``mesh``: the
+  mesh of 'data' (a ``Mesh``, or its ``AbstractMesh`` inside ``jax.jit``).
   """
   stacked = isinstance(params, PerDevice)
   tree = params.tree if stacked else params
@@ -234,7 +235,6 @@ def apply_per_device(model, params, batch_stats, images: jax.Array, *, grouped: 
       new_bs = unravel(jax.lax.pmean(flat, DATA))
     return out, new_bs
 
-  mesh = jax.sharding.get_abstract_mesh()
   fn = jax.shard_map(body, mesh=mesh,
                      in_specs=(P(DATA) if stacked else P(), P(), P(DATA), P(DATA)),
                      out_specs=(P(DATA), P()), check_vma=False)

@@ -68,8 +68,10 @@ def loss_and_grads(method, state: TrainState, batch, rng):
   device)."""
 
   def loss_fn(params):
-    return method.loss(params, state.target_params, state.method_state, state.batch_stats,
-                       batch, rng, state.step)
+    ctx = method.context(params, target_params=state.target_params,
+                         method_state=state.method_state, batch_stats=state.batch_stats,
+                         step=state.step, rng=rng, mesh=jax.sharding.get_abstract_mesh())
+    return method.loss(ctx, batch)
 
   (loss, aux), grads = sharding.value_and_grad_reduced_once(loss_fn, state.params, has_aux=True)
   return loss, aux, grads

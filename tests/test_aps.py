@@ -70,7 +70,8 @@ def test_indices_sampled_in_step_have_configured_sizes_and_match_selective_sampl
         for r in rows:
           assert len(set(r.tolist())) == keep and r.min() >= 0 and r.max() < n
 
-  # ... and the loss uses exactly these indices: loss == pair_loss(indices from sample_indices).
+  # ... and the loss uses exactly these indices: loss == pair_loss(indices from sample_indices),
+  # and each direction is ctr (numpy, below) of the network's outputs on those tokens.
   c = _config()
   m = methods.get('aps')(c)
   v = jax.jit(m.init_variables)(jax.random.key(0))
@@ -78,14 +79,24 @@ def test_indices_sampled_in_step_have_configured_sizes_and_match_selective_sampl
 
   @jax.jit
   def both(p, bs, batch, rng):
-    full, aux = m.loss(p, p, {}, bs, batch, rng, 0)
+    ctx = m.context(p, target_params=p, method_state={}, batch_stats=bs, step=0, rng=rng,
+                    mesh=None)
+    full, aux = m.loss(ctx, batch)
     i1, i2 = m.sample_indices(rng, batch)
-    ref, *_ = m.pair_loss(p, p, bs, batch['view1'], batch['view2'], i1, i2)
+    ref, *_ = m.pair_loss(ctx, bs, batch['view1'], batch['view2'], i1, i2)
+    views = [m.model.apply({'params': p, 'batch_stats': bs}, batch[f'view{i}'], train=True,
+                           token_indices=idx, mutable=['batch_stats'])[0]
+             for i, idx in ((1, i1), (2, i2))]
     out = m.model.apply({'params': p, 'batch_stats': bs}, batch['view1'], train=False,
                         with_predictor=False)
-    return full, ref, aux, out
-  full, ref, aux, out = both(p, bs, batch, rng)
+    return full, ref, aux, out, views
+  full, ref, aux, out, (o1, o2) = jax.device_get(both(p, bs, batch, rng))
   np.testing.assert_allclose(full, ref, rtol=1e-6)
+  t = m.temperature
+  l12, l21 = _np_ctr(o1['pred'], o2['proj'], t), _np_ctr(o2['pred'], o1['proj'], t)
+  np.testing.assert_allclose(float(aux.metrics['aps/loss_12']), l12, rtol=1e-4)
+  np.testing.assert_allclose(float(aux.metrics['aps/loss_21']), l21, rtol=1e-4)
+  np.testing.assert_allclose(float(full), l12 + l21, rtol=1e-4)
   np.testing.assert_array_equal(out['features'], out['cls'])   # CLS feeds the projector
   assert aux.features.shape == (b, 32)
   # view2_cover: the mean over images of the view-1 coverage (ops.patches.coverage, checked
@@ -113,17 +124,23 @@ def test_contrastive_loss_matches_numpy_and_is_global_under_sharding():
   rs = np.random.RandomState(1)
   p1, p2, z1, z2 = (rs.randn(8, 16).astype(np.float32) for _ in range(4))
   ref = _np_ctr(p1, z2, 0.1) + _np_ctr(p2, z1, 0.1)
-  got = aps.aps_loss(p1, p2, z1, z2, 0.1)
+  got = aps.contrastive_loss(p1, z2, 0.1) + aps.contrastive_loss(p2, z1, 0.1)
   np.testing.assert_allclose(float(got), ref, rtol=1e-5)
   np.testing.assert_allclose(float(aps.contrastive_loss(p1, z2, 0.5)), _np_ctr(p1, z2, 0.5),
                              rtol=1e-5)
+  # The form the step calls: the same loss, and the logits n(p) n(z)^T / tau.
+  loss, s = aps.contrastive_loss(p1, z2, 0.1, with_logits=True)
+  assert float(loss) == float(aps.contrastive_loss(p1, z2, 0.1))
+  unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)   # noqa: E731
+  np.testing.assert_allclose(np.asarray(s), unit(p1) @ unit(z2).T / 0.1, rtol=1e-5, atol=1e-5)
   # Targets are constants: no gradient flows into z.
   gz = jax.grad(lambda z: aps.contrastive_loss(p1, z, 0.1))(z2)
   assert float(jnp.abs(gz).max()) == 0.0
   # Batch sharded over 4 devices: negatives are still the whole global batch.
   mesh = sharding.make_mesh(4)
   put = lambda x: jax.device_put(x, NamedSharding(mesh, P('data')))
-  sharded = jax.jit(aps.aps_loss, static_argnums=4)(put(p1), put(p2), put(z1), put(z2), 0.1)
+  sharded = jax.jit(lambda p1, p2, z1, z2: aps.contrastive_loss(p1, z2, 0.1)
+                    + aps.contrastive_loss(p2, z1, 0.1))(put(p1), put(p2), put(z1), put(z2))
   np.testing.assert_allclose(float(sharded), ref, rtol=1e-5)
 
 
@@ -139,7 +156,12 @@ def test_loss_decreases_on_a_fixed_batch():
   @jax.jit
   def step(params, bs, opt, i):
     rng = jax.random.key(1)   # the same patch indices every step: a deterministic objective
-    (l, aux), g = jax.value_and_grad(m.loss, has_aux=True)(params, params, {}, bs, batch, rng, i)
+    def loss(p):
+      ctx = m.context(p, target_params=p, method_state={}, batch_stats=bs, step=i, rng=rng,
+                      mesh=None)
+      return m.loss(ctx, batch)
+
+    (l, aux), g = jax.value_and_grad(loss, has_aux=True)(params)
     u, opt = tx.update(g, opt, params)
     return optax.apply_updates(params, u), aux.batch_stats, opt, l
 

@@ -92,16 +92,16 @@ def test_selection_on_four_sharded_devices_equals_unsharded():
   b, d, c, k = 16, 8, 4, 5
   z, cents = _unit(rs, b, d), _unit(rs, c, d)
   a = np.argmax(z @ cents.T, axis=1).astype(np.int32)
-  fn = jax.jit(clim.center_wise_select, static_argnames='k')
-  pooled = jax.jit(clim.center_wise_select_in_pools, static_argnames=('k', 'pool'))
+  fn = jax.jit(clim.center_wise_select, static_argnames=('k', 'mesh'))
+  pooled = jax.jit(clim.center_wise_select_in_pools, static_argnames=('k', 'pool', 'mesh'))
   want = fn(z, z, a, a, cents, k=k, exclude=np.arange(b))
   want_pooled = pooled(z, a, cents, k=k, pool=4)
   mesh = sharding.make_mesh(4)
   with jax.set_mesh(mesh):
     zs = jax.device_put(z, NamedSharding(mesh, P('data')))
     as_ = jax.device_put(a, NamedSharding(mesh, P('data')))
-    got = fn(zs, zs, as_, as_, cents, k=k, exclude=jnp.arange(b))
-    got_pooled = pooled(zs, as_, cents, k=k, pool=4)
+    got = fn(zs, zs, as_, as_, cents, k=k, exclude=jnp.arange(b), mesh=mesh)
+    got_pooled = pooled(zs, as_, cents, k=k, pool=4, mesh=mesh)
   for g, w in ((got, want), (got_pooled, want_pooled)):
     np.testing.assert_array_equal(np.asarray(g[0]), np.asarray(w[0]))     # indices
     np.testing.assert_array_equal(np.asarray(g[1]), np.asarray(w[1]))     # keep

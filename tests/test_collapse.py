@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ssl_jax.evals import collapse
-from ssl_jax.methods import base
+from ssl_jax.ops import summaries
 
 
 def test_embedding_summary_matches_numpy_and_separates_healthy_from_collapsed():
@@ -12,12 +12,12 @@ def test_embedding_summary_matches_numpy_and_separates_healthy_from_collapsed():
   healthy = rng.normal(size=(512, d)).astype(np.float32)
   n = healthy / np.linalg.norm(healthy, axis=1, keepdims=True)
   want = n.std(axis=0).mean()
-  got = base.embedding_summary(jnp.asarray(healthy))
+  got = summaries.embedding_summary(jnp.asarray(healthy))
   np.testing.assert_allclose(float(got['collapse/embed_std']), want, rtol=1e-5)
   np.testing.assert_allclose(float(got['collapse/embed_std_ratio']), want * np.sqrt(d), rtol=1e-5)
   assert 0.9 < float(got['collapse/embed_std_ratio']) < 1.1          # ~1/sqrt(d) when healthy
   one = rng.normal(size=(1, d)) + 1e-3 * rng.normal(size=(512, d))  # all on one direction
-  col = base.embedding_summary(jnp.asarray(one, jnp.float32))
+  col = summaries.embedding_summary(jnp.asarray(one, jnp.float32))
   assert float(col['collapse/embed_std_ratio']) < 0.01
 
 

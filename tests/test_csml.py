@@ -54,13 +54,13 @@ def test_neighbour_retrieval_on_four_sharded_devices_equals_unsharded():
   rs = np.random.RandomState(1)
   keys, bank = _unit(rs, 8, 16), _unit(rs, 64, 16)
   valid = np.arange(64) < 44                      # a bank not yet full
-  fn = jax.jit(csml.retrieve_neighbours, static_argnames=('n', 'threshold'))
+  fn = jax.jit(csml.retrieve_neighbours, static_argnames=('n', 'threshold', 'mesh'))
   want = fn(keys, bank, n=6, threshold=0.2, valid=valid)
   mesh = sharding.make_mesh(4)
   with jax.set_mesh(mesh):
     bank_s = jax.device_put(bank, NamedSharding(mesh, P('data')))
     valid_s = jax.device_put(valid, NamedSharding(mesh, P('data')))
-    got = fn(keys, bank_s, n=6, threshold=0.2, valid=valid_s)
+    got = fn(keys, bank_s, n=6, threshold=0.2, valid=valid_s, mesh=mesh)
   np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))     # indices
   np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))     # keep
   np.testing.assert_allclose(np.asarray(got[2]), np.asarray(want[2]), atol=1e-6)
@@ -99,7 +99,8 @@ def test_tiny_run_per_level_queues_and_loss_decreases():
     state = parts.init(jax.random.key(0))
     ms0 = jax.device_get(state.method_state)
     # The keys the step will enqueue: the EMA target (= the online net at init) on view2.
-    t = jax.jit(method.target_forward)(state.target_params, state.batch_stats, batch['view2'])
+    t = jax.jit(lambda p, bs, x: method.apply(p, bs, x, mesh=mesh, with_predictor=False)[0])(
+        state.target_params, state.batch_stats, batch['view2'])
     gb = sharding.global_batch(mesh, batch)
     state, met0, _ = parts.train_step(state, gb)
     ms1 = jax.device_get(state.method_state)

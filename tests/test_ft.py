@@ -124,7 +124,7 @@ def test_pooled_interpolation_matches_numpy_and_moves_no_queue():
   mesh = sharding.make_mesh(4)
   with jax.set_mesh(mesh):
     qs = jax.device_put(queue, NamedSharding(mesh, P('data')))
-    fn = jax.jit(lambda q, p: ft.interpolate_negatives(q, p, 0.3, pool=16))
+    fn = jax.jit(lambda q, p: ft.interpolate_negatives(q, p, 0.3, pool=16, mesh=mesh))
     np.testing.assert_allclose(fn(qs, perm), want, rtol=1e-5, atol=1e-6)
     assert sum(v['count'] for v in collective_summary(fn, qs, perm).values()) == 0
     whole = jax.jit(lambda q, p: ft.interpolate_negatives(q, p, 0.3))   # any permutation

@@ -23,7 +23,7 @@ def test_gather_rows_sharded_equals_numpy():
   with jax.set_mesh(mesh):
     sh = NamedSharding(mesh, P('data'))
     bs, ls = jax.device_put(bank, sh), jax.device_put(labels, sh)
-    fn = jax.jit(gather.gather_rows)
+    fn = jax.jit(lambda bank, idx: gather.gather_rows(bank, idx, mesh=mesh))
     got = fn(bs, idx)                                  # 8 query rows: reduce-scattered
     assert got.sharding.spec == P('data')
     np.testing.assert_array_equal(np.asarray(got), want)
@@ -46,12 +46,12 @@ def test_take_within_pools_equals_numpy_and_stays_on_device():
   with jax.set_mesh(mesh):
     sh = NamedSharding(mesh, P('data'))
     xs = jax.device_put(x, sh)
-    fn = jax.jit(lambda x, i: gather.take_within_pools(x, i, 4))
+    fn = jax.jit(lambda x, i: gather.take_within_pools(x, i, 4, mesh=mesh))
     np.testing.assert_array_equal(np.asarray(fn(xs, jax.device_put(idx, sh))), x[idx])
     np.testing.assert_array_equal(np.asarray(fn(xs, jax.device_put(idx2, sh))), x[idx2])
     assert sum(v['count'] for v in collective_summary(
         fn, xs, jax.device_put(idx, sh)).values()) == 0
     # Pools of 8 span 2 devices (4 rows each): the same values, rows move.
     idx8 = (rows // 8 * 8 + rs.randint(0, 8, 16)).astype(np.int32)
-    fn8 = jax.jit(lambda x, i: gather.take_within_pools(x, i, 8))
+    fn8 = jax.jit(lambda x, i: gather.take_within_pools(x, i, 8, mesh=mesh))
     np.testing.assert_array_equal(np.asarray(fn8(xs, idx8)), x[idx8])

@@ -109,8 +109,8 @@ def test_sharded_matches_unsharded():
   c_ref, a_ref, _, reseeds = _ref_lloyd(x, init, 5)
   assert reseeds >= 1
   with jax.set_mesh(mesh):
-    c2, a2, o2 = km.kmeans(x_s, 12, 5, None, init)
-    c3, a3, o3 = km.kmeans(x_s, 12, 4, jax.random.key(0))               # k-means++ on shards
+    c2, a2, o2 = km.kmeans(x_s, 12, 5, None, init, mesh=mesh)
+    c3, a3, o3 = km.kmeans(x_s, 12, 4, jax.random.key(0), mesh=mesh)    # k-means++ on shards
   np.testing.assert_array_equal(np.asarray(a2), np.asarray(a1))
   np.testing.assert_array_equal(np.asarray(a2), a_ref)
   np.testing.assert_allclose(np.asarray(c2), np.asarray(c1), atol=1e-5)

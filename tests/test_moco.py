@@ -35,7 +35,9 @@ def test_symmetric_loss_is_the_mean_of_both_directions_with_a_queue_per_view():
   batch = {f'view{i}': jnp.asarray(rng.integers(0, 256, (8, 32, 32, 3)), jnp.uint8)
            for i in (1, 2)}
   target = jax.tree.map(lambda p: p * 1.01, var['params'])   # target differs from online
-  loss, aux = m.loss(var['params'], target, state, var['batch_stats'], batch, None, 0)
+  ctx = m.context(var['params'], target_params=target, method_state=state,
+                  batch_stats=var['batch_stats'], step=0, rng=None, mesh=None)
+  loss, aux = m.loss(ctx, batch)
 
   def proj(params, x):
     out = m.model.apply({'params': params, 'batch_stats': var['batch_stats']}, x, train=True,

@@ -54,7 +54,7 @@ def test_sharded_bank_gives_same_loss_and_never_written_rows_are_masked():
   mesh = sharding.make_mesh(4)
   with jax.set_mesh(mesh):
     b4 = jax.device_put(jnp.asarray(garbage), sharding.data_sharding(mesh))
-    got4 = jax.jit(lambda u, v, b, m: msf.msf_loss(u, v, b, 5, valid=m))(
+    got4 = jax.jit(lambda u, v, b, m: msf.msf_loss(u, v, b, 5, valid=m, mesh=mesh))(
         jnp.asarray(u), jnp.asarray(v), b4, valid)
   got1 = msf.msf_loss(jnp.asarray(u), jnp.asarray(v), jnp.asarray(garbage), 5, valid=valid)
   np.testing.assert_allclose(got4, ref, rtol=1e-5, atol=1e-6)

@@ -41,7 +41,7 @@ def test_byol_gradients_are_all_reduced_once_and_equal_one_device(monkeypatch):
   parts, mesh = method_steps.build(c, 4)
   once = _allreduce_bytes(parts, mesh, batches[0])
   monkeypatch.setattr(sharding, 'value_and_grad_reduced_once',
-                      lambda fn, p, has_aux=False: jax.value_and_grad(fn, has_aux=has_aux)(p))
+                      lambda fn, p, has_aux=False, **_: jax.value_and_grad(fn, has_aux=has_aux)(p))
   parts, mesh = method_steps.build(c, 4)
   plain = _allreduce_bytes(parts, mesh, batches[0])
   assert abs((plain - once) - net) < 0.05 * net, (plain, once, net)
@@ -66,7 +66,7 @@ def test_bn_statistics_over_groups_of_devices(group):
   mesh = sharding.make_mesh(4)
   with jax.set_mesh(mesh):
     xs = jax.device_put(x, NamedSharding(mesh, P('data')))
-    fn = jax.jit(lambda p, bs, x: sharding.apply_per_device(model, p, bs, x,
+    fn = jax.jit(lambda p, bs, x: sharding.apply_per_device(model, p, bs, x, mesh=mesh,
                                                              grouped=groups is not None))
     out, bs = fn(variables['params'], variables['batch_stats'], xs)
     ops = scaling.collective_ops(compiled_text(fn, variables['params'],
@@ -100,10 +100,10 @@ def test_concat_per_device_keeps_rows_on_their_device():
   mesh = sharding.make_mesh(4)
   with jax.set_mesh(mesh):
     sh = NamedSharding(mesh, P('data'))
-    fn = jax.jit(lambda a, b: sharding.split_per_device(sharding.concat_per_device([a, b]),
-                                                        [8, 8]))
-    cat = jax.jit(lambda a, b: sharding.concat_per_device([a, b]))(jax.device_put(a, sh),
-                                                                 jax.device_put(b, sh))
+    fn = jax.jit(lambda a, b: sharding.split_per_device(
+        sharding.concat_per_device([a, b], mesh=mesh), [8, 8], mesh=mesh))
+    cat = jax.jit(lambda a, b: sharding.concat_per_device([a, b], mesh=mesh))(
+        jax.device_put(a, sh), jax.device_put(b, sh))
     back = fn(jax.device_put(a, sh), jax.device_put(b, sh))
     assert sum(v['count'] for v in collective_summary(
         fn, jax.device_put(a, sh), jax.device_put(b, sh)).values()) == 0
@@ -111,7 +111,7 @@ def test_concat_per_device_keeps_rows_on_their_device():
   np.testing.assert_array_equal(np.asarray(back[1]), b)
   # Device 0 holds rows 0-1 of a then rows 0-1 of b.
   np.testing.assert_array_equal(np.asarray(cat)[:4], np.concatenate([a[:2], b[:2]]))
-  np.testing.assert_array_equal(np.asarray(sharding.concat_per_device([a, b])),
+  np.testing.assert_array_equal(np.asarray(sharding.concat_per_device([a, b], mesh=None)),
                                 np.concatenate([a, b]))           # no mesh: plain concatenate
 
 

@@ -40,8 +40,8 @@ def test_queue_logits_and_mixed_info_nce_match_numpy_sharded_or_not():
   mesh = sharding.make_mesh(4)
   with jax.set_mesh(mesh):
     qs = jax.device_put(queue, NamedSharding(mesh, P('data')))
-    lg = jax.jit(losses.queue_logits, static_argnums=2)(q, qs, tau)
+    lg = jax.jit(lambda q, queue: losses.queue_logits(q, queue, tau, mesh=mesh))(q, qs)
     assert lg.sharding.spec == P(None, 'data')          # kept sharded along K
     np.testing.assert_allclose(np.asarray(lg), ref_logits, rtol=1e-5, atol=1e-5)
-    got = jax.jit(losses.mixed_info_nce, static_argnums=5)(q, ka, kb, w, qs, tau)
+    got = jax.jit(lambda *a: losses.mixed_info_nce(*a, tau, mesh=mesh))(q, ka, kb, w, qs)
   np.testing.assert_allclose(float(got), ref, rtol=1e-5)

@@ -45,7 +45,7 @@ def _variant(suite, bank, q, k, dtype, recall, block_rows) -> Row:
   kw = {} if recall is None else {'recall_target': recall}
   if block_rows:
     kw['block_rows'] = block_rows
-  fn = jax.jit(lambda qq, bb: knn.topk_cosine(qq, bb, k, **kw))
+  fn = jax.jit(lambda qq, bb: knn.topk_cosine(qq, bb, k, mesh=suite.mesh, **kw))
   tb = torch.from_numpy(bank).to(suite.tdev, tdt)
   tq = torch.from_numpy(q).to(suite.tdev, tdt)
   peer_out = {}

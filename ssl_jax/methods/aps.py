@@ -73,7 +73,7 @@ import ml_collections
 from ssl_jax import config_lib
 from ssl_jax.methods import base
 from ssl_jax.models import vit
-from ssl_jax.ops import losses, patches
+from ssl_jax.ops import losses, patches, summaries
 
 
 def _diagonal(s: jax.Array) -> jax.Array:
@@ -92,19 +92,18 @@ def contrastive_logits(p: jax.Array, z: jax.Array, temperature: float) -> jax.Ar
   return jnp.matmul(q, k.T, precision=jax.lax.Precision.HIGHEST) / temperature
 
 
-def contrastive_loss(p: jax.Array, z: jax.Array, temperature: float = 0.1) -> jax.Array:
+def contrastive_loss(p: jax.Array, z: jax.Array, temperature: float = 0.1, *,
+                     with_logits: bool = False):
   """``ctr(p, z) = CE(n(p) n(sg(z))ᵀ / τ, arange(B)) = mean_i [logsumexp_k s_ik − s_ii]``.
 
   ``p``, ``z`` are ``[B, d]`` (any float dtype; computed in float32); ``z`` is a constant.
+  The step's loss is ``L = ctr(p1, sg(z2)) + ctr(p2, sg(z1))`` (``Method.pair_loss``).
+  Returns ``ctr``; with ``with_logits=True``, ``(ctr, s)`` with ``s`` the ``[B, B]`` logits
+  (``contrastive_logits``), which the step's metrics read.
   """
   s = contrastive_logits(p, z, temperature)
-  return jnp.mean(jax.nn.logsumexp(s, axis=-1) - _diagonal(s))
-
-
-def aps_loss(p1: jax.Array, p2: jax.Array, z1: jax.Array, z2: jax.Array,
-             temperature: float = 0.1) -> jax.Array:
-  """``L = ctr(p1, sg(z2)) + ctr(p2, sg(z1))``."""
-  return contrastive_loss(p1, z2, temperature) + contrastive_loss(p2, z1, temperature)
+  loss = jnp.mean(jax.nn.logsumexp(s, axis=-1) - _diagonal(s))
+  return (loss, s) if with_logits else loss
 
 
 class Method(base.Method):
@@ -217,54 +216,53 @@ class Method(base.Method):
     return jnp.mean(jax.vmap(one)(idx1, idx2, batch['box1'], batch['box2'], batch['flip1'],
                                   batch['flip2']))
 
-  def pair_loss(self, params, target_params, batch_stats, x1, x2, idx1, idx2
+  def pair_loss(self, ctx: base.StepContext, batch_stats, x1, x2, idx1, idx2
                 ) -> tuple[jax.Array, dict[str, jax.Array], Any, jax.Array, dict[str, jax.Array]]:
-    """``L`` for one chunk pair; ``idx`` may be None (all tokens, the full-token baseline).
+    """``L = ctr(p1, sg(z2)) + ctr(p2, sg(z1))`` (``contrastive_loss``) for one chunk pair;
+    ``idx`` may be None (all tokens, the full-token baseline). ``batch_stats``: the BatchNorm
+    statistics to start from (threaded through the pairs in ``chunk_mode='all'``).
 
     Returns ``(loss, metrics, batch_stats, view-1 features, scores)``.
     """
-    o1, batch_stats = self.forward(params, batch_stats, x1, token_indices=idx1)
-    o2, batch_stats = self.forward(params, batch_stats, x2, token_indices=idx2)
+    o1, batch_stats = ctx.forward(batch_stats, x1, token_indices=idx1)
+    o2, batch_stats = ctx.forward(batch_stats, x2, token_indices=idx2)
     if self.momentum_target:
-      z1 = self.target_forward(target_params, batch_stats, x1, token_indices=idx1)['proj']
-      z2 = self.target_forward(target_params, batch_stats, x2, token_indices=idx2)['proj']
+      z1 = ctx.target_forward(batch_stats, x1, token_indices=idx1)['proj']
+      z2 = ctx.target_forward(batch_stats, x2, token_indices=idx2)['proj']
     else:
       z1 = jax.lax.stop_gradient(o1['proj'])
       z2 = jax.lax.stop_gradient(o2['proj'])
-    s12 = contrastive_logits(o1['pred'], z2, self.temperature)
-    s21 = contrastive_logits(o2['pred'], z1, self.temperature)
-    l12 = jnp.mean(jax.nn.logsumexp(s12, axis=-1) - _diagonal(s12))
-    l21 = jnp.mean(jax.nn.logsumexp(s21, axis=-1) - _diagonal(s21))
+    l12, s12 = contrastive_loss(o1['pred'], z2, self.temperature, with_logits=True)
+    l21, s21 = contrastive_loss(o2['pred'], z1, self.temperature, with_logits=True)
     loss = l12 + l21
     arange = jnp.arange(s12.shape[0])
     top1 = 0.5 * (jnp.mean(jnp.argmax(s12, -1) == arange) + jnp.mean(jnp.argmax(s21, -1) == arange))
     pos_sim = 0.5 * self.temperature * (jnp.mean(_diagonal(s12)) + jnp.mean(_diagonal(s21)))
     q = jax.lax.stop_gradient(losses.l2_normalize(o1['pred']))
     k = losses.l2_normalize(jax.lax.stop_gradient(z2))
-    pos, neg = base.in_batch_scores(q, k)
+    pos, neg = summaries.in_batch_scores(q, k)
     metrics = {'aps/loss_12': l12, 'aps/loss_21': l21, 'aps/pos_sim': pos_sim,
-               'aps/ctr_top1': top1, **base.score_summary(pos, neg),
-               **base.embedding_summary(o1['proj'])}
+               'aps/ctr_top1': top1, **summaries.score_summary(pos, neg),
+               **summaries.embedding_summary(o1['proj'])}
     return loss, metrics, batch_stats, o1['features'], {'pos': pos, 'neg': neg}
 
-  def loss(self, params, target_params, method_state, batch_stats, batch, rng, step):
-    del step
+  def loss(self, ctx, batch):
     x1, x2 = batch['view1'], batch['view2']
-    idx1, idx2 = self.sample_indices(rng, batch)
+    idx1, idx2 = self.sample_indices(ctx.rng, batch)
     if self.chunk_mode == 'one':
       loss, metrics, batch_stats, feats, scores = self.pair_loss(
-          params, target_params, batch_stats, x1, x2, idx1, idx2)
+          ctx, ctx.batch_stats, x1, x2, idx1, idx2)
       cover = self.view2_cover(batch, idx1, idx2)
     else:
       def body(bs, ids):
         i1, i2 = ids
-        l, mets, bs, f, sc = self.pair_loss(params, target_params, bs, x1, x2, i1, i2)
+        l, mets, bs, f, sc = self.pair_loss(ctx, bs, x1, x2, i1, i2)
         return bs, (l, mets, f, sc)
       xs = (jnp.swapaxes(idx1, 0, 1), jnp.swapaxes(idx2, 0, 1))              # [C, B, K]
-      batch_stats, (ls, mets, fs, scs) = jax.lax.scan(body, batch_stats, xs)
+      batch_stats, (ls, mets, fs, scs) = jax.lax.scan(body, ctx.batch_stats, xs)
       loss = jnp.mean(ls)
       metrics = jax.tree.map(jnp.mean, mets)
       feats, scores = fs[0], jax.tree.map(lambda a: a[0], scs)
       cover = jnp.mean(jax.vmap(lambda a, c: self.view2_cover(batch, a, c))(*xs))
     metrics = {'loss': loss, **metrics, 'aps/view2_cover': cover}
-    return loss, base.LossAux(metrics, method_state, batch_stats, feats, scores)
+    return loss, base.LossAux(metrics, ctx.method_state, batch_stats, feats, scores)

@@ -4,26 +4,62 @@ A method declares its network, its method state (queues, banks, centroids: globa
 the ``PartitionSpec`` of every state entry (``state_specs``: ``P('data')`` = sharded on the
 leading axis, ``P()`` = replicated; nothing is placed implicitly) and one pure loss function;
 the trainer does everything else (optimizer, EMA target, BatchNorm statistics, sharding,
-checkpoints, metrics, evals). Randomness enters only through ``rng``; ``loss`` never reads the
-config — everything it needs is captured as plain attributes when the method is constructed.
+checkpoints, metrics, evals). Randomness enters only through ``ctx.rng``; ``loss`` never reads
+the config — everything it needs is captured as plain attributes when the method is
+constructed.
 
-    loss(params, target_params, method_state, batch_stats, batch, rng, step)
+    loss(ctx: StepContext, batch)
         -> (scalar, LossAux(metrics, method_state, batch_stats, features, scores))
 
-``params`` reach the network only through ``forward``: on a multi-device mesh the trainer passes
-one copy per device (``sharding.PerDevice``) so the gradient is all-reduced once per step, and
-``forward`` runs the network per device (``sharding.apply_per_device``) with BatchNorm
-statistics over all devices or over groups of ``config.model.bn_group_size`` devices.
+``batch`` holds the views (uint8 images sharded along 'data', ``'label'``, and what the view
+recipe adds). ``ctx`` (a ``StepContext``) holds every other input of the step, explicitly:
+
+    ctx.params          online parameters; on a multi-device mesh one copy per device (a
+                        ``sharding.PerDevice``), read only through ``ctx.forward``
+    ctx.target_params   EMA target parameters (same tree, plain)
+    ctx.method_state    queues, banks, centroids (``init_state``, placed by ``state_specs``)
+    ctx.batch_stats     BatchNorm running statistics of the online network
+    ctx.step            int32 scalar: optimizer steps taken
+    ctx.rng             this step's key
+    ctx.mesh            the mesh of 'data' (a ``Mesh``, or its ``AbstractMesh`` inside
+                        ``jax.jit``; ``None``: one device). Every op whose program depends on the
+                        device count takes it (``mesh=ctx.mesh``); ``ctx.num_devices`` is the
+                        size of its 'data' axis
+    ctx.apply           the network, ``Method.apply``; a loss calls it through
+
+    out, batch_stats = ctx.forward(batch_stats, images, with_predictor=True, **kw)
+    out = ctx.target_forward(batch_stats, images, **kw)
+
+``ctx.forward`` is the online network in training mode and returns its outputs and updated
+BatchNorm statistics; ``ctx.target_forward`` the EMA target (no predictor; BatchNorm on the
+batch's own statistics) under stop-gradient. Both hide the per-device copies: on a mesh with
+``n > 1`` devices the network runs per device (``sharding.apply_per_device``) with BatchNorm
+statistics all-reduced over all devices or over groups of ``config.model.bn_group_size``, and
+the gradient reaches the copies the trainer passed (``sharding.value_and_grad_reduced_once``
+with the same mesh: one all-reduce of the gradients per step). On one device it is
+``model.apply``.
+
+The trainer builds the context once per step, inside the function it differentiates::
+
+    def loss_fn(params):
+      ctx = method.context(params, target_params=state.target_params,
+                           method_state=state.method_state, batch_stats=state.batch_stats,
+                           step=state.step, rng=rng, mesh=mesh)
+      return method.loss(ctx, batch)
+
+Score and embedding summaries for the metrics are in ``ssl_jax.ops.summaries``.
 """
 from __future__ import annotations
 
 import abc
+import dataclasses
 import warnings
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+from jax.sharding import AbstractMesh, Mesh
 
 from ssl_jax import sharding
 from ssl_jax.models import ssl_model
@@ -39,9 +75,6 @@ class LossAux(NamedTuple):
   scores: dict[str, Array]         # 'pos' [B] and 'neg' [B, m] cosine scores for histograms
 
 
-QUANTILE_SAMPLE = 16384
-
-
 class CrossDeviceTrafficWarning(UserWarning):
   """A method setting makes the step move images or a queue between devices (named, not silent:
   e.g. CLIM's ``partner_pool=-1`` on a pod all-gathers the image batch)."""
@@ -52,68 +85,40 @@ def warn_traffic(message: str) -> None:
   warnings.warn(message, CrossDeviceTrafficWarning, stacklevel=2)
 
 
-def quantile_sample(x: Array, max_elems: int = QUANTILE_SAMPLE) -> Array:
-  """A deterministic strided sample of at most ``max_elems`` entries of ``x`` (flattened).
+@dataclasses.dataclass(frozen=True)
+class StepContext:
+  """The explicit inputs of one step besides the views (see the module docstring)."""
+  params: Any                                   # online; a sharding.PerDevice on n > 1 devices
+  target_params: Any                            # EMA target
+  method_state: dict[str, Any]                  # queues / banks / centroids
+  batch_stats: Any                              # BatchNorm running statistics (online)
+  step: Array                                   # int32 scalar: optimizer steps taken
+  rng: Array | None                             # this step's key
+  mesh: Mesh | AbstractMesh | None              # 'data' mesh; None: one device
+  apply: Callable[..., tuple[dict[str, Array], Any]]   # Method.apply
 
-  Exact quantiles of MoCo's [B, 65,536] negative scores need a sort of 4M floats per step
-  (1.8 s on a 2-core CPU, longer than the network); the quantile metrics are read from an even
-  grid over rows and columns instead: ``x[::r, ::c]`` with ``r = ceil(B / max_elems)`` and
-  ``c = ceil(K / (max_elems // rows_kept))``. The grid is sliced along both axes, so a
-  [B, K] array sharded along K is never gathered. ``x`` with ``<= max_elems`` entries is
-  returned whole (flattened).
-  """
-  if x.size <= max_elems:
-    return x.ravel()
-  x2 = x.reshape(x.shape[0], -1) if x.ndim >= 2 else x[:, None]
-  rows, cols = x2.shape
-  r = -(-rows // max_elems)
-  kept_rows = -(-rows // r)
-  c = -(-cols // max(max_elems // kept_rows, 1))
-  return x2[::r, ::c].ravel()
+  @property
+  def num_devices(self) -> int:
+    """Devices on the mesh's 'data' axis (1 without a mesh)."""
+    return sharding.mesh_data_size(self.mesh)
 
+  def forward(self, batch_stats, images: Array, *, with_predictor: bool = True,
+              **kw) -> tuple[dict[str, Array], Any]:
+    """Online training forward of ``images``: ``(outputs, updated batch_stats)``."""
+    return self.apply(self.params, batch_stats, images, mesh=self.mesh,
+                      with_predictor=with_predictor, **kw)
 
-def score_summary(pos: Array, neg: Array, prefix: str = 'score') -> dict[str, Array]:
-  """Mean, std and 10/50/90% quantiles of positive and negative scores (FT's visualisation).
-
-  Mean and std are over every score; the quantiles over :func:`quantile_sample` (all scores
-  when there are at most 16,384, else an even grid of 16,384 of them).
-  """
-  out = {}
-  for name, x in (('pos', pos), ('neg', neg)):
-    x = x.astype(jnp.float32)
-    q10, q50, q90 = jnp.quantile(quantile_sample(x), jnp.asarray([0.1, 0.5, 0.9]))
-    out.update({f'{prefix}/{name}_mean': jnp.mean(x), f'{prefix}/{name}_std': jnp.std(x),
-                f'{prefix}/{name}_q10': q10, f'{prefix}/{name}_q50': q50,
-                f'{prefix}/{name}_q90': q90})
-  return out
-
-
-def embedding_summary(z: Array) -> dict[str, Array]:
-  """Collapse diagnostic (SimSiam, Chen & He 2021, Sec. 4.1): per-dimension std of ``n(z)``.
-
-      s = mean_j std_i( z_ij / ||z_i|| )     over the global batch i, dimensions j of d
-
-  A healthy embedding spread over the sphere has ``s ~ 1/sqrt(d)``; a collapsed one (every image
-  on one direction) has ``s -> 0``. ``collapse/embed_std_ratio`` is ``s * sqrt(d)`` (~1 healthy,
-  -> 0 collapsed), the number the trainer's collapse warning reads.
-  """
-  z = z.astype(jnp.float32)
-  z = z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), 1e-12)
-  s = jnp.mean(jnp.std(z, axis=0))
-  return {'collapse/embed_std': s, 'collapse/embed_std_ratio': s * jnp.sqrt(z.shape[-1] * 1.0)}
-
-
-def in_batch_scores(q: Array, k: Array, m: int = 16) -> tuple[Array, Array]:
-  """Cosine scores of each anchor with its own key (``pos`` [B]) and with the keys of the next
-  ``m`` images of the global batch (``neg`` [B, m]), for methods without explicit negatives."""
-  sim = q @ k.T
-  b = sim.shape[0]
-  cols = (jnp.arange(b)[:, None] + 1 + jnp.arange(min(m, b - 1))[None, :]) % b
-  return jnp.diagonal(sim), jnp.take_along_axis(sim, cols, axis=1)
+  def target_forward(self, batch_stats, images: Array, **kw) -> dict[str, Array]:
+    """EMA target forward under stop-gradient (no predictor; BatchNorm on the batch's own
+    statistics, the updated running statistics are dropped)."""
+    out, _ = self.apply(self.target_params, batch_stats, images, mesh=self.mesh,
+                        with_predictor=False, **kw)
+    return jax.lax.stop_gradient(out)
 
 
 class Method(abc.ABC):
-  """Base class: builds ``SSLNet`` from ``config.model`` and gives forward helpers."""
+  """Base class: builds ``SSLNet`` from ``config.model``, runs it (``apply``) and builds the
+  step context (``context``)."""
 
   name = 'base'
   # View keys: ``first_view`` is the one whose online features feed the online probe.
@@ -162,39 +167,42 @@ class Method(abc.ABC):
     return {}
 
   # ---------------------------------------------------------------------------------------
-  def forward(self, params, batch_stats, images, *, train: bool = True,
-              with_predictor: bool = True, **kw) -> tuple[dict[str, Array], Any]:
-    """Online forward; returns (outputs, updated batch_stats).
+  def apply(self, params, batch_stats, images, *, mesh: Mesh | AbstractMesh | None,
+            with_predictor: bool = True, **kw) -> tuple[dict[str, Array], Any]:
+    """Training-mode forward of the network; returns (outputs, updated batch_stats).
 
-    On a mesh whose 'data' axis has ``n > 1`` devices a training forward runs per device
-    (``sharding.apply_per_device``): BatchNorm statistics all-reduced over all devices, or
-    over groups of ``bn_group_size``; ``params`` may be a ``sharding.PerDevice`` (the trainer's,
-    so the gradient is reduced once per step) or a plain tree. On one device it is
-    ``model.apply``.
+    On a ``mesh`` whose 'data' axis has ``n > 1`` devices it runs per device
+    (``sharding.apply_per_device``): BatchNorm statistics all-reduced over all devices, or over
+    groups of ``bn_group_size``; ``params`` may be a ``sharding.PerDevice`` (the trainer's, so
+    the gradient is reduced once per step) or a plain tree (the EMA target). On one device
+    (``mesh`` None or of size 1) it is ``model.apply``. A loss calls it through
+    ``StepContext.forward`` / ``target_forward``.
     """
-    n = sharding.mesh_data_size()
-    if train and n > 1:
+    n = sharding.mesh_data_size(mesh)
+    if n > 1:
       groups = sharding.bn_axis_index_groups(self.bn_group_size, n)
       key = (n, groups)
       if key not in self._per_device_models:
         self._per_device_models[key] = self.build_model(bn_axis=(sharding.DATA, groups))
       return sharding.apply_per_device(self._per_device_models[key], params, batch_stats, images,
-                                       grouped=groups is not None,
+                                       grouped=groups is not None, mesh=mesh,
                                        with_predictor=with_predictor, **kw)
     if isinstance(params, sharding.PerDevice):
-      raise ValueError('per-device parameter copies are only read by a training forward on a '
-                       'multi-device mesh')
+      raise ValueError('per-device parameter copies (sharding.PerDevice) reach the network only '
+                       'on a multi-device mesh: build the step context with the mesh that '
+                       'sharding.value_and_grad_reduced_once used')
     out, mutated = self.model.apply({'params': params, 'batch_stats': batch_stats}, images,
-                                    train=train, with_predictor=with_predictor,
+                                    train=True, with_predictor=with_predictor,
                                     mutable=['batch_stats'], **kw)
     return out, mutated['batch_stats']
 
-  def target_forward(self, target_params, batch_stats, images, **kw) -> dict[str, Array]:
-    """EMA target forward under stop-gradient (BatchNorm on the batch's own statistics)."""
-    out, _ = self.forward(target_params, batch_stats, images, train=True, with_predictor=False,
-                          **kw)
-    return jax.lax.stop_gradient(out)
+  def context(self, params, *, target_params, method_state: dict[str, Any], batch_stats,
+              step, rng: Array | None, mesh: Mesh | AbstractMesh | None) -> StepContext:
+    """The ``StepContext`` of one step: ``params`` as given (a ``sharding.PerDevice`` inside
+    ``sharding.value_and_grad_reduced_once`` on several devices), the network ``self.apply``."""
+    return StepContext(params=params, target_params=target_params, method_state=method_state,
+                       batch_stats=batch_stats, step=step, rng=rng, mesh=mesh, apply=self.apply)
 
   @abc.abstractmethod
-  def loss(self, params, target_params, method_state, batch_stats, batch, rng, step):
+  def loss(self, ctx: StepContext, batch: dict[str, Array]) -> tuple[Array, LossAux]:
     """The method's objective; returns ``(loss, LossAux)``."""

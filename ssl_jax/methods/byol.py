@@ -11,7 +11,7 @@ paper's baseline).
 from __future__ import annotations
 
 from ssl_jax.methods import base
-from ssl_jax.ops import losses
+from ssl_jax.ops import losses, summaries
 
 
 class Method(base.Method):
@@ -21,21 +21,21 @@ class Method(base.Method):
     super().__init__(config, steps_per_epoch)
     self.symmetric = bool(config.method.get('symmetric', True))
 
-  def loss(self, params, target_params, method_state, batch_stats, batch, rng, step):
-    del rng, step
+  def loss(self, ctx, batch):
     x1, x2 = batch['view1'], batch['view2']
-    o1, batch_stats = self.forward(params, batch_stats, x1)
-    t2 = self.target_forward(target_params, batch_stats, x2)
+    o1, batch_stats = ctx.forward(ctx.batch_stats, x1)
+    t2 = ctx.target_forward(batch_stats, x2)
     loss = losses.byol_loss(o1['pred'], t2['proj'])
     if self.symmetric:
-      o2, batch_stats = self.forward(params, batch_stats, x2)
-      t1 = self.target_forward(target_params, batch_stats, x1)
+      o2, batch_stats = ctx.forward(batch_stats, x2)
+      t1 = ctx.target_forward(batch_stats, x1)
       loss = loss + losses.byol_loss(o2['pred'], t1['proj'])
     # Scores for the pos/neg visualisation: n(p1) against n(z2) of the same / other images.
     q = losses.l2_normalize(o1['pred'])
     k = losses.l2_normalize(t2['proj'])
-    pos, neg = base.in_batch_scores(q, k)
-    metrics = {'loss': loss, **base.score_summary(pos, neg), **base.embedding_summary(o1['proj'])}
-    return loss, base.LossAux(metrics, method_state, batch_stats, o1['features'],
+    pos, neg = summaries.in_batch_scores(q, k)
+    metrics = {'loss': loss, **summaries.score_summary(pos, neg),
+               **summaries.embedding_summary(o1['proj'])}
+    return loss, base.LossAux(metrics, ctx.method_state, batch_stats, o1['features'],
                               {'pos': pos, 'neg': neg})
 

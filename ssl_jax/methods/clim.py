@@ -3,8 +3,9 @@ r"""CLIM — Center-wise Local Image Mixture (Li, Zhang & Xiong, arXiv 2011.0269
 No official code. The abstract fixes the ingredients (positives from *other* images: local
 neighbours of the anchor, kept only if closer to the anchor's cluster centre — "center-wise
 local selection" —, instantiated by image mixing as a smoothing regulariser, plus
-multi-resolution crops); the rest is our reconstruction ([inferred] in ``METHODS.md``), with the
-choices recorded in ``configs/clim.py``.
+multi-resolution crops); the rest is our reconstruction, with the choices and why in
+``docs/recipes/clim.md`` ("What is known", "Choices and why") and the presets in
+``configs/clim.py``.
 
 One step, on MoCo v2 (``q = n(online(.))``, keys ``k = n(target(x_2))``, queue ``Q``, tau):
 
@@ -65,7 +66,7 @@ from jax.sharding import PartitionSpec as P
 
 from ssl_jax import config_lib, utils, sharding
 from ssl_jax.methods import base, moco
-from ssl_jax.ops import gather, kmeans, knn, losses, memory_bank, mixing, selection
+from ssl_jax.ops import gather, kmeans, knn, losses, memory_bank, mixing, selection, summaries
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -112,22 +113,23 @@ def center_wise_select(anchor_feats: jax.Array, candidate_feats: jax.Array,
 
 
 def center_wise_select_in_pools(feats: jax.Array, clusters: jax.Array, centroids: jax.Array,
-                                k: int, pool: int, *, recall_target: float | None = None
+                                k: int, pool: int, *, mesh=None,
+                                recall_target: float | None = None
                                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """``center_wise_select(z, z, a, a, c, k, exclude=arange(B))`` with the candidates of anchor
   ``i`` restricted to its pool of ``pool`` consecutive rows (``knn.topk_within_pools``)::
 
       N_k(i) = top-k_{j in pool(i), j != i}  z_i . z_j,   keep_ij as in ``center_rule``
 
-  A pool on one device is searched and read on that device. With ``pool = B`` it equals the
-  global search. Returns (indices [B, k] int32, -1 past ``pool - 1``; keep; scores).
+  A pool on one device of ``mesh`` is searched and read on that device. With ``pool = B`` it
+  equals the global search. Returns (indices [B, k] int32, -1 past ``pool - 1``; keep; scores).
   """
-  scores, idx = knn.topk_within_pools(feats, k, pool, recall_target=recall_target)
+  scores, idx = knn.topk_within_pools(feats, k, pool, mesh=mesh, recall_target=recall_target)
   present = idx >= 0
   rows = jnp.arange(feats.shape[0], dtype=jnp.int32)[:, None]
   safe = jnp.where(present, idx, rows)                    # stays in the row's pool
-  cand = gather.take_within_pools(feats, safe, pool).astype(jnp.float32)   # [B, k, d]
-  cand_cluster = gather.take_within_pools(clusters, safe, pool)            # [B, k]
+  cand = gather.take_within_pools(feats, safe, pool, mesh=mesh).astype(jnp.float32)  # [B, k, d]
+  cand_cluster = gather.take_within_pools(clusters, safe, pool, mesh=mesh)            # [B, k]
   keep = center_rule(feats, cand, clusters, cand_cluster, centroids, present)
   return idx, keep, scores
 
@@ -226,7 +228,7 @@ class Method(moco.Method):
     return specs
 
   # -------------------------------------------------------------------------------------------
-  def refresh_clusters(self, state, step, rng):
+  def refresh_clusters(self, state, step, rng, *, mesh):
     """k-means on the bank when it is full and the last clustering is ``kmeans_every`` steps
     old (or absent); otherwise the stored clustering. Returns the clustering fields."""
     keys = ('centroids', 'bank_clusters', 'kmeans_step', 'kmeans_objective', 'cluster_purity')
@@ -236,7 +238,8 @@ class Method(moco.Method):
     due = full & ((last < 0) | (step - last >= self.kmeans_every))
 
     def run(_):
-      cents, assign, obj = kmeans.kmeans(state['bank'], self.num_clusters, self.kmeans_iters, rng)
+      cents, assign, obj = kmeans.kmeans(state['bank'], self.num_clusters, self.kmeans_iters, rng,
+                                         mesh=mesh)
       purity = cluster_purity(assign, state['bank_labels'], self.num_clusters, self.num_classes)
       return {'centroids': cents.astype(jnp.float32), 'bank_clusters': assign.astype(jnp.int32),
               'kmeans_step': step, 'kmeans_objective': obj.astype(jnp.float32),
@@ -247,14 +250,36 @@ class Method(moco.Method):
 
     return jax.lax.cond(due, run, keep, None)
 
-  def loss(self, params, target_params, method_state, batch_stats, batch, rng, step):
+  def select_partners(self, ctx, k, anchor_cluster, k_cluster, centroids, rng):
+    """Step 2: center-wise local selection among the keys of each anchor's pool (self
+    excluded) and one draw from ``S(i)``. Returns ``(j, has_sel, nn_idx, keep, nn_cos, pool)``."""
+    b = k.shape[0]
+    self_idx = jnp.arange(b, dtype=jnp.int32)
+    pool = sharding.resolve_pool(self.partner_pool, b, ctx.num_devices)
+    if not sharding.pool_is_local(pool, b, ctx.num_devices):
+      base.warn_traffic(f'clim: method.partner_pool={self.partner_pool} spans devices: the '
+                        'partner images are gathered across devices every step; 0 (the '
+                        "images of one device) moves none")
+    if pool == b:
+      nn_idx, keep, nn_cos = center_wise_select(k, k, anchor_cluster, k_cluster, centroids,
+                                                self.k, exclude=self_idx, mesh=ctx.mesh,
+                                                recall_target=self.recall_target)
+    else:
+      nn_idx, keep, nn_cos = center_wise_select_in_pools(
+          k, anchor_cluster, centroids, self.k, pool, mesh=ctx.mesh,
+          recall_target=self.recall_target)
+    j, has_sel = selection.sample_selected(rng, nn_idx, keep, self_idx)
+    return j, has_sel, nn_idx, keep, nn_cos, pool
+
+  def loss(self, ctx, batch):
     x1, x2 = batch['view1'], batch['view2']
     labels = batch['label']
     b = x1.shape[0]
-    r_km, r_pick, r_lam, r_box = jax.random.split(rng, 4)
-    queue = method_state['queue']
+    mesh, state = ctx.mesh, ctx.method_state
+    r_km, r_pick, r_lam, r_box = jax.random.split(ctx.rng, 4)
+    queue = state['queue']
 
-    k = losses.l2_normalize(self.target_forward(target_params, batch_stats, x2)['proj'])
+    k = losses.l2_normalize(ctx.target_forward(ctx.batch_stats, x2)['proj'])
 
     # 1. clusters (refreshed on schedule), the batch keys' cluster ids. The barriers order the
     # clustering after the target forward and before every online forward: k-means' Lloyd loop
@@ -263,54 +288,43 @@ class Method(moco.Method):
     # multi-device CPU runs with a similar loop).
     cl_keys = ('bank', 'bank_labels', 'bank_count', 'bank_clusters', 'centroids', 'kmeans_step',
                'kmeans_objective', 'cluster_purity')
-    cl_in, k = jax.lax.optimization_barrier(({key: method_state[key] for key in cl_keys}, k))
-    clus = self.refresh_clusters(cl_in, step, r_km)
+    cl_in, k = jax.lax.optimization_barrier(({key: state[key] for key in cl_keys}, k))
+    clus = self.refresh_clusters(cl_in, ctx.step, r_km, mesh=mesh)
     low_res = {key: batch[key] for key in self.query_views[1:]}
     clus, x1, low_res = jax.lax.optimization_barrier((clus, x1, low_res))
     has_clusters = clus['kmeans_step'] >= 0
-    k_cluster, _ = kmeans.assign(k, clus['centroids'])
+    k_cluster, _ = kmeans.assign(k, clus['centroids'], mesh=mesh)
     anchor_cluster = jnp.where(has_clusters, k_cluster, -1)
 
     # 2. center-wise local selection among the keys of the anchor's pool (self excluded).
-    self_idx = jnp.arange(b, dtype=jnp.int32)
-    pool = sharding.resolve_pool(self.partner_pool, b)
-    if not sharding.pool_is_local(pool, b):
-      base.warn_traffic(f'clim: method.partner_pool={self.partner_pool} spans devices: the '
-                        'partner images are gathered across devices every step; 0 (the '
-                        "images of one device) moves none")
-    if pool == b:
-      nn_idx, keep, nn_cos = center_wise_select(k, k, anchor_cluster, k_cluster,
-                                                clus['centroids'], self.k, exclude=self_idx,
-                                                recall_target=self.recall_target)
-    else:
-      nn_idx, keep, nn_cos = center_wise_select_in_pools(
-          k, anchor_cluster, clus['centroids'], self.k, pool, recall_target=self.recall_target)
-    j, has_sel = selection.sample_selected(r_pick, nn_idx, keep, self_idx)
+    j, has_sel, nn_idx, keep, nn_cos, pool = self.select_partners(
+        ctx, k, anchor_cluster, k_cluster, clus['centroids'], r_pick)
 
     # 3. CutMix of the anchor's query view with the selected positive's query view.
     lam = mixing.sample_beta(r_lam, self.mix_alpha, self.mix_alpha, (b,))
-    x_mix, w = mixing.cutmix(x1, gather.take_within_pools(x1, j, pool), lam, r_box)
+    x_mix, w = mixing.cutmix(x1, gather.take_within_pools(x1, j, pool, mesh=mesh), lam, r_box)
 
     # 4. online forward: [x1; x~] together (per device), then each low-resolution query view.
-    o, batch_stats = self.forward(params, batch_stats, sharding.concat_per_device([x1, x_mix]))
-    q1, q_mix = sharding.split_per_device(losses.l2_normalize(o['proj']), [b, b])
-    l_inst, pos, neg = self.contrast(q1, k, queue)
+    o, batch_stats = ctx.forward(ctx.batch_stats,
+                                 sharding.concat_per_device([x1, x_mix], mesh=mesh))
+    q1, q_mix = sharding.split_per_device(losses.l2_normalize(o['proj']), [b, b], mesh=mesh)
+    l_inst, pos, neg = self.contrast(q1, k, queue, mesh=mesh)
     inst_terms = [l_inst]
     for key in self.query_views[1:]:
-      o_r, batch_stats = self.forward(params, batch_stats, low_res[key])
-      inst_terms.append(self.contrast(losses.l2_normalize(o_r['proj']), k, queue)[0])
+      o_r, batch_stats = ctx.forward(batch_stats, low_res[key])
+      inst_terms.append(self.contrast(losses.l2_normalize(o_r['proj']), k, queue, mesh=mesh)[0])
     l_moco = sum(inst_terms) / len(inst_terms)
-    k_j = gather.take_within_pools(k, j, pool)
-    l_mix = losses.mixed_info_nce(q_mix, k, k_j, w, queue, self.temperature)
+    k_j = gather.take_within_pools(k, j, pool, mesh=mesh)
+    l_mix = losses.mixed_info_nce(q_mix, k, k_j, w, queue, self.temperature, mesh=mesh)
     loss = l_moco + self.mix_weight * l_mix
 
     # 5. enqueue keys (queue), keys + labels + cluster ids (bank).
-    new_queue, new_qptr = memory_bank.enqueue(queue, method_state['queue_ptr'], k)
-    ptr = method_state['bank_ptr']
-    bank, new_ptr = memory_bank.enqueue(method_state['bank'], ptr, k)
-    bank_labels, _ = memory_bank.enqueue(method_state['bank_labels'], ptr, labels)
-    bank_clusters, _ = memory_bank.enqueue(clus['bank_clusters'], ptr, k_cluster)
-    count = memory_bank.update_count(method_state['bank_count'], b, self.bank_size)
+    new_queue, new_qptr = memory_bank.enqueue(queue, state['queue_ptr'], k, mesh=mesh)
+    ptr = state['bank_ptr']
+    bank, new_ptr = memory_bank.enqueue(state['bank'], ptr, k, mesh=mesh)
+    bank_labels, _ = memory_bank.enqueue(state['bank_labels'], ptr, labels, mesh=mesh)
+    bank_clusters, _ = memory_bank.enqueue(clus['bank_clusters'], ptr, k_cluster, mesh=mesh)
+    count = memory_bank.update_count(state['bank_count'], b, self.bank_size)
     new_state = {'queue': new_queue, 'queue_ptr': new_qptr, 'bank': bank,
                  'bank_labels': bank_labels, 'bank_clusters': bank_clusters, 'bank_ptr': new_ptr,
                  'bank_count': count, 'centroids': clus['centroids'],
@@ -318,7 +332,7 @@ class Method(moco.Method):
                  'kmeans_objective': clus['kmeans_objective'],
                  'cluster_purity': clus['cluster_purity']}
 
-    labels_j = gather.take_within_pools(labels, j, pool)
+    labels_j = gather.take_within_pools(labels, j, pool, mesh=mesh)
     labelled = (labels >= 0) & (labels_j >= 0) & has_sel
     same = labelled & (labels_j == labels)
     metrics = {'loss': loss, 'clim/loss_moco': l_moco, 'clim/loss_mix': l_mix,
@@ -330,8 +344,9 @@ class Method(moco.Method):
                'clim/kmeans_objective': clus['kmeans_objective'],
                'clim/cluster_purity': clus['cluster_purity'],
                'clim/has_clusters': has_clusters.astype(jnp.float32),
-               **base.score_summary(pos, neg),
-               **base.embedding_summary(sharding.split_per_device(o['proj'], [b, b])[0])}
-    feats = sharding.split_per_device(o['features'], [b, b])[0]
+               **summaries.score_summary(pos, neg),
+               **summaries.embedding_summary(
+                   sharding.split_per_device(o['proj'], [b, b], mesh=mesh)[0])}
+    feats = sharding.split_per_device(o['features'], [b, b], mesh=mesh)[0]
     return loss, base.LossAux(metrics, new_state, batch_stats, feats,
                               {'pos': pos, 'neg': neg[:, :64]})

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 
 from ssl_jax import config_lib, sharding
 from ssl_jax.methods import base, moco
-from ssl_jax.ops import gather, losses, memory_bank
+from ssl_jax.ops import gather, losses, memory_bank, summaries
 
 
 def extrapolate_positives(q: jax.Array, k: jax.Array, lam) -> tuple[jax.Array, jax.Array]:
@@ -55,16 +55,17 @@ def extrapolate_positives(q: jax.Array, k: jax.Array, lam) -> tuple[jax.Array, j
 
 
 def interpolate_negatives(negatives: jax.Array, perm: jax.Array, lam, *,
-                          pool: int | None = None) -> jax.Array:
+                          pool: int | None = None, mesh=None) -> jax.Array:
   """``Q' = lam Q + (1 - lam) Q[perm]`` (lam = lam_in in (0, 1)).
 
   ``pool``: ``perm`` keeps every row in its block of ``pool`` consecutive rows
-  (``draw_coefficients(..., pool=pool)``), so a block on one device is read there
+  (``draw_coefficients(..., pool=pool)``), so a block on one device of ``mesh`` is read there
   (``gather.take_within_pools``: nothing moves). None: any permutation (``Q[perm]``).
   """
   if pool is None:
     return lam * negatives + (1.0 - lam) * negatives[perm]
-  return lam * negatives + (1.0 - lam) * gather.take_within_pools(negatives, perm, pool)
+  return lam * negatives + (1.0 - lam) * gather.take_within_pools(negatives, perm, pool,
+                                                                  mesh=mesh)
 
 
 def pool_permutation(rng, size: int, pool: int) -> jax.Array:
@@ -119,31 +120,35 @@ class Method(moco.Method):
         'method.interp_pool', pool, '0 (the queue rows of one device), -1 (the whole queue) or '
         f'a divisor of method.queue_size ({config.method.queue_size})')
 
-  def loss(self, params, target_params, method_state, batch_stats, batch, rng, step):
-    del step
-    queue = method_state['queue']
-    o1, batch_stats = self.forward(params, batch_stats, batch['view1'])
-    k = losses.l2_normalize(self.target_forward(target_params, batch_stats, batch['view2'])['proj'])
+  def loss(self, ctx, batch):
+    queue = ctx.method_state['queue']
+    o1, batch_stats = ctx.forward(ctx.batch_stats, batch['view1'])
+    k = losses.l2_normalize(ctx.target_forward(batch_stats, batch['view2'])['proj'])
     q = losses.l2_normalize(o1['proj'])
-    pool = sharding.resolve_pool(self.interp_pool, self.queue_size)
-    if self.interpolate and not sharding.pool_is_local(pool, self.queue_size):
+    pool = sharding.resolve_pool(self.interp_pool, self.queue_size, ctx.num_devices)
+    if self.interpolate and not sharding.pool_is_local(pool, self.queue_size, ctx.num_devices):
       base.warn_traffic(f'ft: method.interp_pool={self.interp_pool} spans devices: the permuted '
                         f'queue ({self.queue_size} x {self.embed_dim}) moves between devices '
                         'every step; 0 (or a divisor of the rows per device) moves nothing')
-    lam_ex, lam_in, perm = draw_coefficients(rng, ex_alpha=self.ex_alpha, in_alpha=self.in_alpha,
-                                             queue_size=self.queue_size, pool=pool)
+    lam_ex, lam_in, perm = draw_coefficients(ctx.rng, ex_alpha=self.ex_alpha,
+                                             in_alpha=self.in_alpha, queue_size=self.queue_size,
+                                             pool=pool)
     q_hat, k_hat = (extrapolate_positives(q, k, lam_ex) if self.extrapolate else (q, k))
     if self.renormalize:
       q_hat, k_hat = losses.l2_normalize(q_hat), losses.l2_normalize(k_hat)
-    negs = interpolate_negatives(queue, perm, lam_in, pool=pool) if self.interpolate else queue
+    negs = (interpolate_negatives(queue, perm, lam_in, pool=pool, mesh=ctx.mesh)
+            if self.interpolate else queue)
+    # Not ``losses.info_nce``: its stop-gradient on the key would cut the gradient that reaches
+    # q through the extrapolated key k_hat.
     pos = jnp.sum(q_hat * k_hat, axis=-1)
-    neg = losses.queue_logits(q_hat, negs, 1.0)
+    neg = losses.queue_logits(q_hat, negs, 1.0, mesh=ctx.mesh)
     loss = losses.info_nce_from_logits(pos / self.temperature, neg / self.temperature)
-    new_queue, new_ptr = memory_bank.enqueue(queue, method_state['queue_ptr'], k)
+    new_queue, new_ptr = memory_bank.enqueue(queue, ctx.method_state['queue_ptr'], k,
+                                             mesh=ctx.mesh)
     # The visualisation of the paper: scores of the transformed pairs and of the raw pairs.
     raw_pos = jnp.sum(q * k, axis=-1)
     metrics = {'loss': loss, 'ft/lam_ex': lam_ex, 'ft/lam_in': lam_in,
-               **base.score_summary(pos, neg), **base.embedding_summary(o1['proj']),
+               **summaries.score_summary(pos, neg), **summaries.embedding_summary(o1['proj']),
                'score/exp_pos_mean': jnp.mean(jnp.exp(pos / self.temperature)),
                'score/exp_neg_mean': jnp.mean(jnp.exp(neg / self.temperature)),
                'score/raw_pos_mean': jnp.mean(raw_pos)}

@@ -24,7 +24,7 @@ from jax.sharding import PartitionSpec as P
 
 from ssl_jax import config_lib, sharding
 from ssl_jax.methods import base
-from ssl_jax.ops import losses, memory_bank
+from ssl_jax.ops import losses, memory_bank, summaries
 
 
 class Method(base.Method):
@@ -71,30 +71,31 @@ class Method(base.Method):
       specs['queue_view1'] = P(sharding.DATA)
     return specs
 
-  def contrast(self, q, k, queue):
-    """InfoNCE of normalised ``q`` against ``k`` and the queue; returns (loss, pos, neg)."""
-    pos = jnp.sum(q * k, axis=-1)
-    neg = losses.queue_logits(q, queue, 1.0)
-    return losses.info_nce_from_logits(pos / self.temperature, neg / self.temperature), pos, neg
+  def contrast(self, q, k, queue, *, mesh):
+    """InfoNCE of normalised ``q`` against ``k`` and the queue (``losses.info_nce``); returns
+    (loss, pos, neg) with the cosine scores ``pos`` [B] and ``neg`` [B, K]."""
+    loss, (pos, neg) = losses.info_nce(q, k, queue, self.temperature, mesh=mesh,
+                                       with_scores=True)
+    return loss, pos, neg
 
-  def loss(self, params, target_params, method_state, batch_stats, batch, rng, step):
-    del rng, step
+  def loss(self, ctx, batch):
     x1, x2 = batch['view1'], batch['view2']
-    queue = method_state['queue']
-    o1, batch_stats = self.forward(params, batch_stats, x1)
-    k2 = losses.l2_normalize(self.target_forward(target_params, batch_stats, x2)['proj'])
+    queue = ctx.method_state['queue']
+    o1, batch_stats = ctx.forward(ctx.batch_stats, x1)
+    k2 = losses.l2_normalize(ctx.target_forward(batch_stats, x2)['proj'])
     q1 = losses.l2_normalize(o1['proj'])
-    loss, pos, neg = self.contrast(q1, k2, queue)
-    ptr = method_state['queue_ptr']
-    new_queue, new_ptr = memory_bank.enqueue(queue, ptr, k2)
+    loss, pos, neg = self.contrast(q1, k2, queue, mesh=ctx.mesh)
+    ptr = ctx.method_state['queue_ptr']
+    new_queue, new_ptr = memory_bank.enqueue(queue, ptr, k2, mesh=ctx.mesh)
     new_state = {'queue': new_queue, 'queue_ptr': new_ptr}
     if self.symmetric:
-      o2, batch_stats = self.forward(params, batch_stats, x2)
-      k1 = losses.l2_normalize(self.target_forward(target_params, batch_stats, x1)['proj'])
-      queue1 = method_state['queue_view1']
-      loss2, _, _ = self.contrast(losses.l2_normalize(o2['proj']), k1, queue1)
+      o2, batch_stats = ctx.forward(batch_stats, x2)
+      k1 = losses.l2_normalize(ctx.target_forward(batch_stats, x1)['proj'])
+      queue1 = ctx.method_state['queue_view1']
+      loss2, _, _ = self.contrast(losses.l2_normalize(o2['proj']), k1, queue1, mesh=ctx.mesh)
       loss = (loss + loss2) / 2
-      new_state['queue_view1'], _ = memory_bank.enqueue(queue1, ptr, k1)
-    metrics = {'loss': loss, **base.score_summary(pos, neg), **base.embedding_summary(o1['proj'])}
+      new_state['queue_view1'], _ = memory_bank.enqueue(queue1, ptr, k1, mesh=ctx.mesh)
+    metrics = {'loss': loss, **summaries.score_summary(pos, neg),
+               **summaries.embedding_summary(o1['proj'])}
     return loss, base.LossAux(metrics, new_state, batch_stats, o1['features'],
                               {'pos': pos, 'neg': neg[:, :64]})

@@ -13,7 +13,8 @@ One step, following the official ``train_msf.py``:
    masked out — the official code starts from random
    unit vectors that can be picked as neighbours until the bank has filled;
 5. ``q = n(predictor(online(x_strong)))``;
-6. ``L = mean_b (1/k) sum_{j in NN_k(t_b)} (2 - 2 q_b . bank_j)``. Not symmetrised.
+6. ``L = mean_b (1/k) sum_{j in NN_k(t_b)} (2 - 2 q_b . bank_j)`` (``msf_loss``, the function
+   the step calls). Not symmetrised.
 
 With k = 1 this is BYOL-asym (the nearest neighbour of ``t_b`` is ``t_b`` itself).
 Diagnostics: ``msf/purity`` (fraction of neighbours sharing the anchor's label, excluding
@@ -28,21 +29,29 @@ from jax.sharding import PartitionSpec as P
 
 from ssl_jax import config_lib, sharding
 from ssl_jax.methods import base
-from ssl_jax.ops import gather, knn, losses, memory_bank
+from ssl_jax.ops import gather, knn, losses, memory_bank, summaries
 
 
 def msf_loss(u: jax.Array, v: jax.Array, bank: jax.Array, k: int, *,
-             valid: jax.Array | None = None, recall_target: float | None = None) -> jax.Array:
+             valid: jax.Array | None = None, mesh=None, recall_target: float | None = None,
+             with_neighbours: bool = False):
   """``mean_b (1/k) sum_{j in NN_k(v_b)} (2 - 2 u_b . bank_j)``.
 
   ``u`` (online predictions) and ``v`` (target embeddings) are L2-normalised [B, d]; ``bank``
-  [K, d] already holds this batch's ``v`` (``v`` is not added again). ``valid`` masks rows that
-  were never written. ``recall_target`` < 1: approximate search (``knn.topk_cosine``).
+  [K, d] already holds this batch's ``v`` (``v`` is not added again), sharded along 'data' of
+  ``mesh`` or not (never gathered; ``mesh=None``: one device). ``valid`` masks rows that were
+  never written. ``recall_target`` < 1: approximate search (``knn.topk_cosine``).
+
+  Returns ``L``; with ``with_neighbours=True``, ``(L, (nn_scores, idx, cos))``: the neighbours'
+  target cosines ``v_b . bank_j`` [B, k], their rows ``idx`` [B, k] and the online cosines
+  ``u_b . bank_j`` [B, k] (the step's diagnostics).
   """
-  _, idx = knn.topk_cosine(v, bank, k, valid=valid, recall_target=recall_target)
-  neighbours = gather.gather_rows(bank, idx)             # [B, k, d]
+  nn_scores, idx = knn.topk_cosine(v, bank, k, valid=valid, mesh=mesh,
+                                   recall_target=recall_target)
+  neighbours = gather.gather_rows(bank, idx, mesh=mesh)  # [B, k, d]
   cos = jnp.einsum('bd,bkd->bk', u.astype(jnp.float32), neighbours.astype(jnp.float32))
-  return jnp.mean(2.0 - 2.0 * cos)
+  loss = jnp.mean(2.0 - 2.0 * cos)
+  return (loss, (nn_scores, idx, cos)) if with_neighbours else loss
 
 
 class Method(base.Method):
@@ -84,26 +93,24 @@ class Method(base.Method):
     return {'bank': P(sharding.DATA), 'bank_labels': P(sharding.DATA), 'bank_ptr': P(),
             'bank_count': P()}
 
-  def loss(self, params, target_params, method_state, batch_stats, batch, rng, step):
-    del rng, step
+  def loss(self, ctx, batch):
     x_online, x_target = batch[self.online_view], batch[self.target_view]
     labels = batch['label']
-    t = losses.l2_normalize(self.target_forward(target_params, batch_stats, x_target)['proj'])
-    bank, ptr = memory_bank.enqueue(method_state['bank'], method_state['bank_ptr'], t)
-    bank_labels, _ = memory_bank.enqueue(method_state['bank_labels'], method_state['bank_ptr'],
-                                         labels)
-    count = jnp.minimum(method_state['bank_count'] + t.shape[0], self.bank_size)
+    state, mesh = ctx.method_state, ctx.mesh
+    t = losses.l2_normalize(ctx.target_forward(ctx.batch_stats, x_target)['proj'])
+    bank, ptr = memory_bank.enqueue(state['bank'], state['bank_ptr'], t, mesh=mesh)
+    bank_labels, _ = memory_bank.enqueue(state['bank_labels'], state['bank_ptr'], labels,
+                                         mesh=mesh)
+    count = jnp.minimum(state['bank_count'] + t.shape[0], self.bank_size)
     valid = memory_bank.valid_mask(count, self.bank_size)
 
-    o, batch_stats = self.forward(params, batch_stats, x_online)
+    o, batch_stats = ctx.forward(ctx.batch_stats, x_online)
     q = losses.l2_normalize(o['pred'])
-    nn_scores, idx = knn.topk_cosine(t, bank, self.k, valid=valid,
-                                     recall_target=self.recall_target)
-    neighbours = gather.gather_rows(bank, idx)
-    cos = jnp.einsum('bd,bkd->bk', q, neighbours)
-    loss = jnp.mean(2.0 - 2.0 * cos)
+    loss, (nn_scores, idx, cos) = msf_loss(q, t, bank, self.k, valid=valid, mesh=mesh,
+                                           recall_target=self.recall_target,
+                                           with_neighbours=True)
 
-    nn_labels = gather.gather_rows(bank_labels, idx)
+    nn_labels = gather.gather_rows(bank_labels, idx, mesh=mesh)
     labelled = labels >= 0
     same = (nn_labels == labels[:, None]) & labelled[:, None]
     purity = jnp.sum(same) / jnp.maximum(jnp.sum(labelled) * self.k, 1)
@@ -111,8 +118,8 @@ class Method(base.Method):
                'msf/online_nn_cos': jnp.mean(cos)}
     new_state = {'bank': bank, 'bank_labels': bank_labels, 'bank_ptr': ptr, 'bank_count': count}
     # Scores for the pos/neg plots: q against its own target (pos) and other targets (neg).
-    pos, neg = base.in_batch_scores(q, t)
-    metrics.update(base.score_summary(pos, neg))
-    metrics.update(base.embedding_summary(o['proj']))
+    pos, neg = summaries.in_batch_scores(q, t)
+    metrics.update(summaries.score_summary(pos, neg))
+    metrics.update(summaries.embedding_summary(o['proj']))
     return loss, base.LossAux(metrics, new_state, batch_stats, o['features'],
                               {'pos': pos, 'neg': neg})

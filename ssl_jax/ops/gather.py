@@ -9,6 +9,9 @@ B x k x d / n values per device — the bank itself never moves).
 ``take_within_pools(x, indices, pool)[b, ...] = x[indices[b, ...]]`` when every index points into
 row ``b``'s own pool of ``pool`` consecutive rows (CutMix partners of the same device, FT's
 shard-local permutation): a pool that lies on one device is read on that device, nothing moves.
+
+Both take the mesh as an argument (``mesh``: a ``Mesh``, or its ``AbstractMesh`` inside
+``jax.jit``; ``None``: one device — the ambient mesh is not read).
 """
 from __future__ import annotations
 
@@ -38,7 +41,6 @@ def gather_rows(bank: jax.Array, indices: jax.Array, *, mesh=None) -> jax.Array:
   n = sharding.mesh_data_size(mesh)
   if n == 1 or bank.shape[0] % n:
     return _local_gather(bank, indices, 0)
-  mesh = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
   shard_rows = bank.shape[0] // n
   scatter = indices.ndim >= 1 and indices.shape[0] % n == 0
 
@@ -59,17 +61,18 @@ def gather_rows(bank: jax.Array, indices: jax.Array, *, mesh=None) -> jax.Array:
                        check_vma=False)(bank, indices)
 
 
-def take_within_pools(x: jax.Array, indices: jax.Array, pool: int) -> jax.Array:
+def take_within_pools(x: jax.Array, indices: jax.Array, pool: int, *, mesh=None) -> jax.Array:
   """``x[indices]`` (rows) for ``indices`` that stay in their row's pool.
 
   ``x`` [N, ...] (sharded along 'data' or not), ``indices`` [N, ...] int with
   ``indices[b, ...] // pool == b // pool`` (the caller's promise: pools are ``pool`` consecutive
   rows, ``pool`` divides N). Returns ``[N, indices.shape[1:], x.shape[1:]]``. When each pool
-  lies on one device (``pool`` divides the rows per device) every device reads its own rows
+  lies on one device of ``mesh`` (``pool`` divides the rows per device) every device reads its
+  own rows
   (``shard_map``): no collective. Otherwise (one pool spanning devices, e.g. the whole global
   batch) it is ``jnp.take``, and XLA moves the rows it needs.
   """
-  n = sharding.mesh_data_size()
+  n = sharding.mesh_data_size(mesh)
   rows = x.shape[0]
   if rows % pool:
     raise ValueError(f'pool={pool} does not divide the {rows} rows')
@@ -80,6 +83,6 @@ def take_within_pools(x: jax.Array, indices: jax.Array, pool: int) -> jax.Array:
   def local(xs, idx):
     return jnp.take(xs, idx - jax.lax.axis_index(sharding.DATA) * per, axis=0)
 
-  return jax.shard_map(local, mesh=jax.sharding.get_abstract_mesh(),
+  return jax.shard_map(local, mesh=mesh,
                        in_specs=(P(sharding.DATA), P(sharding.DATA)),
                        out_specs=P(sharding.DATA), check_vma=False)(x, indices)

@@ -30,7 +30,8 @@ on-device (``lax.fori_loop``, one matvec per centroid) on a uniform random **sub
 ``min(N, kmeanspp_points)`` points (default ``max(8 * num_clusters, 4096)``): seeding is sequential
 and memory bound, so this bounds its cost while the Lloyd steps use all points.
 
-**Sharding**: with ``x`` sharded along ``'data'`` (``mesh`` or the context mesh), the whole
+**Sharding**: with ``x`` sharded along ``'data'`` of ``mesh`` (an argument; ``None`` is one
+device, the ambient mesh is not read), the whole
 loop runs in one ``shard_map``: assignments are shard-local, the per-cluster sums and counts are
 ``psum``-ed ([C, d] + [C] per step), centroids stay replicated; x is never gathered.
 
@@ -230,7 +231,6 @@ def _kmeans(x, rng, init_centroids, num_iters, *, num_clusters, init, mesh, kmea
 
   if not sharded:
     return per_shard(x, idx, init_centroids, rng, num_iters)
-  mesh = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
   dspec = P(sharding.DATA)
   if init_centroids is None:
     fn = lambda xl, i, r, t: per_shard(xl, i, None, r, t)          # noqa: E731
@@ -256,8 +256,8 @@ def kmeans(x: jax.Array, num_clusters: int, num_iters: int, rng: jax.Array | Non
 
   Returns ``centroids`` [C, d] f32 (unit rows), ``assignments`` [N] int32 (argmax under the
   returned centroids) and ``objective`` = mean cosine of the points to their assigned centroid.
-  x sharded along ``'data'`` (``mesh`` / context mesh, N divisible by the axis size): shard-local
-  assignments, all-reduced sums, replicated centroids.
+  x sharded along ``'data'`` of ``mesh`` (N divisible by the axis size): shard-local
+  assignments, all-reduced sums, replicated centroids. ``mesh=None``: one device.
   """
   if init not in ('kmeans++', 'random'):
     raise ValueError(f"init={init!r} is invalid; accepted: 'kmeans++', 'random'")
@@ -273,9 +273,6 @@ def kmeans(x: jax.Array, num_clusters: int, num_iters: int, rng: jax.Array | Non
                      f'{(num_clusters, x.shape[1])}')
   if init_centroids is None and rng is None:
     raise ValueError('rng is required when init_centroids is not given')
-  if mesh is None:
-    mesh = jax.sharding.get_abstract_mesh()
-    mesh = None if mesh.empty else mesh
   x = jnp.asarray(x, jnp.float32)
   if init_centroids is not None:
     init_centroids = jnp.asarray(init_centroids, jnp.float32)
@@ -288,11 +285,9 @@ def kmeans(x: jax.Array, num_clusters: int, num_iters: int, rng: jax.Array | Non
 def assign(x: jax.Array, centroids: jax.Array, *, mesh=None, precision=None
            ) -> tuple[jax.Array, jax.Array]:
   """``a_i = argmax_j x_i . c_j`` and ``s_i = max_j x_i . c_j`` (assignments int32 [N], cosines
-  [N]); objective of a clustering = ``mean(s)``. Works on x sharded along ``'data'``.
+  [N]); objective of a clustering = ``mean(s)``. Works on x sharded along ``'data'`` of
+  ``mesh`` (``None``: one device).
   """
-  if mesh is None:
-    mesh = jax.sharding.get_abstract_mesh()
-    mesh = None if mesh.empty else mesh
   return _assign(jnp.asarray(x, jnp.float32), jnp.asarray(centroids, jnp.float32), mesh=mesh,
                  precision=precision)
 
@@ -305,7 +300,6 @@ def _assign(x, centroids, *, mesh, precision):
   n_dev = sharding.mesh_data_size(mesh)
   if n_dev == 1 or x.shape[0] % n_dev:
     return local(x, centroids)
-  mesh = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
   dspec = P(sharding.DATA)
   return jax.shard_map(local, mesh=mesh, in_specs=(dspec, P()), out_specs=(dspec, dspec))(
       x, centroids)

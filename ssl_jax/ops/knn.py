@@ -33,6 +33,9 @@ and GPU XLA lowers it to an exact top-k, so results equal the exact search there
 In-batch searches: ``topk_excluding`` (the queries are the candidates, self excluded) and
 ``topk_within_pools`` (the same within pools of consecutive rows, e.g. the images of one
 device: the search never leaves the device).
+
+The mesh is an argument (``mesh``: a ``Mesh``, or its ``AbstractMesh`` inside ``jax.jit``);
+``None`` means one device (the ambient mesh is not read).
 """
 from __future__ import annotations
 
@@ -49,10 +52,6 @@ from ssl_jax import sharding
 _BLOCK_ELEMS = 1 << 21
 _MIN_BLOCK = 1024
 _MAX_CHUNK = 256
-
-
-def _resolve_mesh(mesh):
-  return mesh if mesh is not None else jax.sharding.get_abstract_mesh()
 
 
 def _chunk_size(block: int, k: int) -> int:
@@ -170,7 +169,6 @@ def _search(q, bank, k, keep=None, bias=None, payload=None, *, mesh=None, precis
   if n_dev == 1 or n % n_dev:
     v, i = _local_topk(q, bank, k, keep, bias, **kw)
     return v, i, (None if payload is None else jnp.take(payload, i, axis=0))
-  mesh = _resolve_mesh(mesh)
   rows = n // n_dev
   opt = [a for a in (keep, bias, payload) if a is not None]
   has = (keep is not None, bias is not None, payload is not None)
@@ -209,9 +207,9 @@ def topk_cosine(queries: jax.Array, bank: jax.Array, k: int, *, valid: jax.Array
   ``k`` rows are valid hold score ``-inf`` and index ``-1``.
 
   Returns ``scores`` [B, k] float32 (descending) and ``indices`` [B, k] int32 into ``bank``;
-  ties go to the lowest index (as ``jax.lax.top_k``). Sharded bank (``mesh`` or the context mesh
-  with a ``'data'`` axis of size > 1, ``N`` divisible by it): shard-local top-k + global merge,
-  the bank is never gathered; otherwise the single-device path. ``precision`` is passed to the
+  ties go to the lowest index (as ``jax.lax.top_k``). Sharded bank (``mesh`` with a ``'data'``
+  axis of size > 1, ``N`` divisible by it): shard-local top-k + global merge, the bank is never
+  gathered; otherwise (``mesh=None`` included) the single-device path. ``precision`` is passed to the
   matmul (``None``: backend default, exact f32 on CPU). ``block_rows``: rows per scan block
   (default ``max(2M / B, 160 k)``). ``recall_target`` in (0, 1): approximate per-block top-k
   (``jax.lax.approx_max_k``; exact on CPU/GPU, see the module docstring); None or 1: exact.
@@ -259,7 +257,7 @@ def topk_excluding(queries: jax.Array, candidates: jax.Array, k: int, *,
   return (jnp.take_along_axis(scores, order, axis=1), jnp.take_along_axis(idx, order, axis=1))
 
 
-def topk_within_pools(feats: jax.Array, k: int, pool: int, *,
+def topk_within_pools(feats: jax.Array, k: int, pool: int, *, mesh=None,
                       recall_target: float | None = None) -> tuple[jax.Array, jax.Array]:
   """Nearest rows of the same pool, self excluded: with pools of ``pool`` consecutive rows
   (``P(b) = {p * pool .. (p + 1) * pool - 1}`` for ``p = b // pool``)::
@@ -270,16 +268,16 @@ def topk_within_pools(feats: jax.Array, k: int, pool: int, *,
   indices [B, k] int32; ties -> lowest index; -inf / -1 in the slots beyond ``pool - 1``).
   With one pool (``pool = B``) this is ``topk_excluding(f, f, k, exclude=arange(B))`` (the
   sharded search); with several, one ``[pool, pool]`` score block per pool, so a pool that lies
-  on one device is searched on that device (nothing moves).
+  on one device of ``mesh`` is searched on that device (nothing moves).
   """
   b, _ = feats.shape
   if b % pool:
     raise ValueError(f'pool={pool} does not divide the {b} rows')
   _check_recall(recall_target)
   if pool == b:
-    return topk_excluding(feats, feats, k, exclude=jnp.arange(b, dtype=jnp.int32),
+    return topk_excluding(feats, feats, k, exclude=jnp.arange(b, dtype=jnp.int32), mesh=mesh,
                           recall_target=recall_target)
-  n = sharding.mesh_data_size()
+  n = sharding.mesh_data_size(mesh)
   if n == 1 or (b // n) % pool:      # one device, or pools spanning devices (XLA moves rows)
     return _pools_topk(feats, k, pool, recall_target, 0)
 
@@ -287,7 +285,7 @@ def topk_within_pools(feats: jax.Array, k: int, pool: int, *,
     return _pools_topk(f, k, pool, recall_target, jax.lax.axis_index(sharding.DATA) * (b // n))
 
   spec = P(sharding.DATA)
-  return jax.shard_map(per_shard, mesh=_resolve_mesh(None), in_specs=spec,
+  return jax.shard_map(per_shard, mesh=mesh, in_specs=spec,
                        out_specs=(spec, spec), check_vma=False)(feats)
 
 
@@ -373,7 +371,8 @@ def weighted_knn_predict(query_feats: jax.Array, bank_feats: jax.Array, bank_lab
   ``sim = -||q - b_j||``. Weights (``knn_vote``): ``w = exp(sim / T)`` for ``weighting='exp'``
   (the InstDisc / lightly weighted kNN, k = 200, T = 0.1) or ``w = 1`` for
   ``weighting='none'`` (unweighted majority vote). Queries are processed on device in chunks of
-  ``chunk_size`` (``lax.map``); the bank may be sharded along ``'data'`` (never gathered).
+  ``chunk_size`` (``lax.map``); the bank may be sharded along ``'data'`` of ``mesh`` (never
+  gathered).
 
   Returns class scores [Q, num_classes] float32; the prediction is ``scores.argmax(-1)``
   (ties -> lowest class id). Rows with ``valid = False`` or label < 0 are ignored.
@@ -391,9 +390,6 @@ def weighted_knn_predict(query_feats: jax.Array, bank_feats: jax.Array, bank_lab
   chunk_size = int(max(1, min(chunk_size, query_feats.shape[0])))
   _check_recall(recall_target)
   recall_target = None if _exact(recall_target) else float(recall_target)
-  if mesh is None:
-    mesh = jax.sharding.get_abstract_mesh()
-    mesh = None if mesh.empty else mesh
   return _knn_predict(query_feats, jnp.asarray(bank_feats),
                       jnp.asarray(bank_labels).astype(jnp.int32),
                       None if valid is None else jnp.asarray(valid, bool),
@@ -402,10 +398,5 @@ def weighted_knn_predict(query_feats: jax.Array, bank_feats: jax.Array, bank_lab
                       recall_target=recall_target)
 
 
-def knn_predictions(scores: jax.Array) -> jax.Array:
-  """``argmax_c score[q, c]`` as int32 (ties -> lowest class id)."""
-  return jnp.argmax(scores, axis=-1).astype(jnp.int32)
-
-
 __all__ = ['topk_cosine', 'topk_excluding', 'topk_within_pools', 'knn_vote',
-           'weighted_knn_predict', 'knn_predictions']
+           'weighted_knn_predict']

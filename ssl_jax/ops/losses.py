@@ -1,13 +1,15 @@
 """Self-supervised objectives as pure functions (formulas in each docstring).
 
 All losses compute in float32 whatever the input dtype (bf16 activations are upcast before
-normalisation, logits and log-sum-exp), and return the mean over the batch.
+normalisation, logits and log-sum-exp), and return the mean over the batch. Losses against a
+queue sharded along 'data' take the mesh (``mesh``: a ``Mesh``, or its ``AbstractMesh`` inside
+``jax.jit``; ``None``: one device — the ambient mesh is not read).
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ssl_jax import sharding
 
@@ -40,39 +42,45 @@ def info_nce_from_logits(pos: jax.Array, neg: jax.Array) -> jax.Array:
   return jnp.mean(lse - pos)
 
 
-def info_nce(q: jax.Array, k: jax.Array, negatives: jax.Array,
-             temperature: float) -> jax.Array:
+def info_nce(q: jax.Array, k: jax.Array, negatives: jax.Array, temperature: float, *,
+             mesh=None, with_scores: bool = False):
   """MoCo InfoNCE.
 
   ``logits_b = [q_b . k_b, q_b . negatives^T] / tau``;
   ``L = mean_b -log softmax(logits_b)[0]``.
   ``q``, ``k`` [B, d] and ``negatives`` [K, d] are expected L2-normalised; ``k`` and
-  ``negatives`` are treated as constants (stop-gradient).
+  ``negatives`` are treated as constants (stop-gradient). ``negatives`` may be a queue sharded
+  along 'data' of ``mesh`` (scored by ``queue_logits``: it never moves).
+
+  Returns ``L``; with ``with_scores=True``, ``(L, (pos, neg))``: the cosines ``q_b . k_b`` [B]
+  and ``q_b . negatives^T`` [B, K] (before the division by ``tau``), the scores a step logs.
   """
   q = q.astype(jnp.float32)
   k = jax.lax.stop_gradient(k).astype(jnp.float32)
   negatives = jax.lax.stop_gradient(negatives).astype(jnp.float32)
-  pos = jnp.sum(q * k, axis=-1) / temperature
-  neg = q @ negatives.T / temperature
-  return info_nce_from_logits(pos, neg)
+  pos = jnp.sum(q * k, axis=-1)
+  neg = queue_logits(q, negatives, 1.0, mesh=mesh)
+  loss = info_nce_from_logits(pos / temperature, neg / temperature)
+  return (loss, (pos, neg)) if with_scores else loss
 
 
-def queue_logits(q: jax.Array, queue: jax.Array, temperature: float) -> jax.Array:
+def queue_logits(q: jax.Array, queue: jax.Array, temperature: float, *, mesh=None
+                 ) -> jax.Array:
   """``q Q^T / tau``: logits of queries ``q`` [B, d] against a queue ``Q`` [K, d], [B, K] float32.
 
-  On a mesh the queue is sharded along its rows and the logits stay sharded along K (each device
-  scores the queries against its own rows; only the queries move, B x d), so a following
-  ``logsumexp`` over K is a reduction of B numbers per device.
+  On a ``mesh`` with several devices the queue is sharded along its rows and the logits stay
+  sharded along K (each device scores the queries against its own rows; only the queries move,
+  B x d), so a following ``logsumexp`` over K is a reduction of B numbers per device.
   """
   logits = jnp.einsum('bd,kd->bk', q, queue.astype(q.dtype),
                       preferred_element_type=jnp.float32) / temperature
-  if sharding.mesh_data_size() > 1:
-    logits = jax.lax.with_sharding_constraint(logits, P(None, sharding.DATA))
+  if sharding.mesh_data_size(mesh) > 1:
+    logits = jax.lax.with_sharding_constraint(logits, NamedSharding(mesh, P(None, sharding.DATA)))
   return logits
 
 
 def mixed_info_nce(q: jax.Array, k_a: jax.Array, k_b: jax.Array, w: jax.Array,
-                   queue: jax.Array, temperature: float) -> jax.Array:
+                   queue: jax.Array, temperature: float, *, mesh=None) -> jax.Array:
   """InfoNCE of mixed queries against the keys of both parents (CLIM's and CsMl's mixing term).
 
       NCE(q, k; Q) = logsumexp([q.k, q.Q^T] / tau) - q.k / tau
@@ -82,7 +90,7 @@ def mixed_info_nce(q: jax.Array, k_a: jax.Array, k_b: jax.Array, w: jax.Array,
   parent ``a``). Each parent's key is scored against the shared queue (``queue_logits``, sharded
   along K).
   """
-  neg = queue_logits(q, queue, temperature)                       # [B, K], sharded along K
+  neg = queue_logits(q, queue, temperature, mesh=mesh)            # [B, K], sharded along K
   lse_neg = jax.nn.logsumexp(neg, axis=-1)
   pos_a = jnp.sum(q * k_a, axis=-1) / temperature
   pos_b = jnp.sum(q * k_b, axis=-1) / temperature

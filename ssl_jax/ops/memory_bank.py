@@ -20,17 +20,11 @@ the bank donated the write is in place.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
 from ssl_jax import sharding
-
-
-def _resolve_mesh(mesh):
-  return mesh if mesh is not None else jax.sharding.get_abstract_mesh()
 
 
 def _write_rows(bank, rows, items, offset):
@@ -48,8 +42,9 @@ def enqueue(bank: jax.Array, ptr: jax.Array, items: jax.Array, *, mesh=None
   ``bank`` [K, ...] (leading axis sharded over ``'data'`` or not), ``ptr`` int scalar,
   ``items`` [B, ...] with ``items.shape[1:] == bank.shape[1:]`` (cast to ``bank.dtype``).
   Returns the new bank (same sharding) and the new pointer (int32). When ``B > K`` only the last
-  K items are kept. Sharded path: ``mesh`` or the context mesh with a ``'data'`` axis of size
-  > 1 dividing K.
+  K items are kept. Sharded path: ``mesh`` (a ``Mesh``, or its ``AbstractMesh`` inside
+  ``jax.jit``) with a ``'data'`` axis of size > 1 dividing K; ``mesh=None``: one device (the
+  ambient mesh is not read).
   """
   k_rows = bank.shape[0]
   b = items.shape[0]
@@ -70,7 +65,7 @@ def enqueue(bank: jax.Array, ptr: jax.Array, items: jax.Array, *, mesh=None
   def per_shard(bank_shard, rows, items):
     return _write_rows(bank_shard, rows, items, jax.lax.axis_index(sharding.DATA) * shard_rows)
 
-  new_bank = jax.shard_map(per_shard, mesh=_resolve_mesh(mesh),
+  new_bank = jax.shard_map(per_shard, mesh=mesh,
                            in_specs=(P(sharding.DATA), P(), P()),
                            out_specs=P(sharding.DATA))(bank, rows, items)
   return new_bank, new_ptr
@@ -86,57 +81,4 @@ def update_count(count: jax.Array, num_items: int, size: int) -> jax.Array:
   return jnp.minimum(jnp.asarray(count, jnp.int32) + num_items, size).astype(jnp.int32)
 
 
-def init_bank(rng: jax.Array | None, size: int, dim: int, dtype=jnp.float32, *,
-              init: str = 'random', mesh=None) -> jax.Array:
-  """A bank [size, dim]: rows ``n(g)`` with ``g ~ N(0, I)`` (``init='random'``, unit rows as in
-  MoCo / MSF) or zeros (``init='zeros'``; ``rng`` may be None).
-
-  With ``mesh`` (or a context mesh whose ``'data'`` axis divides ``size``) the bank is created
-  directly sharded along ``'data'`` (never materialised on one device).
-  """
-  if init not in ('random', 'zeros'):
-    raise ValueError(f"init={init!r} is invalid; accepted: 'random', 'zeros'")
-  if init == 'random' and rng is None:
-    raise ValueError("init='random' needs an rng")
-
-  def make(rng):
-    if init == 'zeros':
-      return jnp.zeros((size, dim), dtype)
-    g = jax.random.normal(rng, (size, dim), jnp.float32)
-    g = g * jax.lax.rsqrt(jnp.maximum(jnp.sum(g * g, axis=1, keepdims=True), 1e-24))
-    return g.astype(dtype)
-
-  n_dev = sharding.mesh_data_size(mesh)
-  rng = jax.random.key(0) if rng is None else rng
-  if n_dev > 1 and size % n_dev == 0:
-    m = _resolve_mesh(mesh)
-    return jax.jit(make, out_shardings=NamedSharding(m, P(sharding.DATA)))(rng)
-  return make(rng)
-
-
-class BankState(NamedTuple):
-  """A searchable FIFO bank: rows, next write position and rows ever written (saturating)."""
-  bank: jax.Array
-  ptr: jax.Array
-  count: jax.Array
-
-  @property
-  def valid(self) -> jax.Array:
-    return valid_mask(self.count, self.bank.shape[0])
-
-
-def init_state(rng: jax.Array | None, size: int, dim: int, dtype=jnp.float32, *,
-               init: str = 'zeros', mesh=None) -> BankState:
-  """Empty ``BankState`` (``ptr = count = 0``)."""
-  return BankState(init_bank(rng, size, dim, dtype, init=init, mesh=mesh),
-                   jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
-
-
-def push(state: BankState, items: jax.Array, *, mesh=None) -> BankState:
-  """``enqueue`` + ``count' = min(count + B, K)``."""
-  bank, ptr = enqueue(state.bank, state.ptr, items, mesh=mesh)
-  return BankState(bank, ptr, update_count(state.count, items.shape[0], bank.shape[0]))
-
-
-__all__ = ['enqueue', 'valid_mask', 'update_count', 'init_bank', 'BankState', 'init_state',
-           'push']
+__all__ = ['enqueue', 'valid_mask', 'update_count']
