@@ -104,7 +104,6 @@ class ExtractionCache:
     self._entries: dict[tuple, dict[str, np.ndarray]] = {}
     self._left: dict[tuple, int] = {}
     self._leaves: list | None = None                # the variables the entries belong to
-    self.extractions = 0                            # calls of :func:`extract` (for tests)
 
   @staticmethod
   def key(split: str, max_examples: int, batch_size: int, subset_seed: int = 0) -> tuple:
@@ -129,7 +128,6 @@ class ExtractionCache:
     if out is None:
       out = extract(self.feature_fn, variables, self.data_cfg, split=split, mesh=self.mesh,
                     batch_size=batch_size, max_examples=max_examples, subset_seed=subset_seed)
-      self.extractions += 1
       self._left[key] = self._readers[key]
     self._left[key] = self._left.get(key, 1) - 1
     if self._left[key] > 0:
