@@ -263,7 +263,7 @@ def _train_loop(config, workdir, mesh, parts, ckpt, state, notice, *, steps_per_
   results: dict[str, Any] = {'start_step': start_step, 'loss_history': []}
 
   def run_evals(step, state, which):
-    return evaluate(step, state, which, feature_fn, writer)
+    return evaluate(step, state, which, writer)
 
   # -------------------------------------------------------------------- 5. before the first step
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
@@ -396,10 +396,9 @@ def _global_batches(config, mesh, start_step: int) -> Iterator:
     yield sharding.global_batch(mesh, b)
 
 
-def evaluate(step: int, state, which, feature_fn, writer) -> dict[str, float]:
+def evaluate(step: int, state, which, writer) -> dict[str, float]:
   """Run the evaluators ``which`` on ``state``; each ``(name, value)`` is logged and written.
-  Each evaluator holds the feature function it was built with (``feature_fn`` is unused)."""
-  del feature_fn
+  (Each evaluator holds the feature function it was built with.)"""
   variables = {'params': state.params, 'batch_stats': state.batch_stats,
                'probe': state.probe_params}
   out: dict[str, float] = {}
@@ -476,7 +475,7 @@ def _already_complete(workdir: str, step: int, total_steps: int) -> dict[str, An
   except Exception:  # noqa: BLE001 — no outcome.json (a run from before it existed)
     pass
   _log(f'Already complete: {workdir} holds the final checkpoint (step {step} of {total_steps}); '
-       'nothing to train. For other numbers, run an evaluation mode on it (--mode=knn, linear).')
+       'nothing to train. For other numbers, run an evaluation mode on it (--mode=eval, linear).')
   if final_line:
     _log(final_line)
   return {'final_step': step, 'already_complete': True, 'final_line': final_line}
