@@ -127,7 +127,8 @@ def pretrained_dir(tmp_path_factory):
   c.log_every_steps = 3
   c.checkpoint.every_steps = 2   # checkpoints at steps 2 and 3
   c.checkpoint.async_save = False
-  c.evals.knn.update({'at_start': False, 'at_end': False})
+  for ev in c.evals.values():   # no evaluator during the pre-training
+    ev.update({'at_start': False, 'at_end': False})
   c.data.train_split = PRETRAIN_SPLIT
   c.data.data_dir = TFDS_DATA_DIR
   workdir = str(tmp_path_factory.mktemp('pretrain'))
