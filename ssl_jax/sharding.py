@@ -22,7 +22,7 @@ On one device none of this is used: the step is exactly the single-device progra
 
 Every function whose program depends on the device count takes the mesh (``mesh``; ``None``
 means one device) or the device count (``n_dev``) as an argument; none reads the ambient mesh
-(``jax.set_mesh``), except ``value_and_grad_reduced_once`` when its caller passes no mesh.
+(``jax.set_mesh``).
 """
 from __future__ import annotations
 
@@ -180,11 +180,8 @@ def value_and_grad_reduced_once(fn: Callable, params: Any, *, has_aux: bool = Fa
   mesh); the gradient with respect to the copies stays on each device through every
   application of the network and is summed once. The result is the same gradient
   (``dL/dp = sum_i dL/dp_i`` at ``p_i = p``). On one device this is ``jax.value_and_grad``.
-  ``mesh=None`` reads the ambient mesh (``jax.sharding.get_abstract_mesh()``): the one ambient
-  read left, for a trainer that does not pass its mesh yet.
+  ``mesh=None``: one device.
   """
-  if mesh is None:
-    mesh = jax.sharding.get_abstract_mesh()
   if mesh_data_size(mesh) == 1:
     return jax.value_and_grad(fn, has_aux=has_aux)(params)
   out, grads = jax.value_and_grad(fn, has_aux=has_aux)(per_device_copies(params, mesh))

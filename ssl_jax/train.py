@@ -61,7 +61,7 @@ def total_steps_of(config: ml_collections.ConfigDict, steps_per_epoch: int) -> i
 # The update step, in named parts (pure; the composed step is jit-compiled with the state
 # donated)
 # =============================================================================================
-def loss_and_grads(method, state: TrainState, batch, rng):
+def loss_and_grads(method, state: TrainState, batch, rng, mesh):
   """The method's loss, its aux (``methods.base.LossAux``) and the gradients of the online
   parameters. One all-reduce of the gradients per step, however many times the network is
   applied (per-device parameter copies on a multi-device mesh; plain ``value_and_grad`` on one
@@ -70,10 +70,11 @@ def loss_and_grads(method, state: TrainState, batch, rng):
   def loss_fn(params):
     ctx = method.context(params, target_params=state.target_params,
                          method_state=state.method_state, batch_stats=state.batch_stats,
-                         step=state.step, rng=rng, mesh=jax.sharding.get_abstract_mesh())
+                         step=state.step, rng=rng, mesh=mesh)
     return method.loss(ctx, batch)
 
-  (loss, aux), grads = sharding.value_and_grad_reduced_once(loss_fn, state.params, has_aux=True)
+  (loss, aux), grads = sharding.value_and_grad_reduced_once(loss_fn, state.params, has_aux=True,
+                                                              mesh=mesh)
   return loss, aux, grads
 
 
@@ -113,13 +114,13 @@ def keep_if_finite(ok, new: TrainState, old: TrainState) -> TrainState:
   return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old.replace(step=new.step))
 
 
-def make_train_step(method, tx, probe, probe_tx, lr_fn, tau_fn):
+def make_train_step(method, tx, probe, probe_tx, lr_fn, tau_fn, mesh):
   """Returns ``train_step(state, batch) -> (state, metrics, scores)``: the parts above, in order."""
   uses_target = method.uses_ema_target   # False: no EMA update, no tau (APS by default)
 
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
     rng = jax.random.fold_in(state.rng, state.step)
-    loss, aux, grads = loss_and_grads(method, state, batch, rng)
+    loss, aux, grads = loss_and_grads(method, state, batch, rng, mesh)
     grad_norm = optax.global_norm(grads)
     params, opt_state = optimizer_update(tx, grads, state.params, state.opt_state)
     tau = tau_fn(state.step)
@@ -191,7 +192,7 @@ def build(config: ml_collections.ConfigDict, mesh, method, *, steps_per_epoch: i
     shardings = state_shardings(abstract, mesh, method.state_specs())
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             abstract, shardings)
-  train_step = jax.jit(make_train_step(method, tx, probe, probe_tx, lr_fn, tau_fn),
+  train_step = jax.jit(make_train_step(method, tx, probe, probe_tx, lr_fn, tau_fn, mesh),
                        donate_argnums=(0,), out_shardings=(shardings, None, None))
   return Parts(method, probe, jax.jit(init_state, out_shardings=shardings), train_step,
                abstract, shardings)
