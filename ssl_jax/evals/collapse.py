@@ -6,7 +6,7 @@ A run is flagged as collapsing in a logging window when either
     neg_mean >= NEG_MEAN_MIN and pos_mean - neg_mean < SCORE_GAP_MIN
                                                    (every pair scores alike, near 1)
 
-(``methods.base.embedding_summary`` / ``score_summary`` compute the inputs in the step).
+(``ops.summaries.embedding_summary`` / ``score_summary`` compute the inputs in the step).
 The monitor prints one ``WARNING: representations collapsing at step N (...)`` line when a run
 enters that state and one ``representations recovering`` line when it leaves it, so a long
 collapse does not flood the screen; ``collapse/flag`` (0/1) goes to TensorBoard every window.
