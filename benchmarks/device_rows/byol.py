@@ -12,19 +12,12 @@ from __future__ import annotations
 
 import statistics
 
-from device_rows.common import Row, best_peer, flop_str, median_ratio, mfu_note, warm_then_time
+from device_rows.common import Row, best_peer, flop_str, median_ratio, mfu_note, time_against_peer
 from device_rows.torch_peers import TorchPeer
 
 
 def row(suite):
-  ours = suite.job('byol')
-  peer = suite.make_peer('byol')
-  cont = {'ours': ours.run}
-  cont.update(peer.contenders())
-  # warm-up (eager: cudnn autotuning; compiled: already built), then the interleaved repeats
-  times = warm_then_time(cont, suite.args.repeats, suite.args.steps)
-  ours.check_finite()
-  peer.check_finite()
+  ours, peer, times = time_against_peer(suite, 'byol')
   suite.byol_times = times
   img = ours.images
   best, best_t, notes = best_peer(times)

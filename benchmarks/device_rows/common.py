@@ -95,3 +95,18 @@ def xla_flops(lowered, compiled) -> float:
     if ca and float(ca.get('flops', 0.0)) > 0:
       return float(ca['flops'])
   return float('nan')
+
+
+def time_against_peer(suite, key: str):
+  """``(ours, peer, times)``: our compiled step and the torch peer of ``key`` (eager and
+  compiled), warmed up (eager: cudnn autotuning; compiled: already built), then timed in
+  interleaved repeats; both checked finite."""
+  ours = suite.job(key)
+  peer = suite.make_peer(key)
+  cont = {'ours': ours.run}
+  cont.update(peer.contenders())
+  times = warm_then_time(cont, suite.args.repeats, suite.args.steps)
+  ours.check_finite()
+  peer.check_finite()
+  return ours, peer, times
+

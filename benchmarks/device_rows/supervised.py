@@ -18,7 +18,7 @@ import time
 
 from device_rows import jax_steps
 from device_rows.common import (Row, best_peer, flop_str, median_ratio, mfu_note,
-                                warm_then_time, xla_flops)
+                                time_against_peer, xla_flops)
 from device_rows.torch_peers import TorchPeer
 
 NVIDIA_A100_IMG_S = 2470.0   # DeepLearningExamples RN50 v1.5, PyTorch AMP, 1x A100-80GB, 21.03
@@ -90,13 +90,7 @@ def _supervised_net(c):
 
 
 def row(suite):
-  ours = suite.job('supervised')
-  peer = suite.make_peer('supervised')
-  cont = {'ours': ours.run}
-  cont.update(peer.contenders())
-  times = warm_then_time(cont, suite.args.repeats, suite.args.steps)
-  ours.check_finite()
-  peer.check_finite()
+  ours, peer, times = time_against_peer(suite, 'supervised')
   img = ours.images
   best, best_t, notes = best_peer(times)
   vs = median_ratio(times[best], times['ours'])

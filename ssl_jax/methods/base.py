@@ -85,6 +85,17 @@ def warn_traffic(message: str) -> None:
   warnings.warn(message, CrossDeviceTrafficWarning, stacklevel=2)
 
 
+def resolve_partner_pool(method: str, partner_pool: int, batch: int, num_devices: int) -> int:
+  """``sharding.resolve_pool`` for a method's ``partner_pool`` setting, with a
+  :class:`CrossDeviceTrafficWarning` when the pool spans devices (CLIM, CsMl)."""
+  pool = sharding.resolve_pool(partner_pool, batch, num_devices)
+  if not sharding.pool_is_local(pool, batch, num_devices):
+    warn_traffic(f'{method}: method.partner_pool={partner_pool} spans devices: the partner '
+                 'images are gathered across devices every step; 0 (the images of one device) '
+                 'moves none')
+  return pool
+
+
 @dataclasses.dataclass(frozen=True)
 class StepContext:
   """The explicit inputs of one step besides the views (see the module docstring)."""

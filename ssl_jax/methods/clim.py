@@ -255,11 +255,7 @@ class Method(moco.Method):
     excluded) and one draw from ``S(i)``. Returns ``(j, has_sel, nn_idx, keep, nn_cos, pool)``."""
     b = k.shape[0]
     self_idx = jnp.arange(b, dtype=jnp.int32)
-    pool = sharding.resolve_pool(self.partner_pool, b, ctx.num_devices)
-    if not sharding.pool_is_local(pool, b, ctx.num_devices):
-      base.warn_traffic(f'clim: method.partner_pool={self.partner_pool} spans devices: the '
-                        'partner images are gathered across devices every step; 0 (the '
-                        "images of one device) moves none")
+    pool = base.resolve_partner_pool('clim', self.partner_pool, b, ctx.num_devices)
     if pool == b:
       nn_idx, keep, nn_cos = center_wise_select(k, k, anchor_cluster, k_cluster, centroids,
                                                 self.k, exclude=self_idx, mesh=ctx.mesh,

@@ -177,11 +177,7 @@ class Method(moco.Method):
     r_pick, r_lam, r_box = rng
     b = x1.shape[0]
     self_idx = jnp.arange(b, dtype=jnp.int32)
-    pool = sharding.resolve_pool(self.partner_pool, b, ctx.num_devices)
-    if not sharding.pool_is_local(pool, b, ctx.num_devices):
-      base.warn_traffic(f'csml: method.partner_pool={self.partner_pool} spans devices: the '
-                        'partner images are gathered across devices every step; 0 (the '
-                        'images of one device) moves none')
+    pool = base.resolve_partner_pool('csml', self.partner_pool, b, ctx.num_devices)
     m_cos, m_idx = knn.topk_within_pools(ks, self.mix_k, pool, mesh=ctx.mesh,
                                          recall_target=self.recall_target)
     m_keep = (m_idx >= 0) & (m_cos >= self.threshold)
