@@ -229,11 +229,6 @@ def move_dir(src: str, dst: str) -> None:
   fs.rm(names)
 
 
-def copy_file(src: str, dst: str) -> None:
-  """Copy one file between any two run paths (local or remote)."""
-  write_bytes(dst, read_bytes(src))
-
-
 # ---------------------------------------------------------------------------------------------
 # Reachability: one line before any compilation, nothing created
 # ---------------------------------------------------------------------------------------------

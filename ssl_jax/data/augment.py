@@ -171,20 +171,6 @@ def crop_resize(image: tf.Tensor, box: tf.Tensor, size: int) -> tf.Tensor:
       lambda: tf.image.resize(crop, [size, size], method='bilinear', antialias=True))
 
 
-def random_resized_crop(image: tf.Tensor, seed: tf.Tensor, size: int,
-                        scale: Sequence[float] = (0.08, 1.0),
-                        ratio: Sequence[float] = (3 / 4, 4 / 3)) -> tuple[tf.Tensor, tf.Tensor]:
-  """torchvision ``RandomResizedCrop`` for one image, returning the crop and its box.
-
-  Returns:
-    (float32 ``[size, size, C]``, float32 ``[4]`` box ``(y0, x0, h, w)`` normalised by the
-    source height/width.)
-  """
-  shape = tf.shape(image)
-  box = sample_crop_boxes(seed, shape[:1], shape[1:2], scale, ratio)[0]
-  return crop_resize(image, box, size), normalize_box(box, shape[0], shape[1])
-
-
 def normalize_box(box: tf.Tensor, height, width) -> tf.Tensor:
   """Pixel box(es) ``(top, left, h, w)`` -> the same divided by the source height/width."""
   hh = tf.cast(height, tf.float32)
@@ -196,18 +182,6 @@ def normalize_box(box: tf.Tensor, height, width) -> tf.Tensor:
 def sample_flips(seed: tf.Tensor, n, p: float = 0.5) -> tf.Tensor:
   """Bool ``[n]``: mirror each example with probability ``p`` (torchvision RandomHorizontalFlip)."""
   return tf.random.stateless_uniform(tf.reshape(n, [1]), seed) < p
-
-
-def random_flip(images: tf.Tensor, seed: tf.Tensor, p: float = 0.5
-                ) -> tuple[tf.Tensor, tf.Tensor]:
-  """Horizontal flip of each example of ``[B, H, W, C]`` with probability ``p``.
-
-  Returns the images and the bool ``[B]`` flags (True = mirrored), which geometry-aware
-  methods (APS) need to map patches between views. (The pipeline folds the flip into the crop
-  instead: :func:`crop_resize_batch` with ``flips``.)
-  """
-  flip = sample_flips(seed, tf.shape(images)[0], p)
-  return _blend(images, tf.reverse(images, axis=[2]), flip), flip
 
 
 # ----------------------------------------------------------------------------------------------
