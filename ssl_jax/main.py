@@ -445,6 +445,11 @@ def _train(config, workdir: str, errors: tuple) -> None:
     train.write_outcome(workdir, 'failed', code, f'{type(e).__name__}: {first}'[:500])
     raise
   stopped = 'preempted_at' in results
+  if results.get('frozen_replicas') and not stopped:   # the run did not give all it promised
+    line = train.frozen_summary(results)
+    train.write_outcome(workdir, 'failed', 1, line, step=results.get('final_step'))
+    print(f'Stopped: {line}', file=sys.stderr, flush=True)
+    sys.exit(1)
   train.write_outcome(workdir, 'stopped' if stopped else 'done', 0, results.get('final_line', ''),
                       step=results.get('preempted_at', results.get('final_step')))
 
