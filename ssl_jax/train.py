@@ -220,7 +220,50 @@ def initial_keys(config) -> jax.Array:
   replicas = num_replicas(config)
   if replicas == 1:
     return jax.random.key(config.seed)
-  return jnp.stack([jax.random.key(config.seed + r) for r in range(replicas)])
+  return jax.vmap(jax.random.key)(config.seed + jnp.arange(replicas))
+
+
+def check_replicas_fit(config, mesh, parts: Parts, *, available_bytes: int | None = None
+                       ) -> Parts:
+  """Compile a replicas run's step once, before anything is written, and stop with one line
+  when XLA's memory estimate for it exceeds what a device has; return ``parts`` with the
+  compiled step (so the run compiles it once). ``available_bytes``: the device's memory
+  (default: ``memory_stats()['bytes_limit']``, or this host's RAM split over its devices for
+  the CPU backend, which reports none). A plain run (one replica) is returned unchanged."""
+  if parts.replicas == 1:
+    return parts
+  views = data.synthetic.train_batch(config.data, 1, 0)   # the batch's keys, dtypes, shapes
+  batch_sharding = NamedSharding(mesh, P(None, sharding.DATA))
+  batch = {k: jax.ShapeDtypeStruct((parts.replicas, config.batch_size, *v.shape[1:]), v.dtype,
+                                   sharding=batch_sharding) for k, v in views.items()}
+  compiled = parts.train_step.lower(parts.abstract, batch).compile()
+  mem = compiled.memory_analysis()
+  need = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+          - mem.alias_size_in_bytes) if mem is not None else 0
+  have = available_bytes or _device_memory_bytes()
+  if need and have and need > 0.9 * have:
+    gib = 2.0 ** 30
+    fit = max(int(0.9 * have / (need / parts.replicas)), 0)
+    raise config_lib.ConfigError(
+        f'replicas={parts.replicas}: the step needs about {need / gib:.1f} GiB per device '
+        f'(XLA\'s estimate for the compiled step, {need / gib / parts.replicas:.2f} GiB per '
+        f'replica), more than the {have / gib:.1f} GiB a device has; accepted: replicas <= '
+        f'{fit}, or a smaller batch_size')
+  return parts._replace(train_step=compiled)
+
+
+def _device_memory_bytes() -> int | None:
+  """Memory of one local device: its ``bytes_limit``, or for CPU this host's RAM divided over
+  its local devices."""
+  device = jax.local_devices()[0]
+  stats = device.memory_stats() if hasattr(device, 'memory_stats') else None
+  if stats and stats.get('bytes_limit'):
+    return int(stats['bytes_limit'])
+  try:
+    ram = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+  except (ValueError, OSError, AttributeError):
+    return None
+  return ram // max(jax.local_device_count(), 1)
 
 
 def replicated_step(step_fn: Callable) -> Callable:
@@ -270,8 +313,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     _log(f'Reading {config.data.name} ({config.data.train_split} / {config.data.eval_split})...')
     steps_per_epoch = data.steps_per_epoch(config.data, config.batch_size)
     data.check_same_classes(config.data, config.data.train_split, config.data.eval_split)
-    ckpt_lib.check_workdir_config(workdir, config, allow_config_change=allow_config_change)
     total_steps = utils.total_steps(config, steps_per_epoch)
+    if num_replicas(config) > 1:   # the memory check compiles the step before any file exists
+      _log(f'Compiling the step of {num_replicas(config)} replicas to check its memory...')
+      method = methods.get(config.method.name)(config, steps_per_epoch)
+      parts = check_replicas_fit(config, mesh, build(
+          config, mesh, method, steps_per_epoch=steps_per_epoch, total_steps=total_steps))
+    ckpt_lib.check_workdir_config(workdir, config, allow_config_change=allow_config_change)
     done = ckpt_lib.checkpoint_steps(workdir)
     if done and done[-1] >= total_steps:
       return _already_complete(workdir, done[-1], total_steps)
@@ -279,8 +327,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     # ------------------------------------------------------------------ 2. model, method, step
     _log(f'Input ready ({time.time() - t0:.0f} s); building {config.method.name} / '
          f'{config.model.backbone} and its train state...')
-    method = methods.get(config.method.name)(config, steps_per_epoch)
-    parts = build(config, mesh, method, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+    if num_replicas(config) == 1:
+      method = methods.get(config.method.name)(config, steps_per_epoch)
+      parts = build(config, mesh, method, steps_per_epoch=steps_per_epoch,
+                    total_steps=total_steps)
     with jax.set_mesh(mesh):
       ckpt = ckpt_lib.Checkpointer(workdir, keep=config.checkpoint.keep,
                                    async_save=config.checkpoint.async_save)
