@@ -465,6 +465,7 @@ def _train_loop(config, workdir, mesh, parts, ckpt, state, notice, *, steps_per_
     _log(results['final_line'])
   if results.get('frozen_replicas'):
     _log(reps.frozen_line())
+  reps.write_results(workdir, results)
   _log(_summary_block(config, workdir))
   return results
 
@@ -692,6 +693,18 @@ class _Replicas:
                               for k, v in results['final_replicas'].items()}
     if 0 in self.values_at:
       results['untrained_replicas'] = self.values_at[0]
+
+  def write_results(self, workdir: str, results) -> None:
+    """``WORKDIR/results.json`` of a replicas run (process 0): per metric the mean and std
+    (ddof=1) over the live replicas and every replica's value, at the start and the end."""
+    if self.n == 1 or jax.process_index() != 0:
+      return
+    keys = ('replicas', 'seeds', 'frozen_replicas', 'live_replicas', 'final_step', 'final',
+            'final_std', 'final_replicas', 'untrained', 'untrained_replicas', 'final_line')
+    record = {k: results[k] for k in keys if k in results}
+    record['frozen_replicas'] = {str(r): s for r, s in self.frozen.items()}
+    record['std'] = 'sample standard deviation over the live replicas (ddof=1)'
+    paths.write_json(paths.join(workdir, 'results.json'), record)
 
   def live_values(self, values: dict[str, list[float]] | None):
     """``values`` of the replicas that are not frozen (None stays None)."""
