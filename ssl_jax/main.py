@@ -455,9 +455,12 @@ def _train(config, workdir: str, errors: tuple) -> None:
 
 
 def run_eval(mode: str, config, workdir: str, *, allow_config_change: bool = False):
-  """``--mode=<mode>`` for the evaluation modes (errors reach ``main``'s one-line path)."""
+  """``--mode=<mode>`` for the evaluation modes (errors reach ``main``'s one-line path). On a
+  replicas run ``--config.replica`` picks one replica, and -1 evaluates each
+  (``ssl_jax.evals.replicas``)."""
   import importlib
   from ssl_jax import config_lib
+  from ssl_jax.evals import replicas
   if mode not in EVAL_MODES:
     raise app.UsageError(f'--mode={mode!r} is invalid; accepted: train, {", ".join(EVAL_MODES)}')
   if 'pretrained' not in config:
@@ -467,7 +470,7 @@ def run_eval(mode: str, config, workdir: str, *, allow_config_change: bool = Fal
         'config.')
   module = importlib.import_module(EVAL_MODES[mode])
   kwargs = {'allow_config_change': allow_config_change} if mode in ('linear', 'finetune') else {}
-  return module.run(config, workdir, **kwargs)
+  return replicas.run(mode, module.run, config, workdir, **kwargs)
 
 
 def cli():
