@@ -939,7 +939,8 @@ def _summary_block(config, workdir: str) -> str:
       f'  linear probe: python -m ssl_jax.main --mode=linear --config=configs/eval_linear.py '
       f'--config.pretrained={workdir} --workdir={workdir}_linear',
       f'  export:       python -m ssl_jax.main --mode=export --config=configs/eval_linear.py '
-      f'--config.pretrained={workdir} --workdir={workdir}_export',
+      f'--config.pretrained={workdir} --workdir={workdir}_export'
+      + (' --config.replica=0' if num_replicas(config) > 1 else ''),
   ]
   return '\n'.join(lines)
 
