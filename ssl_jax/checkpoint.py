@@ -266,7 +266,8 @@ def _quiet_closed_event_loop() -> None:
 
 
 def _check_finite_step(state: Any, step: int) -> None:
-  got = int(jax.device_get(state.step))
+  # A replicas run's step has a replica axis; a frozen replica's lags behind the directory's.
+  got = int(np.max(jax.device_get(state.step)))
   if got != step:
     raise ValueError(f'state.step={got} does not match the checkpoint directory step {step}')
 
