@@ -23,10 +23,13 @@ repeats, a ratio the median of the per-repeat ratios. Rows (``--rows``):
 * ``knn``: top-5 of 256 queries over a 1,048,576 x 256 bank, f32 and bf16, vs
   ``torch.topk(q @ bank.T, 5)``. Goal: ours <= the peer and <= 1.5x the bank-read time.
 * ``kmeans``: spherical k-means of 65,536 x 256 into 1,000 clusters vs a torch Lloyd loop.
+* ``replicas``: ResNet-18 CIFAR BYOL step of S = 1, 4, 8 seeds in one program
+  (``config.replicas``), images/s per replica and the ratio to S = 1 (ours only).
 
 Each row's module in ``benchmarks/device_rows/`` (``byol.py``, ``supervised.py``,
-``methods.py``, ``aps.py``, ``knn.py``, ``kmeans.py``) says exactly what it measures, ours and
-the peer; ``jax_steps.py`` builds our steps and ``torch_peers.py`` holds what the peers share.
+``methods.py``, ``aps.py``, ``knn.py``, ``kmeans.py``, ``replicas.py``) says exactly what it
+measures, ours and the peer; ``jax_steps.py`` builds our steps and ``torch_peers.py`` holds what
+the peers share.
 
 f32 matmuls may use TF32 in both frameworks (XLA's default precision on GPU; torch
 ``set_float32_matmul_precision('high')``). Peak bf16 FLOP/s and HBM bandwidth come from a table
@@ -60,27 +63,28 @@ import time
 from typing import Any, Callable
 
 # Standard library only (see device_rows/__init__.py): safe before the import gates.
-from device_rows import aps, byol, jax_steps, kmeans, knn, methods, supervised, torch_peers
+from device_rows import (aps, byol, jax_steps, kmeans, knn, methods, replicas, supervised,
+                         torch_peers)
 from device_rows.common import BudgetSkip, Row, log, short
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 BLOCKED_TF = ('tensorflow', 'tensorflow_datasets', 'clu')
 VENDORED = ('ml_collections', 'absl', 'yaml')
-ROWS = ('byol', 'supervised', 'knn', 'kmeans', 'aps', 'moco', 'msf', 'clim')
+ROWS = ('byol', 'supervised', 'knn', 'kmeans', 'aps', 'moco', 'msf', 'clim', 'replicas')
 # Each row's function (suite -> rows), the JAX steps it compiles up front (key -> prepare(suite)),
 # and the torch peers (key -> class).
 ROW_FNS: dict[str, Callable[[Any], list[Row]]] = {
     'byol': byol.row, 'supervised': supervised.row, 'knn': knn.row, 'kmeans': kmeans.row,
     'aps': aps.row, 'moco': functools.partial(methods.row, key='moco'),
     'msf': functools.partial(methods.row, key='msf'),
-    'clim': functools.partial(methods.row, key='clim')}
-TRAIN_ROWS = ('byol', 'supervised', 'aps', 'moco', 'msf', 'clim')   # compile order
+    'clim': functools.partial(methods.row, key='clim'), 'replicas': replicas.row}
+TRAIN_ROWS = ('byol', 'supervised', 'aps', 'moco', 'msf', 'clim', 'replicas')   # compile order
 PEERS = {'byol': byol.ByolPeer, 'supervised': supervised.SupervisedPeer,
          'moco': methods.MocoPeer, 'msf': methods.MsfPeer}
 # Seconds each row needs after compilation (warm-ups, repeats, torch eager), full sizes; guesses
 # for the budget guard until a GPU run measures them (the run prints what each row took).
 ROW_EST_S = {'byol': 45, 'supervised': 25, 'knn': 25, 'kmeans': 15, 'aps': 15, 'moco': 35,
-             'msf': 35, 'clim': 25}
+             'msf': 35, 'clim': 25, 'replicas': 25}
 
 
 # =============================================================================================
@@ -122,6 +126,8 @@ def parse_args(argv=None):
                  help='rows whose peer also runs compiled (the better of eager and compiled)')
   p.add_argument('--compile_workers', type=int, default=4,
                  help='threads compiling the JAX steps up front (1: one after another)')
+  p.add_argument('--replicas', default='1,4,8',
+                 help='replica counts S of the replicas row (comma list; 1 is always run)')
   p.add_argument('--knn_block_rows', default='',
                  help='extra kNN rows with these ops.knn block_rows values (comma list)')
   p.add_argument('--peak_tflops', type=float, default=None,
@@ -151,6 +157,9 @@ def parse_args(argv=None):
   a.torch_compile_rows = [] if a.torch_compile == 'off' else [
       r for r in a.torch_compile_rows.split(',') if r]
   a.knn_block_rows = [int(x) for x in a.knn_block_rows.split(',') if x]
+  a.replicas = sorted({1} | {int(x) for x in a.replicas.split(',') if x})
+  if a.replicas[0] < 1:
+    p.error(f'--replicas: counts must be >= 1, got {a.replicas}')
   return a
 
 
@@ -310,6 +319,9 @@ class Suite:
       elif r == 'aps':
         self.jobs['aps'] = pool.submit(aps.prepare, self)
         self.jobs['aps_full'] = pool.submit(aps.prepare_full, self)
+      elif r == 'replicas':
+        for n in self.args.replicas:
+          self.jobs[replicas.job_key(n)] = pool.submit(replicas.prepare, self, n)
       else:
         self.jobs[r] = pool.submit(jax_steps.prepare_train, self, r)
 

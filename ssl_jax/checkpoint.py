@@ -26,7 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from ssl_jax import paths
+from ssl_jax import config_lib, paths
 
 # Fields that may change between a run and its resume without changing its results: these keys,
 # and every key under these prefixes (an evaluator only reads the state, so any evals.* field --
@@ -266,7 +266,8 @@ def _quiet_closed_event_loop() -> None:
 
 
 def _check_finite_step(state: Any, step: int) -> None:
-  got = int(jax.device_get(state.step))
+  # A replicas run's step has a replica axis; a frozen replica's lags behind the directory's.
+  got = int(np.max(jax.device_get(state.step)))
   if got != step:
     raise ValueError(f'state.step={got} does not match the checkpoint directory step {step}')
 
@@ -315,16 +316,76 @@ def _read_config_json(path: str) -> dict[str, Any]:
                        'a copy, or move it away to start this workdir afresh.') from e
 
 
+def replica_index(config: ml_collections.ConfigDict, replica: Any, workdir: str, *,
+                  every: bool = False) -> int | None:
+  """The eval config's ``replica`` checked against the training run's ``config``: the replica
+  whose slice to read, or None for a run without replicas (its state is read as stored).
+
+  A replicas run (``config.replicas = S > 1``) stores every state leaf with a leading replica
+  axis of size S; replica r (seed ``config.seed + r``) is read with ``replica=r``, 0 <= r < S.
+  ``-1`` (every replica) is accepted only when ``every`` (the evaluation modes spread it over
+  the replicas, ``ssl_jax.evals.replicas``) and is then returned as is; one network cannot be
+  read with it. On a run without replicas -1 and 0 both read the run itself.
+  """
+  n = int(config.get('replicas', 1))
+  integer = isinstance(replica, int) and not isinstance(replica, bool)
+  if n == 1:
+    config_lib.require(integer and replica in (-1, 0), 'replica', replica,
+                       f'-1 or 0 ({workdir} was trained without replicas)')
+    return None
+  if replica == -1 and not every:
+    raise config_lib.ConfigError(
+        f'config.replica=-1 (every replica) reads no single network: {workdir} holds {n} '
+        f'replicas (trained with --config.replicas={n}); add --config.replica=r with r one of '
+        f'{", ".join(map(str, range(n)))} (replica r: seed {config.get("seed", 0)} + r).')
+  config_lib.require(integer and (-1 if every else 0) <= replica < n, 'replica', replica,
+                     f'{"-1 (every replica) or " if every else ""}0..{n - 1} ({workdir} was '
+                     f'trained with --config.replicas={n})')
+  return replica
+
+
+def take_replica(tree: Any, index: int) -> Any:
+  """Replica ``index``'s slice of every leaf (host copies: the other replicas' are freed)."""
+  def take(path, x):
+    x = np.asarray(x)
+    if x.ndim == 0:
+      raise CheckpointError(f'state leaf {jax.tree_util.keystr(path)} has no replica axis '
+                            f'(shape {x.shape}); the checkpoint is not a replicas run\'s.')
+    return np.array(x[index])
+  return jax.tree_util.tree_map_with_path(take, tree)
+
+
+def replica_config(config: ml_collections.ConfigDict, index: int) -> ml_collections.ConfigDict:
+  """The training config replica ``index`` would have had as a single run (seed + index,
+  replicas 1), with ``replica_of``: the run's replica count (where it came from)."""
+  c = ml_collections.ConfigDict(config.to_dict())
+  c.seed = int(config.get('seed', 0)) + index
+  c.replica_of = int(config.replicas)
+  c.replicas = 1
+  return c
+
+
 def restore_state(workdir: str, *, step: int | None = None,
-                  items: tuple[str, ...] = ('step', 'params', 'batch_stats')
-                  ) -> tuple[dict[str, Any], int]:
+                  items: tuple[str, ...] = ('step', 'params', 'batch_stats'),
+                  replica: int | None = None) -> tuple[dict[str, Any], int]:
   """The raw ``state`` pytree (nested dicts of numpy arrays) of checkpoint ``step``.
 
   ``step=None``: the newest checkpoint that restores (a damaged one is skipped with a warning).
 
   Restores only the top-level entries in ``items`` (e.g. 'params', 'batch_stats',
   'target_params', 'probe_params'); an empty tuple restores everything.
+
+  ``replica``: None reads the state as stored (a replicas run's leaves keep their leading
+  replica axis); an int is an eval config's ``replica`` (:func:`replica_index`): replica r's
+  slice of every leaf of a replicas run, the state as stored for a run without replicas.
   """
+  index = None if replica is None else replica_index(read_config(workdir), replica, workdir)
+  state, step = _restore_newest(workdir, step, items)
+  return (state if index is None else take_replica(state, index)), step
+
+
+def _restore_newest(workdir: str, step: int | None, items: tuple[str, ...]
+                    ) -> tuple[dict[str, Any], int]:
   steps = checkpoint_steps(workdir)
   if not steps:
     raise PretrainedNotFound(
@@ -396,18 +457,30 @@ def _restore_step_items(workdir: str, step: int, items: tuple[str, ...]) -> dict
     return {k: state[k] for k in (items or state)}
 
 
-def load_pretrained(workdir: str, *, weights: str = 'online', step: int | None = None
-                    ) -> tuple[ml_collections.ConfigDict, Any, Any, int]:
+def load_pretrained(workdir: str, *, weights: str = 'online', step: int | None = None,
+                    replica: int = -1) -> tuple[ml_collections.ConfigDict, Any, Any, int]:
   """``(config, params, batch_stats, step)`` of the newest checkpoint of a training run.
 
   ``params``/``batch_stats`` are the whole network's (``'backbone'``, ``'projector'``, ...), as
   numpy. ``weights='online'`` (default: the online network, which BYOL/MoCo evaluate) or
   ``'target'`` (the EMA target; BatchNorm statistics are the online network's).
+  ``replica`` (:func:`replica_index`): on a replicas run, replica r's network, with the config
+  that replica would have had as a single run (:func:`replica_config`); a replica frozen
+  after a NaN (its step behind the checkpoint's) is read too, with a warning naming it.
+  ``step`` is the checkpoint's (its directory).
   Raises ``PretrainedNotFound`` when WORKDIR has no config.json or no checkpoint.
   """
   if weights not in WEIGHTS:
     raise ValueError(f'weights={weights!r} is invalid; accepted: {", ".join(WEIGHTS)}')
   config = read_config(workdir)
+  index = replica_index(config, replica, workdir)
   key = 'params' if weights == 'online' else 'target_params'
-  state, step = restore_state(workdir, step=step, items=('step', key, 'batch_stats'))
+  state, step = _restore_newest(workdir, step, ('step', key, 'batch_stats'))
+  if index is not None:
+    steps = np.atleast_1d(state['step'])
+    state, config = take_replica(state, index), replica_config(config, index)
+    if int(steps[index]) < int(steps.max()):
+      _log(f'WARNING: replica {index} (seed {config.seed}) of {workdir} was frozen after step '
+           f'{int(steps[index])} (NaN or Inf at step {int(steps[index]) + 1}); checkpoint '
+           f'{step} holds its state after step {int(steps[index])}, which is what is read.')
   return config, state[key], state.get('batch_stats', {}), step

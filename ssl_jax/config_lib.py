@@ -85,6 +85,9 @@ def base_config(args: Args, *, method: str) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.method = ml_collections.ConfigDict({'name': method})
   c.seed = 0
+  # Independent runs in one program (seeds seed .. seed + replicas - 1, one vmapped step):
+  # replica r is exactly the run with seed + r; results are mean ± std over the replicas.
+  c.replicas = 1
   c.data = data.default_data_config(args.dataset)
   for key in ('data_dir', 'folder_root'):  # typed, so --config.data.data_dir=... works
     if key in c.data and c.data[key] is None:
@@ -239,6 +242,9 @@ def validate(c: ml_collections.ConfigDict, *, num_devices: int | None = None,
     final = c.ema.get('final', 1.0)
     require(_finite_number(final) and c.ema.base <= final <= 1.0, 'ema.final', final,
              f'a number in [ema.base={c.ema.base}, 1]')
+  replicas = c.get('replicas', 1)
+  require(isinstance(replicas, int) and not isinstance(replicas, bool) and replicas >= 1,
+          'replicas', replicas, 'an integer >= 1 (independent seeds trained together)')
   require(isinstance(c.batch_size, int) and c.batch_size > 0, 'batch_size', c.batch_size,
            'a positive integer')
   require(c.total_steps > 0 or c.total_epochs > 0, 'total_steps/total_epochs',

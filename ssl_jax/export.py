@@ -588,14 +588,15 @@ def run(config, workdir: str) -> dict[str, str]:
     config_lib.require(fmt in FORMATS, 'export.formats', formats, ', '.join(FORMATS))
   pre, params, batch_stats, step = ckpt_lib.load_pretrained(
       config.pretrained, weights=config.weights,
-      step=utils.optional(config.checkpoint_step))
+      step=utils.optional(config.checkpoint_step), replica=config.get('replica', -1))
   if not str(pre.model.backbone).startswith('resnet'):
     raise config_lib.ConfigError(
         f'--mode=export writes torchvision ResNet state dicts; the pretrained backbone is '
         f'{pre.model.backbone!r}. Accepted: a resnet* backbone.')
   fc = None
   if config.export.include_probe:
-    probe, _ = ckpt_lib.restore_state(config.pretrained, step=step, items=('probe_params',))
+    probe, _ = ckpt_lib.restore_state(config.pretrained, step=step, items=('probe_params',),
+                                      replica=config.get('replica', -1))
     fc = probe['probe_params']['params']
   out = {}
   if jax.process_index() == 0:
@@ -604,7 +605,8 @@ def run(config, workdir: str) -> dict[str, str]:
                            paths.join(workdir, f'backbone.{fmt}'), fmt=fmt, fc=fc)
       out[fmt] = str(path)
       report.log(f'Exported {pre.model.backbone} ({pre.model.stem} stem) from '
-          f'{config.pretrained}/checkpoints/{step} to {path}.')
+          f'{config.pretrained}/checkpoints/{step}{eval_config.replica_text(config, pre)} to '
+          f'{path}.')
   sd_base = int(np.asarray(to_torchvision_state_dict(
       params['backbone'], batch_stats.get('backbone', {}))['conv1.weight']).shape[0])
   how = {
@@ -620,7 +622,9 @@ def run(config, workdir: str) -> dict[str, str]:
                       'torchvision.models.ResNet at this width)']
   report.write_json(workdir, 'export.json', {'pretrained': config.pretrained, 'step': step,
                                              'backbone': pre.model.backbone, 'stem': pre.model.stem,
-                                             'base_width': sd_base, 'files': out, 'load': how})
+                                             'base_width': sd_base, 'files': out, 'load': how,
+                                             'replica': config.get('replica', -1),
+                                             'seed': pre.get('seed')})
   if jax.process_index() == 0:
     report.log('Load it in PyTorch: ' + how['drop_in'] + ' (export.json has the by-hand recipe).')
   return out

@@ -445,14 +445,22 @@ def _train(config, workdir: str, errors: tuple) -> None:
     train.write_outcome(workdir, 'failed', code, f'{type(e).__name__}: {first}'[:500])
     raise
   stopped = 'preempted_at' in results
+  if results.get('frozen_replicas') and not stopped:   # the run did not give all it promised
+    line = train.frozen_summary(results)
+    train.write_outcome(workdir, 'failed', 1, line, step=results.get('final_step'))
+    print(f'Stopped: {line}', file=sys.stderr, flush=True)
+    sys.exit(1)
   train.write_outcome(workdir, 'stopped' if stopped else 'done', 0, results.get('final_line', ''),
                       step=results.get('preempted_at', results.get('final_step')))
 
 
 def run_eval(mode: str, config, workdir: str, *, allow_config_change: bool = False):
-  """``--mode=<mode>`` for the evaluation modes (errors reach ``main``'s one-line path)."""
+  """``--mode=<mode>`` for the evaluation modes (errors reach ``main``'s one-line path). On a
+  replicas run ``--config.replica`` picks one replica, and -1 evaluates each
+  (``ssl_jax.evals.replicas``)."""
   import importlib
   from ssl_jax import config_lib
+  from ssl_jax.evals import replicas
   if mode not in EVAL_MODES:
     raise app.UsageError(f'--mode={mode!r} is invalid; accepted: train, {", ".join(EVAL_MODES)}')
   if 'pretrained' not in config:
@@ -462,7 +470,7 @@ def run_eval(mode: str, config, workdir: str, *, allow_config_change: bool = Fal
         'config.')
   module = importlib.import_module(EVAL_MODES[mode])
   kwargs = {'allow_config_change': allow_config_change} if mode in ('linear', 'finetune') else {}
-  return module.run(config, workdir, **kwargs)
+  return replicas.run(mode, module.run, config, workdir, **kwargs)
 
 
 def cli():

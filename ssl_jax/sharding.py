@@ -76,6 +76,15 @@ def global_batch(mesh: Mesh, local_batch: Any) -> Any:
       local_batch)
 
 
+def replica_batch(mesh: Mesh, local_batches: list[Any]) -> Any:
+  """One per-process numpy batch per replica -> global ``jax.Array``s ``[replicas, B, ...]``,
+  the replica axis unsharded and the batch axis sharded along ``'data'``."""
+  sharding = NamedSharding(mesh, P(None, DATA))
+  return jax.tree.map(
+      lambda *xs: jax.make_array_from_process_local_data(sharding, np.stack(xs)),
+      *local_batches)
+
+
 # ---------------------------------------------------------------------------------------------
 # Pools of rows that live on one device (partner search, FT's negative interpolation).
 # ---------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ import ml_collections
 import numpy as np
 import optax
 from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ssl_jax import checkpoint as ckpt_lib
 from ssl_jax import config_lib, data, methods, optim, paths, sharding, utils, writers
@@ -162,6 +163,7 @@ class Parts(NamedTuple):
   train_step: Callable    # jitted, state donated: (state, global batch) -> (state, metrics, scores)
   abstract: Any           # TrainState of ShapeDtypeStructs carrying their shardings
   shardings: Any
+  replicas: int = 1       # > 1: every leaf and the batch have a leading replica axis
 
 
 def build(config: ml_collections.ConfigDict, mesh, method, *, steps_per_epoch: int,
@@ -187,15 +189,104 @@ def build(config: ml_collections.ConfigDict, mesh, method, *, steps_per_epoch: i
                       method_state=method.init_state(r_method), probe_params=probe_params,
                       probe_opt_state=probe_tx.init(probe_params), rng=r_base)
 
+  step_fn = make_train_step(method, tx, probe, probe_tx, lr_fn, tau_fn, mesh)
   with jax.set_mesh(mesh):
     abstract = jax.eval_shape(init_state, jax.random.key(0))
     shardings = state_shardings(abstract, mesh, method.state_specs())
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            abstract, shardings)
-  train_step = jax.jit(make_train_step(method, tx, probe, probe_tx, lr_fn, tau_fn, mesh),
-                       donate_argnums=(0,), out_shardings=(shardings, None, None))
+  replicas = num_replicas(config)
+  if replicas > 1:   # a leading replica axis on every leaf, the step vmapped over it
+    init_state, step_fn = jax.vmap(init_state), replicated_step(step_fn)
+    shardings = jax.tree.map(lambda s: NamedSharding(mesh, P(None, *s.spec)), shardings)
+    with jax.set_mesh(mesh):
+      abstract = jax.eval_shape(init_state, initial_keys(config))
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, shardings)
+  train_step = jax.jit(step_fn, donate_argnums=(0,), out_shardings=(shardings, None, None))
   return Parts(method, probe, jax.jit(init_state, out_shardings=shardings), train_step,
-               abstract, shardings)
+               abstract, shardings, replicas)
+
+
+# =============================================================================================
+# Replicas: seeds as a batch dimension
+# =============================================================================================
+def num_replicas(config) -> int:
+  """``config.replicas`` (1 when absent: configs from before the field)."""
+  return int(config.get('replicas', 1))
+
+
+def initial_keys(config) -> jax.Array:
+  """The init key of the run: ``key(seed)``, or ``[key(seed + r) for r < replicas]`` (replica
+  r starts exactly as a single run with seed ``seed + r``)."""
+  replicas = num_replicas(config)
+  if replicas == 1:
+    return jax.random.key(config.seed)
+  return jax.vmap(jax.random.key)(config.seed + jnp.arange(replicas))
+
+
+def check_replicas_fit(config, mesh, parts: Parts, *, available_bytes: int | None = None
+                       ) -> Parts:
+  """Compile a replicas run's step once, before anything is written, and stop with one line
+  when XLA's memory estimate for it exceeds what a device has; return ``parts`` with the
+  compiled step (so the run compiles it once). ``available_bytes``: the device's memory
+  (default: ``memory_stats()['bytes_limit']``, or this host's RAM split over its devices for
+  the CPU backend, which reports none). A plain run (one replica) is returned unchanged."""
+  if parts.replicas == 1:
+    return parts
+  views = data.synthetic.train_batch(config.data, 1, 0)   # the batch's keys, dtypes, shapes
+  batch_sharding = NamedSharding(mesh, P(None, sharding.DATA))
+  batch = {k: jax.ShapeDtypeStruct((parts.replicas, config.batch_size, *v.shape[1:]), v.dtype,
+                                   sharding=batch_sharding) for k, v in views.items()}
+  compiled = parts.train_step.lower(parts.abstract, batch).compile()
+  mem = compiled.memory_analysis()
+  need = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+          - mem.alias_size_in_bytes) if mem is not None else 0
+  have = available_bytes or _device_memory_bytes()
+  if need and have and need > 0.9 * have:
+    gib = 2.0 ** 30
+    fit = max(int(0.9 * have / (need / parts.replicas)), 0)
+    raise config_lib.ConfigError(
+        f'replicas={parts.replicas}: the step needs about {need / gib:.1f} GiB per device '
+        f'(XLA\'s estimate for the compiled step, {need / gib / parts.replicas:.2f} GiB per '
+        f'replica), more than the {have / gib:.1f} GiB a device has; accepted: replicas <= '
+        f'{fit}, or a smaller batch_size')
+  return parts._replace(train_step=compiled)
+
+
+def _device_memory_bytes() -> int | None:
+  """Memory of one local device: its ``bytes_limit``, or for CPU this host's RAM divided over
+  its local devices."""
+  device = jax.local_devices()[0]
+  stats = device.memory_stats() if hasattr(device, 'memory_stats') else None
+  if stats and stats.get('bytes_limit'):
+    return int(stats['bytes_limit'])
+  try:
+    ram = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+  except (ValueError, OSError, AttributeError):
+    return None
+  return ram // max(jax.local_device_count(), 1)
+
+
+def replicated_step(step_fn: Callable) -> Callable:
+  """``step_fn`` vmapped over a leading replica axis of the state and the batch.
+
+  Replica r computes exactly what ``step_fn`` computes on its slice. A replica whose update is
+  non-finite is frozen from then on: it keeps its whole state, its ``step`` included, and a
+  replica whose ``step`` is behind the others' takes no further update (so the one that
+  diverged at step s holds its state after step s - 1, to the end of the run and in every
+  checkpoint). The others go on unaffected.
+  """
+
+  def step(state: TrainState, batch):
+    new, metrics, scores = jax.vmap(step_fn)(state, batch)
+    ok = state.step == jnp.max(state.step)   # not frozen before this step
+    for key, flag in metrics.items():
+      if key.startswith('finite/'):
+        ok &= flag
+    new = jax.tree.map(
+        lambda n, o: jnp.where(ok.reshape(ok.shape + (1,) * (n.ndim - 1)), n, o), new, state)
+    return new, metrics, scores
+
+  return step
 
 
 # =============================================================================================
@@ -222,8 +313,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     _log(f'Reading {config.data.name} ({config.data.train_split} / {config.data.eval_split})...')
     steps_per_epoch = data.steps_per_epoch(config.data, config.batch_size)
     data.check_same_classes(config.data, config.data.train_split, config.data.eval_split)
-    ckpt_lib.check_workdir_config(workdir, config, allow_config_change=allow_config_change)
     total_steps = utils.total_steps(config, steps_per_epoch)
+    if num_replicas(config) > 1:   # the memory check compiles the step before any file exists
+      _log(f'Compiling the step of {num_replicas(config)} replicas to check its memory...')
+      method = methods.get(config.method.name)(config, steps_per_epoch)
+      parts = check_replicas_fit(config, mesh, build(
+          config, mesh, method, steps_per_epoch=steps_per_epoch, total_steps=total_steps))
+    ckpt_lib.check_workdir_config(workdir, config, allow_config_change=allow_config_change)
     done = ckpt_lib.checkpoint_steps(workdir)
     if done and done[-1] >= total_steps:
       return _already_complete(workdir, done[-1], total_steps)
@@ -231,15 +327,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     # ------------------------------------------------------------------ 2. model, method, step
     _log(f'Input ready ({time.time() - t0:.0f} s); building {config.method.name} / '
          f'{config.model.backbone} and its train state...')
-    method = methods.get(config.method.name)(config, steps_per_epoch)
-    parts = build(config, mesh, method, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+    if num_replicas(config) == 1:
+      method = methods.get(config.method.name)(config, steps_per_epoch)
+      parts = build(config, mesh, method, steps_per_epoch=steps_per_epoch,
+                    total_steps=total_steps)
     with jax.set_mesh(mesh):
       ckpt = ckpt_lib.Checkpointer(workdir, keep=config.checkpoint.keep,
                                    async_save=config.checkpoint.async_save)
       try:
         # -------------------------------------------------------------- 3. state
         state = _restore_or_init(ckpt, parts, config)
-        start_step = int(jax.device_get(state.step))
+        start_step = int(np.max(jax.device_get(state.step)))   # frozen replicas lag behind
         return _train_loop(config, workdir, mesh, parts, ckpt, state, notice,
                            steps_per_epoch=steps_per_epoch, total_steps=total_steps,
                            start_step=start_step, stop_at_step=stop_at_step)
@@ -257,20 +355,21 @@ def _train_loop(config, workdir, mesh, parts, ckpt, state, notice, *, steps_per_
   feature_fn = jax.jit(make_feature_fn(parts.method, parts.probe))
   evals = evaluators.from_config(config, feature_fn=feature_fn, mesh=mesh,
                                  steps_per_epoch=steps_per_epoch)
-  collapse_monitor = collapse.CollapseMonitor()
-  plots = _ScorePlots(config, workdir, writer, steps_per_epoch, total_steps)
+  # Per replica (one for a plain run): writers, score plots, collapse monitors, frozen replicas.
+  reps = _Replicas(config, workdir, writer, state, steps_per_epoch, total_steps)
   profile = _Profile(config, workdir, start_step, total_steps)
   saver = _Saver(ckpt, config, steps_per_epoch, last_saved=start_step if start_step else None)
   results: dict[str, Any] = {'start_step': start_step, 'loss_history': []}
 
   def run_evals(step, state, which):
-    return evaluate(step, state, which, writer)
+    return reps.evaluate(step, state, which, results)
 
   # -------------------------------------------------------------------- 5. before the first step
-  n_params = sum(x.size for x in jax.tree.leaves(state.params))
+  n_params = sum(x.size for x in jax.tree.leaves(state.params)) // reps.n
   _log(f'{config.method.name} | {config.model.backbone} ({n_params / 1e6:.2f}M params) | '
        f'{data.describe(config.data)} | global batch {config.batch_size} on {n_dev} device(s), '
-       f'{jax.process_count()} host(s) | {total_steps} steps ({steps_per_epoch}/epoch)')
+       f'{jax.process_count()} host(s) | {total_steps} steps ({steps_per_epoch}/epoch)'
+       + reps.describe())
   skipped = data.num_skipped(config.data, config.data.train_split)
   if skipped:  # named one by one in the warnings above; counted in the run's own record
     _log(f'WARNING: {skipped} undecodable training image(s) skipped (data/skipped_files).')
@@ -284,7 +383,7 @@ def _train_loop(config, workdir, mesh, parts, ckpt, state, notice, *, steps_per_
     line = (f'Stopping before the first step of this run (step {start_step}, '
             f'{notice.received}): nothing new to save. Rerun the same command to continue.')
     _log(line)
-    writer.close()
+    reps.close()
     return dict(results, preempted_at=start_step, state=state, final_line=line)
 
   # -------------------------------------------------------------------- 6. the loop
@@ -296,7 +395,7 @@ def _train_loop(config, workdir, mesh, parts, ckpt, state, notice, *, steps_per_
   ckpt_every = int(config.checkpoint.every_steps)
 
   def check(step, metrics):
-    utils.check_finite(step, metrics, lambda: kept_checkpoint_text(ckpt), NONFINITE_HINT)
+    reps.check_finite(step, metrics, lambda: kept_checkpoint_text(ckpt))
 
   t_start = time.time()
   pending, step, stopped = None, start_step, None
@@ -323,11 +422,9 @@ def _train_loop(config, workdir, mesh, parts, ckpt, state, notice, *, steps_per_
       check(step, metrics)
     if logging_now:
       avg, host, partial = window.flush(step)
-      _log_window(step, avg, host, partial, results=results, writer=writer,
-                  collapse_monitor=collapse_monitor, n_dev=n_dev, batch_size=config.batch_size,
-                  steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+      reps.log_window(step, avg, host, partial, results=results, n_dev=n_dev)
     profile(step, state)
-    plots(step, scores)
+    reps.plot(step, scores)
     if saving:
       saver.save(step, state)
     for ev in due_evals:
@@ -347,7 +444,7 @@ def _train_loop(config, workdir, mesh, parts, ckpt, state, notice, *, steps_per_
     saver.save(step, state, force=True)
     ckpt.wait()
     ckpt.require_saved(step)
-    writer.close()
+    reps.close()
     return dict(results, preempted_at=step, state=state, final_line=line)
   train_time_s = time.time() - t_start
   ckpt.wait()
@@ -356,17 +453,19 @@ def _train_loop(config, workdir, mesh, parts, ckpt, state, notice, *, steps_per_
   if final:
     _log(f'Final evaluation at step {step}: {", ".join(ev.name for ev in final)}...')
     results['final'] = run_evals(step, state, final)
-  writer.close()   # on a gs:// workdir: the last events are uploaded now
-  results.update(final_step=step, collapse_warnings=list(collapse_monitor.warned_steps),
-                 train_time_s=train_time_s, state=state)
-  if collapse_monitor.collapsing:
-    _log(f'WARNING: the run ended collapsed (first flagged at step '
-         f'{collapse_monitor.warned_steps[-1]}): {collapse.describe(results["last_metrics"])}.')
+  reps.close()   # on a gs:// workdir: the last events are uploaded now
+  results.update(final_step=step, train_time_s=train_time_s, state=state)
+  reps.end(results)   # collapse warnings; per-replica values and frozen replicas, if any
   results['final_line'] = f'Finished {step} steps.'
   if 'final' in results:
-    results['final_line'] = evaluators.final_line(evals, step, results['final'],
-                                                  results.get('untrained'))
+    results['final_line'] = evaluators.final_line(
+        evals, step, results['final'], results.get('untrained'),
+        replicas=reps.live_values(results.get('final_replicas')),
+        untrained_replicas=reps.live_values(results.get('untrained_replicas')))
     _log(results['final_line'])
+  if results.get('frozen_replicas'):
+    _log(reps.frozen_line())
+  reps.write_results(workdir, results)
   _log(_summary_block(config, workdir))
   return results
 
@@ -377,7 +476,7 @@ def _train_loop(config, workdir, mesh, parts, ckpt, state, notice, *, steps_per_
 def _restore_or_init(ckpt, parts: Parts, config) -> TrainState:
   restored = ckpt.restore_latest(parts.abstract)
   if restored is None:
-    return parts.init(jax.random.key(config.seed))
+    return parts.init(initial_keys(config))
   state, meta = restored
   _log(f'Resumed from {ckpt.directory}/{meta["step"]} (epoch {meta["epoch"]:.2f}).')
   return state
@@ -385,27 +484,30 @@ def _restore_or_init(ckpt, parts: Parts, config) -> TrainState:
 
 def _global_batches(config, mesh, start_step: int) -> Iterator:
   """Global batches on the mesh from ``start_step`` on; the synthetic source's one batch is
-  placed once and stays on device (no input cost)."""
-  local = data.make_train_iterator(
-      config.data, global_batch_size=config.batch_size, seed=config.seed, start_step=start_step,
-      process_index=jax.process_index(), process_count=jax.process_count())
+  placed once and stays on device (no input cost). With replicas, replica r's batches are
+  those of a single run with seed ``seed + r`` (its data order and augmentation), stacked on a
+  leading replica axis."""
+  seeds = [config.seed + r for r in range(num_replicas(config))]
+  local = [data.make_train_iterator(
+      config.data, global_batch_size=config.batch_size, seed=seed, start_step=start_step,
+      process_index=jax.process_index(), process_count=jax.process_count()) for seed in seeds]
+  place = ((lambda bs: sharding.global_batch(mesh, bs[0])) if len(seeds) == 1 else
+           (lambda bs: sharding.replica_batch(mesh, bs)))
   if data.synthetic.is_synthetic(config.data):
-    batch = sharding.global_batch(mesh, next(local))
+    batch = place([next(it) for it in local])
     while True:
       yield batch
-  for b in local:
-    yield sharding.global_batch(mesh, b)
+  for bs in zip(*local):
+    yield place(list(bs))
 
 
 def evaluate(step: int, state, which, writer) -> dict[str, float]:
   """Run the evaluators ``which`` on ``state``; each ``(name, value)`` is logged and written.
   (Each evaluator holds the feature function it was built with.)"""
-  variables = {'params': state.params, 'batch_stats': state.batch_stats,
-               'probe': state.probe_params}
   out: dict[str, float] = {}
   for ev in which:
     t0 = time.time()
-    res = dict(ev.run(variables))
+    res = dict(ev.run(_eval_variables(state)))
     writer.write_scalars(step, res)
     _log(f'[eval {ev.name} @ step {step}] '
          + ' | '.join(f'{k} {100 * v:.2f}%' for k, v in res.items())
@@ -414,15 +516,19 @@ def evaluate(step: int, state, which, writer) -> dict[str, float]:
   return out
 
 
-def _log_window(step: int, avg: dict[str, float], host: list, partial: bool, *, results,
+def _eval_variables(state) -> dict[str, Any]:
+  return {'params': state.params, 'batch_stats': state.batch_stats, 'probe': state.probe_params}
+
+
+def _log_window(step: int, avg: dict[str, Any], host: list, partial: bool, *, results,
                 writer, collapse_monitor, n_dev: int, batch_size: int, steps_per_epoch: int,
-                total_steps: int) -> None:
+                total_steps: int, label: str = '') -> None:
   """One log window: the run's record, TensorBoard (full windows only), the collapse check and
   one line on the screen."""
-  results['loss_history'].extend((s, float(m['loss'])) for s, m in host)
+  results['loss_history'].extend((s, float(np.mean(m['loss']))) for s, m in host)
   sps, per_device = avg['steps_per_sec'], batch_size / n_dev
   avg.update({'images_per_sec_per_device': sps * per_device, 'epoch': step / steps_per_epoch})
-  warning = collapse_monitor.update(step, avg)
+  warning = collapse_monitor.update(step, avg) if collapse_monitor is not None else None
   if warning:
     _log(warning)
   # After a resume from step s off the log grid, the first window holds only steps s+1..step:
@@ -433,12 +539,186 @@ def _log_window(step: int, avg: dict[str, float], host: list, partial: bool, *, 
   # The first window after compilation may hold no timed step: no speed, no ETA yet.
   eta = utils.hms((total_steps - step) / sps) if sps > 0 else '--'
   tau = f'tau {avg["tau"]:.4f} | ' if 'tau' in avg else ''
-  _log(f'step {step}/{total_steps} ({100 * step / total_steps:.0f}%) | '
-       f'loss {avg["loss"]:.4f} | probe top-1 {100 * avg["online_probe/train_top1"]:.1f}% | '
+  loss = label or f'loss {avg["loss"]:.4f} | probe top-1 {100 * avg["online_probe/train_top1"]:.1f}%'
+  _log(f'step {step}/{total_steps} ({100 * step / total_steps:.0f}%) | {loss} | '
        f'lr {avg["lr"]:.4g} | {tau}{sps:.2f} steps/s, {sps * per_device:.0f} img/s/device | '
        f'ETA {eta}' + (' | partial window after resume: not logged to TensorBoard' if partial
                        else ''))
   results['last_metrics'] = avg
+
+
+def mean_std(values) -> tuple[float, float]:
+  """Mean and sample standard deviation (ddof=1; 0 for a single value) of ``values``."""
+  v = np.asarray(values, np.float64)
+  return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
+
+
+class _Replicas:
+  """What the host keeps per replica: a plain run is one replica, written as always (no
+  ``replica_*`` folders). With ``replicas = S > 1``, replica r has its own TensorBoard run
+  ``WORKDIR/replica_r/`` (curves overlay), score plots in ``WORKDIR/replica_r/score_plots/``
+  and collapse monitor; ``WORKDIR`` itself gets the mean over the replicas that are not frozen
+  (and ``<metric>_std`` for evaluator values). A replica whose step is non-finite is frozen
+  (``replicated_step``): named once on the screen, left out of every mean from then on, and
+  reported at the end; the run stops only when every replica is frozen."""
+
+  def __init__(self, config, workdir, writer, state, steps_per_epoch: int, total_steps: int):
+    self.config, self.n = config, num_replicas(config)
+    self.spe, self.total = steps_per_epoch, total_steps
+    self.root = writer
+    dirs = [workdir] if self.n == 1 else [paths.join(workdir, f'replica_{r}')
+                                          for r in range(self.n)]
+    self.writers = [writer] if self.n == 1 else [
+        writers.create(d, just_logging=jax.process_index() > 0) for d in dirs]
+    self.plots = [_ScorePlots(config, d, w, steps_per_epoch, total_steps)
+                  for d, w in zip(dirs, self.writers)]
+    self.monitors = [collapse.CollapseMonitor() for _ in range(self.n)]
+    self.values_at: dict[int, dict[str, list[float]]] = {}
+    # A resumed run: replicas whose step lags were frozen before (at their step + 1).
+    steps = np.atleast_1d(jax.device_get(state.step))
+    self.frozen = {r: int(s) + 1 for r, s in enumerate(steps) if s < steps.max()}
+    self._take = jax.jit(lambda tree, r: jax.tree.map(lambda x: x[r], tree))
+
+  def describe(self) -> str:
+    if self.n == 1:
+      return ''
+    seeds = f'{self.config.seed}..{self.config.seed + self.n - 1}'
+    frozen = f', frozen: {sorted(self.frozen)}' if self.frozen else ''
+    return f' | {self.n} replicas (seeds {seeds}{frozen})'
+
+  def live(self) -> list[int]:
+    return [r for r in range(self.n) if r not in self.frozen]
+
+  def check_finite(self, step: int, metrics, kept: Callable[[], str]) -> None:
+    """A plain run stops on a non-finite step (``utils.check_finite``); a replica is frozen and
+    named, and the run stops when none is left."""
+    if self.n == 1:
+      utils.check_finite(step, metrics, kept, NONFINITE_HINT)
+      return
+    flags = jax.device_get({k: v for k, v in metrics.items() if k.startswith('finite/')})
+    for r in self.live():
+      bad = [k[len('finite/'):] for k, v in flags.items() if not bool(v[r])]
+      if bad:
+        self.frozen[r] = step
+        _log(f'WARNING: replica {r} (seed {self.config.seed + r}): {bad[0]} is NaN or Inf at '
+             f'step {step}; it is frozen at its state after step {step - 1} and left out of '
+             'the means; the other replicas go on.')
+    if not self.live():
+      raise NonFiniteError(f'every replica is NaN or Inf (the last at step {step}); stopping. '
+                           f'{kept()} {NONFINITE_HINT}')
+
+  def log_window(self, step: int, avg, host, partial: bool, *, results, n_dev: int) -> None:
+    kw = dict(n_dev=n_dev, batch_size=self.config.batch_size, steps_per_epoch=self.spe,
+              total_steps=self.total)
+    if self.n == 1:
+      _log_window(step, avg, host, partial, results=results, writer=self.root,
+                  collapse_monitor=self.monitors[0], **kw)
+      return
+    live = self.live()
+    sps = avg.pop('steps_per_sec')
+    per = [{k: float(v[r]) for k, v in avg.items()} | {'steps_per_sec': sps}
+           for r in range(self.n)]
+    for r in live:   # each replica's TensorBoard run and collapse monitor (screen: warnings)
+      warning = self.monitors[r].update(step, per[r])
+      if warning:
+        _log(f'replica {r}: {warning}')
+      if not partial:
+        self.writers[r].write_scalars(step, per[r])
+    mean = {k: float(np.mean([per[r][k] for r in live])) for k in avg} | {'steps_per_sec': sps}
+    losses = [per[r]['loss'] for r in live]
+    label = (f'loss {np.mean(losses):.4f} ± {np.std(losses, ddof=1) if len(live) > 1 else 0:.4f}'
+             f' ({len(live)} replicas) | probe top-1 '
+             f'{100 * mean["online_probe/train_top1"]:.1f}%')
+    host = [(s, {'loss': np.mean(np.asarray(m['loss'])[live])}) for s, m in host]
+    _log_window(step, mean, host, partial, results=results, writer=self.root,
+                collapse_monitor=None, label=label, **kw)
+    results['last_metrics_replicas'] = per
+
+  def plot(self, step: int, scores) -> None:
+    if self.n == 1:
+      self.plots[0](step, scores)
+      return
+    for r in self.live():
+      self.plots[r](step, self._take(scores, r) if self.plots[r].due(step) else None)
+
+  def evaluate(self, step: int, state, which, results) -> dict[str, float]:
+    """Each evaluator on each replica (its own TensorBoard run); the screen and ``WORKDIR`` get
+    the mean ± std (ddof=1) over the live replicas, with the per-replica values."""
+    if self.n == 1:
+      return evaluate(step, state, which, self.root)
+    del results
+    out: dict[str, float] = {}
+    values: dict[str, list[float]] = {}
+    variables = [self._take(_eval_variables(state), r) for r in range(self.n)]
+    live = self.live()
+    for ev in which:
+      t0 = time.time()
+      per = []
+      for r in range(self.n):
+        res = dict(ev.run(variables[r]))
+        self.writers[r].write_scalars(step, res)
+        per.append(res)
+      parts = []
+      for k in per[0]:
+        values[k] = [p[k] for p in per]
+        mean, std = mean_std([values[k][r] for r in live])
+        out[k] = mean
+        self.root.write_scalars(step, {k: mean, f'{k}_std': std})
+        parts.append(f'{k} {100 * mean:.2f} ± {100 * std:.2f}% (replicas '
+                     + ' / '.join(f'{100 * v:.2f}' for v in values[k]) + ')')
+      _log(f'[eval {ev.name} @ step {step}] ' + ' | '.join(parts)
+           + f' ({time.time() - t0:.0f}s)')
+    self.values_at[step] = values
+    return out
+
+  def end(self, results) -> None:
+    """The run's record: collapse warnings (a list per replica with replicas), per-replica
+    evaluator values, frozen replicas; a run that ended collapsed says so."""
+    for r in self.live():
+      m = self.monitors[r]
+      if m.collapsing:
+        last = results['last_metrics'] if self.n == 1 else results['last_metrics_replicas'][r]
+        who = '' if self.n == 1 else f'replica {r}: '
+        _log(f'WARNING: {who}the run ended collapsed (first flagged at step '
+             f'{m.warned_steps[-1]}): {collapse.describe(last)}.')
+    results['collapse_warnings'] = (list(self.monitors[0].warned_steps) if self.n == 1 else
+                                    [list(m.warned_steps) for m in self.monitors])
+    if self.n == 1:
+      return
+    results.update(replicas=self.n, seeds=[self.config.seed + r for r in range(self.n)],
+                   frozen_replicas=dict(self.frozen), live_replicas=self.live())
+    if 'final' in results:
+      results['final_replicas'] = self.values_at[results['final_step']]
+      results['final_std'] = {k: mean_std([v[r] for r in self.live()])[1]
+                              for k, v in results['final_replicas'].items()}
+    if 0 in self.values_at:
+      results['untrained_replicas'] = self.values_at[0]
+
+  def write_results(self, workdir: str, results) -> None:
+    """``WORKDIR/results.json`` of a replicas run (process 0): per metric the mean and std
+    (ddof=1) over the live replicas and every replica's value, at the start and the end."""
+    if self.n == 1 or jax.process_index() != 0:
+      return
+    keys = ('replicas', 'seeds', 'frozen_replicas', 'live_replicas', 'final_step', 'final',
+            'final_std', 'final_replicas', 'untrained', 'untrained_replicas', 'final_line')
+    record = {k: results[k] for k in keys if k in results}
+    record['frozen_replicas'] = {str(r): s for r, s in self.frozen.items()}
+    record['std'] = 'sample standard deviation over the live replicas (ddof=1)'
+    paths.write_json(paths.join(workdir, 'results.json'), record)
+
+  def live_values(self, values: dict[str, list[float]] | None):
+    """``values`` of the replicas that are not frozen (None stays None)."""
+    return None if values is None else {k: [v[r] for r in self.live()] for k, v in values.items()}
+
+  def frozen_line(self) -> str:
+    named = ', '.join(f'replica {r} (seed {self.config.seed + r}) at step {s}'
+                      for r, s in sorted(self.frozen.items()))
+    return (f'WARNING: {len(self.frozen)} of {self.n} replicas went NaN or Inf and were frozen: '
+            f'{named}; the numbers above are over the other {len(self.live())}.')
+
+  def close(self) -> None:
+    for w in {id(w): w for w in [self.root, *self.writers]}.values():
+      w.close()
 
 
 class _Saver:
@@ -542,11 +822,19 @@ class _ScorePlots:
     self.spe, self.total = steps_per_epoch, total_steps
     self.plotted_epoch = -1
 
-  def __call__(self, step: int, scores) -> None:
+  def _now(self, step: int) -> tuple[bool, bool]:
+    """(histograms due, PNG due) at ``step``."""
     every = self.config.score_hist_every_steps
     hist_now = every > 0 and step % every == 0
     plot_now = step % self.spe == 0 or (step == self.total
                                          and self.plotted_epoch < step // self.spe)
+    return hist_now, plot_now
+
+  def due(self, step: int) -> bool:
+    return any(self._now(step))
+
+  def __call__(self, step: int, scores) -> None:
+    hist_now, plot_now = self._now(step)
     if not (hist_now or plot_now):
       return
     host = {k: np.asarray(v).ravel() for k, v in
@@ -601,6 +889,16 @@ class _Profile:
            f'{paths.join(self.workdir, "plugins", "profile")}/ (TensorBoard: Profile tab).')
 
 
+def frozen_summary(results: dict[str, Any]) -> str:
+  """One line for a replicas run that finished with frozen replicas (``main`` exits 1)."""
+  frozen = results['frozen_replicas']
+  seeds = results['seeds']
+  named = ', '.join(f'replica {r} (seed {seeds[r]}) at step {s}' for r, s in sorted(frozen.items()))
+  return (f'{len(frozen)} of {results["replicas"]} replicas went NaN or Inf and were frozen '
+          f'({named}); the other {len(results["live_replicas"])} finished: '
+          f'{results.get("final_line", "")}')
+
+
 def write_outcome(workdir: str, status: str, exit_code: int, final_line: str, *,
                   step: int | None = None) -> None:
   """``WORKDIR/outcome.json`` (process 0): how a ``--mode=train`` run ended.
@@ -633,14 +931,16 @@ def _summary_block(config, workdir: str) -> str:
       f'  TensorBoard:  tensorboard --logdir {workdir}',
       f'  checkpoints:  {paths.join(workdir, "checkpoints")}/<step>/  (rerun the same command '
       'to resume)',
-      f'  score plots:  {paths.join(workdir, "score_plots")}/',
+      f'  score plots:  {paths.join(workdir, "score_plots")}/' if num_replicas(config) == 1 else
+      f'  replicas:     {paths.join(workdir, "replica_<r>")}/ (TensorBoard run, score plots)',
       f'  config:       {paths.join(workdir, "config.json")}',
       f'  outcome:      {paths.join(workdir, "outcome.json")}',
       'Next:',
       f'  linear probe: python -m ssl_jax.main --mode=linear --config=configs/eval_linear.py '
       f'--config.pretrained={workdir} --workdir={workdir}_linear',
       f'  export:       python -m ssl_jax.main --mode=export --config=configs/eval_linear.py '
-      f'--config.pretrained={workdir} --workdir={workdir}_export',
+      f'--config.pretrained={workdir} --workdir={workdir}_export'
+      + (' --config.replica=0' if num_replicas(config) > 1 else ''),
   ]
   return '\n'.join(lines)
 

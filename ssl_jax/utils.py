@@ -105,13 +105,19 @@ class Window:
     host = [(s, jax.device_get(m)) for s, m in self._items]
     self._items.clear()
     keys = [k for k in host[-1][1] if not k.startswith('finite/')]
-    avg = {k: float(np.mean([m[k] for _, m in host])) for k in keys}
+    avg = {k: _mean_over_steps([m[k] for _, m in host]) for k in keys}
     now = time.time()
     avg['steps_per_sec'] = (step - self._t_step) / max(now - self._t, 1e-9)
     self._t, self._t_step = now, step
     partial = self._start % self._log_every != 0
     self._start = step
     return avg, host, partial
+
+
+def _mean_over_steps(values: list) -> Any:
+  """A float, or an array for per-replica metrics (``[replicas]`` per step)."""
+  mean = np.mean(np.stack([np.asarray(v) for v in values]), axis=0)
+  return float(mean) if mean.ndim == 0 else mean
 
 
 def hms(seconds: float) -> str:

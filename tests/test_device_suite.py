@@ -14,10 +14,11 @@ import pytest
 
 from conftest import REPO
 
-# Row keys -> whether the row has a PyTorch number.
+# Row keys -> whether the row has a peer number (PyTorch; replicas_S: ours at S = 1).
 ROWS = {'byol': True, 'supervised': True, 'ssl_sup_ratio': True, 'nvidia_context': True,
         'knn': True, 'knn_bf16': True, 'kmeans': True, 'aps': False, 'vit_full': False,
-        'moco': True, 'msf': True, 'clim': False}
+        'moco': True, 'msf': True, 'clim': False,
+        'replicas': False, 'replicas_4': True, 'replicas_8': True}
 HEADER = ('| row | metric | ours | PyTorch peer | peer variant | ours vs peer | goal | result | '
           'row time (s) | notes |')
 

@@ -6,7 +6,8 @@ phase, the row loop and the table).
 * ``torch_peers.py``: what the PyTorch peers share (torchvision ResNet, heads, probe, EMA).
 * one module per row: ``byol.py``, ``supervised.py`` (with ``ssl_sup_ratio`` and
   ``nvidia_context``), ``methods.py`` (``moco``, ``msf``, ``clim``), ``aps.py`` (with
-  ``vit_full``), ``knn.py``, ``kmeans.py``; each docstring says what its row measures.
+  ``vit_full``), ``knn.py``, ``kmeans.py``, ``replicas.py`` (``replicas``, ``replicas_S``);
+  each docstring says what its row measures.
 
 Every module imports only the standard library at load time: jax, torch and ssl_jax come in
 through the suite object or inside the functions, after the runner's import gates

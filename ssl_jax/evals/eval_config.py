@@ -1,9 +1,9 @@
 """The eval config grammar every offline mode shares, and the data it names.
 
 * :func:`base_eval_config` — the fields every eval config has (``pretrained``,
-  ``checkpoint_step``, ``weights``, the data overrides, subset sizes, ``eval_batch_size``,
-  ``seed``, ``num_devices``, ``export``) and its argument tokens (a dataset preset,
-  ``runlocal``); :func:`reject_tokens` names the accepted ones; :func:`validate_common` checks
+  ``checkpoint_step``, ``weights``, ``replica``, the data overrides, subset sizes,
+  ``eval_batch_size``, ``seed``, ``num_devices``, ``export``) and its argument tokens (a dataset
+  preset, ``runlocal``); :func:`reject_tokens` names the accepted ones; :func:`validate_common` checks
   the shared fields.
 * :func:`eval_data_config` — the evaluation's data config: the training run's (or the preset
   ``dataset``), with the eval config's overrides; one that the source would not read is an error.
@@ -40,6 +40,7 @@ def base_eval_config(arg: str | None) -> tuple[ml_collections.ConfigDict, list[s
   c.eval_examples = -1         # > 0: a seeded class-balanced subset of N eval examples
   c.eval_batch_size = 512      # feature extraction / evaluation batch (global)
   c.seed = 0
+  c.replica = -1               # replicas run: -1 each (EVAL_DIR/replica_<r>), r: that one alone
   c.num_devices = -1           # -1: all devices
   c.export = ml_collections.ConfigDict({'formats': ('pth', 'npz'), 'include_probe': False})
   rest = []
@@ -72,6 +73,14 @@ def validate_common(c: ml_collections.ConfigDict) -> None:
       "'' (the pretraining dataset) or " + ', '.join(sorted(data_lib.PRESETS)))
   req(isinstance(c.eval_batch_size, int) and c.eval_batch_size > 0, 'eval_batch_size',
       c.eval_batch_size, 'a positive integer')
+
+
+def replica_text(c: ml_collections.ConfigDict, pre: ml_collections.ConfigDict) -> str:
+  """`` (replica r of S, seed s)`` when ``c`` read one replica of a replicas run (``pre``: the
+  config ``checkpoint.load_pretrained`` returned), else ''."""
+  if 'replica_of' not in pre:
+    return ''
+  return f' (replica {c.replica} of {pre.replica_of}, seed {pre.seed})'
 
 
 def eval_data_config(c: ml_collections.ConfigDict, pre: ml_collections.ConfigDict

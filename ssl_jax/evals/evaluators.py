@@ -42,6 +42,7 @@ import importlib
 from typing import Any, Callable, Iterable, Iterator
 
 import ml_collections
+import numpy as np
 
 from ssl_jax import config_lib
 
@@ -207,25 +208,41 @@ def make_feature_fn(apply: Callable, probe=None) -> Callable:
 # =============================================================================================
 # The final line
 # =============================================================================================
-def _headline_parts(evals, values: dict[str, float],
-                    untrained: dict[str, float] | None) -> Iterator[str]:
+def _percent(key: str, values: dict[str, float], replicas: dict[str, list[float]] | None,
+             each: bool = True) -> str:
+  """``X%``, or with per-replica values ``X ± s%`` (s: ddof=1 over the replicas whose mean X
+  is) followed, when ``each``, by ``(replicas a / b / c, std ddof=1)``."""
+  if not replicas or key not in replicas:
+    return f'{100 * values[key]:.2f}%'
+  vals = replicas[key]
+  std = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+  out = f'{100 * values[key]:.2f} ± {100 * std:.2f}%'
+  return out + (' (replicas ' + ' / '.join(f'{100 * v:.2f}' for v in vals) + ', std ddof=1)'
+                if each else '')
+
+
+def _headline_parts(evals, values: dict[str, float], untrained: dict[str, float] | None,
+                    replicas=None, untrained_replicas=None) -> Iterator[str]:
   seen = set()
   for ev in evals:
     for key, label in ev.headline().items():
       if key in values and key not in seen:
         seen.add(key)
-        part = f'{label}: {100 * values[key]:.2f}%'
+        part = f'{label}: {_percent(key, values, replicas)}'
         if untrained and key in untrained:
-          part += f' (untrained network: {100 * untrained[key]:.2f}%)'
+          part += f' (untrained network: {_percent(key, untrained, untrained_replicas, False)})'
         yield part
 
 
 def final_line(evals, step: int, final: dict[str, float],
-               untrained: dict[str, float] | None = None) -> str:
+               untrained: dict[str, float] | None = None, *,
+               replicas: dict[str, list[float]] | None = None,
+               untrained_replicas: dict[str, list[float]] | None = None) -> str:
   """``Final after N steps | <label>: X% (untrained network: Y%) | ...``: each evaluator's
   :meth:`Evaluator.headline` values, in the listed order (the untrained value when the run
-  evaluated at its start)."""
-  return f'Final after {step} steps | ' + ' | '.join(_headline_parts(evals, final, untrained))
+  evaluated at its start). With replicas, ``X ± s% (replicas a / b / c, std ddof=1)``."""
+  return f'Final after {step} steps | ' + ' | '.join(
+      _headline_parts(evals, final, untrained, replicas, untrained_replicas))
 
 
 def summary_line(evals, prefix: str, values: dict[str, float]) -> str:

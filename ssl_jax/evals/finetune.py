@@ -287,11 +287,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   mesh = devices.eval_mesh(config, ('batch_size', 'eval_batch_size'))
   ckpt_lib.check_workdir_config(workdir, config, allow_config_change=allow_config_change)
   pre, params, batch_stats, pre_step = ckpt_lib.load_pretrained(
-      config.pretrained, weights=config.weights, step=utils.optional(config.checkpoint_step))
+      config.pretrained, weights=config.weights, step=utils.optional(config.checkpoint_step),
+      replica=config.get('replica', -1))
   data_cfg = eval_config.checked_eval_data_config(config, pre)
   subset, desc = select_subset(config, data_cfg)
   report.log(f'Fine-tuning {pre.method.name} / {pre.model.backbone} from '
-             f'{config.pretrained}/checkpoints/{pre_step} on {data_cfg.name}: {desc}.')
+             f'{config.pretrained}/checkpoints/{pre_step}{eval_config.replica_text(config, pre)} '
+             f'on {data_cfg.name}: {desc}.')
   if jax.process_index() == 0:
     buf = io.BytesIO()
     np.save(buf, subset)

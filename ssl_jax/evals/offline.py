@@ -41,8 +41,8 @@ def _variables(c, net, step: int, mesh) -> dict[str, Any]:
   """The network's variables and, for the online weights, the online probe's."""
   v = {'params': net.params, 'batch_stats': net.batch_stats}
   if c.weights == 'online':
-    v['probe'] = ckpt_lib.restore_state(c.pretrained, step=step,
-                                        items=('probe_params',))[0]['probe_params']
+    v['probe'] = ckpt_lib.restore_state(c.pretrained, step=step, items=('probe_params',),
+                                        replica=c.get('replica', -1))[0]['probe_params']
   return jax.device_put(v, sharding.replicated(mesh))
 
 

@@ -85,9 +85,11 @@ class FrozenNet:
 def load_for_eval(c: ml_collections.ConfigDict):
   """``(pre_config, data_cfg, FrozenNet, step)`` for an eval config ``c``."""
   pre, params, batch_stats, step = ckpt_lib.load_pretrained(
-      c.pretrained, weights=c.weights, step=utils.optional(c.checkpoint_step))
+      c.pretrained, weights=c.weights, step=utils.optional(c.checkpoint_step),
+      replica=c.get('replica', -1))
   data_cfg = eval_config.checked_eval_data_config(c, pre)
   net = FrozenNet(pre, params, batch_stats, image_size=int(data_cfg.image_size))
   report.log(f'Loaded {pre.method.name} / {pre.model.backbone} ({c.weights} weights) from '
-             f'{c.pretrained}/checkpoints/{step}; evaluating on {data_cfg.name}.')
+             f'{c.pretrained}/checkpoints/{step}{eval_config.replica_text(c, pre)}; evaluating on '
+             f'{data_cfg.name}.')
   return pre, data_cfg, net, step
