@@ -198,6 +198,16 @@ def _explain_flag_error(exc: BaseException, argv) -> str:
                   named[0] if named else '--config.*')
       hint = _suggest_key(flag, argv) or f' ({str(e.args[0]).strip()!s})'
       return f'{flag}: no such config key{hint}'
+  for e in _chain(exc):   # an override of the wrong type, e.g. --config.replicas=1.5
+    m = re.search(r"invalid literal for (int|float)\(\) with base 10: '(.*)'|"
+                  r"could not convert string to (float): '(.*)'", str(e))
+    if m:
+      kind, value = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
+      flag = next((a for a in argv if a.startswith('--config.') and a.split('=', 1)[-1] == value),
+                  None)
+      if flag:
+        return f'{flag}: not {"an integer" if kind == "int" else "a number"}; accepted: ' + (
+            'an integer, e.g. ' + flag.split('=', 1)[0] + '=3' if kind == 'int' else 'a number')
   arg = _config_arg(argv) or ''
   path = arg.split(':', 1)[0]
   if '://' in arg:
