@@ -924,14 +924,15 @@ def write_outcome(workdir: str, status: str, exit_code: int, final_line: str, *,
 
 
 def _summary_block(config, workdir: str) -> str:
-  """Where the run's outputs are and what to run next."""
+  """Where the run's outputs are and what to run next (``config`` None: a plain run's)."""
+  replicas = 1 if config is None else num_replicas(config)
   lines = [
       '',
       f'Outputs in {workdir}:',
       f'  TensorBoard:  tensorboard --logdir {workdir}',
       f'  checkpoints:  {paths.join(workdir, "checkpoints")}/<step>/  (rerun the same command '
       'to resume)',
-      f'  score plots:  {paths.join(workdir, "score_plots")}/' if num_replicas(config) == 1 else
+      f'  score plots:  {paths.join(workdir, "score_plots")}/' if replicas == 1 else
       f'  replicas:     {paths.join(workdir, "replica_<r>")}/ (TensorBoard run, score plots)',
       f'  config:       {paths.join(workdir, "config.json")}',
       f'  outcome:      {paths.join(workdir, "outcome.json")}',
@@ -940,7 +941,7 @@ def _summary_block(config, workdir: str) -> str:
       f'--config.pretrained={workdir} --workdir={workdir}_linear',
       f'  export:       python -m ssl_jax.main --mode=export --config=configs/eval_linear.py '
       f'--config.pretrained={workdir} --workdir={workdir}_export'
-      + (' --config.replica=0' if num_replicas(config) > 1 else ''),
+      + (' --config.replica=0' if replicas > 1 else ''),
   ]
   return '\n'.join(lines)
 
