@@ -24,6 +24,18 @@ def load_config(name: str, arg: str = 'cifar10,runlocal'):
   return config_lib.load_config_file(os.path.join(REPO, 'configs', f'{name}.py'), arg)
 
 
+def real_config(name: str, overrides: dict, arg: str = 'cifar10,runlocal'):
+  """``load_config(name, arg)`` with dotted ``overrides`` ({'checkpoint.every_steps': 2, ...})
+  and real CIFAR-10 from TFDS_DATA_DIR."""
+  assert TFDS_DATA_DIR, 'set TFDS_DATA_DIR to a data dir with cifar10 (../shared/data/tfds)'
+  c = load_config(name, arg)
+  for k, v in overrides.items():
+    section, _, field = k.rpartition('.')
+    (c[section] if section else c)[field] = v
+  c.data.data_dir = TFDS_DATA_DIR
+  return c
+
+
 def short_real_run(config, workdir, *, steps=30, batch=32, examples=512, knn=False):
   """Train ``config`` for ``steps`` on the first ``examples`` real CIFAR-10 images."""
   from ssl_jax import train

@@ -13,7 +13,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from conftest import TFDS_DATA_DIR
-from harness import cli_env, load_config
+from harness import cli_env, real_config
 from ssl_jax import train
 
 pytestmark = pytest.mark.slow   # trains, and starts the trainer as a subprocess
@@ -28,12 +28,7 @@ OVERRIDES = {'total_steps': STEPS, 'batch_size': 16, 'log_every_steps': 1,
 
 
 def _config():
-  c = load_config('moco', 'cifar10,runlocal')
-  for k, v in OVERRIDES.items():
-    section, _, field = k.rpartition('.')
-    (c[section] if section else c)[field] = v
-  c.data.data_dir = TFDS_DATA_DIR
-  return c
+  return real_config('moco', OVERRIDES)
 
 
 def _cmd(workdir):

@@ -53,7 +53,7 @@ import pytest
 
 import method_steps
 from conftest import TFDS_DATA_DIR
-from harness import cli_env, load_config
+from harness import cli_env, load_config, real_config
 from ssl_jax import checkpoint as ckpt_lib
 from ssl_jax import config_lib, data, methods, optim, sharding, train
 
@@ -362,13 +362,7 @@ E2E = {'replicas': S, 'total_steps': 6, 'batch_size': 16, 'log_every_steps': 1,
 
 
 def _e2e_config():
-  assert TFDS_DATA_DIR, 'set TFDS_DATA_DIR to a data dir with cifar10 (../shared/data/tfds)'
-  c = load_config('moco', 'cifar10,runlocal')
-  for k, v in E2E.items():
-    section, _, field = k.rpartition('.')
-    (c[section] if section else c)[field] = v
-  c.data.data_dir = TFDS_DATA_DIR
-  return c
+  return real_config('moco', E2E)
 
 
 def _e2e_cli(workdir) -> list[str]:
