@@ -37,6 +37,7 @@ them). This module imports no JAX at import time: configs build without it.
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
 import importlib
 from typing import Any, Callable, Iterable, Iterator
@@ -107,7 +108,7 @@ class Context:
   cache: Any          # ssl_jax.evals.features.ExtractionCache of this run's feature_fn
 
 
-class Evaluator:
+class Evaluator(abc.ABC):
   """Base of every type: keeps ``cfg``, ``feature_fn``, ``ctx``, ``name`` and reads features
   through the round's cache. Subclasses define :meth:`run`, and :meth:`validate` /
   :meth:`reads` / :meth:`headline` when they have fields, read features or appear in the final
@@ -138,8 +139,9 @@ class Evaluator:
     return self.ctx.cache.get(variables, split=split, max_examples=int(max_examples),
                               batch_size=self.batch_size)
 
+  @abc.abstractmethod
   def run(self, variables) -> Iterable[tuple[str, float]]:
-    raise NotImplementedError
+    """Yield ``(name, value)`` pairs for ``variables`` (the network's, as training holds them)."""
 
   def headline(self) -> dict[str, str]:
     """``{metric name: label}`` of the values shown in the final line (none by default)."""
