@@ -259,6 +259,48 @@ class Ours:
             f'{100 * res["knn"][-1]:.2f}% | train {res["epoch_time_s"][-1]:.1f}s')
     return res
 
+  def run_replicas(self, evalset: EvalSet, log) -> list[dict]:
+    """All seeds in one program (``config.replicas = S``, seeds ``seed .. seed + S - 1``):
+    the trainer's vmapped step and its per-replica batches; one result per seed, as ``run``."""
+    c = self.config
+    seeds = [c.seed + r for r in range(c.replicas)]
+    with jax.set_mesh(self.mesh):
+      state = self.parts.init(train.initial_keys(c))
+      its = [data.make_train_iterator(c.data, global_batch_size=c.batch_size, seed=s)
+             for s in seeds]
+
+      def features_of(r):
+        def of(images):
+          one = jax.tree.map(lambda x: x[r], (state.params, state.batch_stats,
+                                              state.probe_params))
+          return self.features(dict(zip(('params', 'batch_stats', 'probe'), one)), images)
+        return of
+
+      res = [{'knn': [evalset.score(features_of(r))], 'epoch_time_s': [], 'loss': []}
+             for r in range(len(seeds))]
+      log('  ours  epoch 0: kNN ' + ' / '.join(f'{100 * x["knn"][0]:.2f}%' for x in res) +
+          f' (seeds {seeds})')
+      for epoch in range(1, c.total_epochs + 1):
+        t0 = time.time()
+        losses = []
+        for _ in range(self.spe):
+          batch = sharding.replica_batch(self.mesh, [next(it) for it in its])
+          state, metrics, _ = self.parts.train_step(state, batch)
+          losses.append(metrics['loss'])
+        losses = np.asarray(jax.device_get(losses), np.float64)   # [steps, replicas]
+        jax.block_until_ready(state)
+        seconds = time.time() - t0
+        if not np.all(np.isfinite(losses)):
+          raise FloatingPointError(f'ours: non-finite loss in epoch {epoch}')
+        for r, x in enumerate(res):
+          x['epoch_time_s'].append(seconds / len(seeds))   # the program's time, per replica
+          x['loss'].append(float(np.mean(losses[:, r])))
+          x['knn'].append(evalset.score(features_of(r)))
+        log(f'  ours  epoch {epoch}: loss ' + ' / '.join(f'{x["loss"][-1]:.4f}' for x in res) +
+            ' | kNN ' + ' / '.join(f'{100 * x["knn"][-1]:.2f}%' for x in res) +
+            f' | train {seconds:.1f}s for {len(seeds)} replicas')
+    return res
+
 
 # ==============================================================================================
 # Torch: network, LARS, views, loop
@@ -652,6 +694,9 @@ def main(argv=None):
                   help='shared: torch starts from our initial weights (and MoCo queues) of '
                   'the same seed; own: torchvision/torch-default initialisation')
   ap.add_argument('--sides', nargs='+', default=['ours', 'torch'], choices=['ours', 'torch'])
+  ap.add_argument('--replicas', action='store_true',
+                  help='ours trains all --seeds (consecutive) in one program, '
+                       '--config.replicas=len(seeds), instead of one run per seed')
   ap.add_argument('--full', action='store_true',
                   help='all 50,000 train and 10,000 test images, width 1/4, batch 256')
   ap.add_argument('--smoke', action='store_true',
@@ -674,7 +719,10 @@ def main(argv=None):
     args.train_examples, args.test_examples, args.width, args.batch = 50_000, 10_000, 0.25, 256
   if args.smoke:
     args.train_examples, args.test_examples, args.batch, args.epochs = 128, 256, 64, 1
-    args.seeds, args.width = args.seeds[:1], 0.125
+    args.seeds, args.width = args.seeds[:2 if args.replicas else 1], 0.125
+  if args.replicas and args.seeds != list(range(args.seeds[0], args.seeds[0] + len(args.seeds))):
+    ap.error(f'--replicas trains seeds seed .. seed + S - 1: --seeds must be consecutive, '
+             f'got {args.seeds}')
   if args.png is None:
     args.png = (os.path.splitext(args.out)[0] + '.png' if args.smoke
                 else os.path.join(REPO, 'docs', 'parity_cifar10.png'))
@@ -715,8 +763,15 @@ def main(argv=None):
         r.setdefault('schedule_mismatch', []).append(name)
         r[f'{name}_values'] = [float(v) for v in theirs]
     per = results['runs'][method] = {'ours': [], 'torch': []}
+    if args.replicas and 'ours' in args.sides:
+      log(f'--- {method} seeds {args.seeds} ours, one program of {len(args.seeds)} replicas ---')
+      rc = make_config(method, args, args.seeds[0])
+      rc.replicas = len(args.seeds)
+      per['ours'] = Ours(rc, mesh).run_replicas(evalset, log)
     for seed in args.seeds:
       for side in args.sides:
+        if side == 'ours' and args.replicas:
+          continue
         log(f'--- {method} seed {seed} {side} ---')
         if side == 'ours':
           per['ours'].append(ours.run(seed, evalset, log))
