@@ -68,6 +68,8 @@ def _cell(mean: float, std: float, values) -> str:
 
 
 def _untrained(values) -> str:
+  if not values:   # the run evaluated nothing at step 0
+    return 'not measured'
   n = len(values)
   mean = sum(values) / n
   std = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5
@@ -88,6 +90,7 @@ def table(root: str, methods) -> str:
       r = json.load(f)
     if r.get('frozen_replicas'):
       print(f'WARNING: {m}: frozen replicas {r["frozen_replicas"]} (left out of the means)')
+    untrained = r.get('untrained_replicas', {})
     wall = '?'
     wall_path = os.path.join(root, f'{m}.wall.json')
     if os.path.exists(wall_path):
@@ -95,9 +98,9 @@ def table(root: str, methods) -> str:
         wall = f'{json.load(f)["wall_s"] / 60:.0f} min'
     lines.append(
         f'| {NAMES[m]} | {_cell(r["final"][KNN], r["final_std"][KNN], r["final_replicas"][KNN])}'
-        f' | {_untrained(r["untrained_replicas"][KNN])} | '
+        f' | {_untrained(untrained.get(KNN))} | '
         f'{_cell(r["final"][PROBE], r["final_std"][PROBE], r["final_replicas"][PROBE])} | '
-        f'{_untrained(r["untrained_replicas"][PROBE])} | {wall} |')
+        f'{_untrained(untrained.get(PROBE))} | {wall} |')
   if missing:
     lines.append(f'\nNot run yet (no results.json): {", ".join(missing)}')
   return '\n'.join(lines)

@@ -560,3 +560,20 @@ def test_replicas_too_large_for_memory_name_xla_estimate(tmp_path):
   assert "GiB per device (XLA's estimate for the compiled step" in lines[0], lines
   assert 'accepted: replicas <= ' in lines[0], lines
   assert not work.exists()
+
+
+@pytest.mark.slow
+def test_replicas_table_reads_the_runs_results_json(straight, tmp_path):
+  """``benchmarks/replicas_table.py`` (the README's seven-method table) tabulates exactly what
+  the trainer wrote in WORKDIR/results.json: mean ± std (ddof=1) and the per-seed values."""
+  sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
+  import replicas_table  # pylint: disable=import-outside-toplevel
+  ref, ref_dir = straight
+  os.symlink(ref_dir, tmp_path / 'moco')
+  row = replicas_table.table(str(tmp_path), ['moco']).splitlines()[2]
+  for key in (replicas_table.KNN, replicas_table.PROBE):
+    values = ref['final_replicas'][key]
+    cell = (f'**{100 * np.mean(values):.2f} ± {100 * np.std(values, ddof=1):.2f}** ('
+            + ' / '.join(f'{100 * v:.2f}' for v in values) + ')')
+    assert cell in row, (cell, row)
+  assert row.startswith('| MoCo v2 | ') and row.count('not measured') == 2, row
