@@ -33,7 +33,8 @@ from ssl_jax import config_lib, paths
 # an evaluator's cadence, sizes, settings, or the whole entry -- may change).
 RESUMABLE_CHANGES = ('log_every_steps', 'checkpoint.every_steps', 'checkpoint.keep',
                      'checkpoint.async_save', 'score_hist_every_steps', 'data.data_dir',
-                     'data.folder_root', 'profile_steps', 'profile_start_step')
+                     'data.folder_root', 'profile_steps', 'profile_start_step',
+                     'replica_program')   # how the replicas' step is compiled, not what it does
 RESUMABLE_PREFIXES = ('evals.',)
 
 

@@ -194,8 +194,8 @@ def build(config: ml_collections.ConfigDict, mesh, method, *, steps_per_epoch: i
     abstract = jax.eval_shape(init_state, jax.random.key(0))
     shardings = state_shardings(abstract, mesh, method.state_specs())
   replicas = num_replicas(config)
-  if replicas > 1:   # a leading replica axis on every leaf, the step vmapped over it
-    init_state, step_fn = jax.vmap(init_state), replicated_step(step_fn)
+  if replicas > 1:   # a leading replica axis on every leaf, the step mapped over it
+    init_state, step_fn = jax.vmap(init_state), replicated_step(step_fn, replica_program(config))
     shardings = jax.tree.map(lambda s: NamedSharding(mesh, P(None, *s.spec)), shardings)
     with jax.set_mesh(mesh):
       abstract = jax.eval_shape(init_state, initial_keys(config))
@@ -266,10 +266,26 @@ def _device_memory_bytes() -> int | None:
   return ram // max(jax.local_device_count(), 1)
 
 
-def replicated_step(step_fn: Callable) -> Callable:
-  """``step_fn`` vmapped over a leading replica axis of the state and the batch.
+def replica_program(config) -> str:
+  """``config.replica_program``, with ``'auto'`` resolved: ``'unroll'`` on the CPU backend
+  (measured 1.6x faster than vmap there: vmapped convolutions become grouped ones) for up to
+  ``config_lib.UNROLL_MAX_REPLICAS`` replicas (one compiled copy of the step each), else
+  ``'vmap'`` (GPU/TPU, or more replicas)."""
+  program = config.get('replica_program', 'auto')
+  if program == 'auto':
+    cpu = jax.default_backend() == 'cpu'
+    return ('unroll' if cpu and num_replicas(config) <= config_lib.UNROLL_MAX_REPLICAS
+            else 'vmap')
+  return program
 
-  Replica r computes exactly what ``step_fn`` computes on its slice. A replica whose update is
+
+def replicated_step(step_fn: Callable, program: str = 'vmap') -> Callable:
+  """``step_fn`` mapped over a leading replica axis of the state and the batch.
+
+  ``program='vmap'``: ``jax.vmap(step_fn)``, one batched computation (every op gains the
+  replica axis). ``'unroll'``: ``step_fn`` written once per replica on its slice and the
+  results stacked, one program with S copies of the one-seed step (dense convolutions; S times
+  the compile). Replica r computes exactly what ``step_fn`` computes on its slice. A replica whose update is
   non-finite is frozen from then on: it keeps its whole state, its ``step`` included, and a
   replica whose ``step`` is behind the others' takes no further update (so the one that
   diverged at step s holds its state after step s - 1, to the end of the run and in every
@@ -277,7 +293,12 @@ def replicated_step(step_fn: Callable) -> Callable:
   """
 
   def step(state: TrainState, batch):
-    new, metrics, scores = jax.vmap(step_fn)(state, batch)
+    if program == 'unroll':
+      outs = [step_fn(*jax.tree.map(lambda x, r=r: x[r], (state, batch)))
+              for r in range(state.step.shape[0])]
+      new, metrics, scores = jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+    else:
+      new, metrics, scores = jax.vmap(step_fn)(state, batch)
     ok = state.step == jnp.max(state.step)   # not frozen before this step
     for key, flag in metrics.items():
       if key.startswith('finite/'):
@@ -315,7 +336,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     data.check_same_classes(config.data, config.data.train_split, config.data.eval_split)
     total_steps = utils.total_steps(config, steps_per_epoch)
     if num_replicas(config) > 1:   # the memory check compiles the step before any file exists
-      _log(f'Compiling the step of {num_replicas(config)} replicas to check its memory...')
+      _log(f'Compiling the step of {num_replicas(config)} replicas '
+           f'({replica_program(config)}) to check its memory...')
       method = methods.get(config.method.name)(config, steps_per_epoch)
       parts = check_replicas_fit(config, mesh, build(
           config, mesh, method, steps_per_epoch=steps_per_epoch, total_steps=total_steps))

@@ -1,4 +1,4 @@
-"""Replicas (``--config.replicas=S``): S seeds trained in one vmapped step.
+"""Replicas (``--config.replicas=S``): S seeds trained in one compiled step.
 
 Replica r must be the single run with seed ``seed + r``: its init, data order, augmentation and
 the method's randomness. The step-level tests take a few steps of every method with 3 replicas
@@ -6,7 +6,12 @@ and of the 3 single runs (seeds 0, 1, 2) on the same per-replica batches and com
 every metric and the whole state (params, EMA target, BatchNorm statistics, optimizer state,
 queues / banks / centroids, the online probe, step, key).
 
-Tolerance. The replicated step is another XLA program than the single step (a vmapped
+Two programs (``config.replica_program``). ``'unroll'`` (the CPU default) writes the one-seed
+step once per replica: replica r is the single run bit for bit, every leaf and metric (tested
+for MoCo on 1 and 2 devices and CsMl). ``'vmap'`` (the GPU/TPU default) batches the replicas;
+the per-method tests below run it, with these tolerances:
+
+Tolerance. The vmapped step is another XLA program than the single step (a vmapped
 convolution or matmul sums in another order): the two agree to float32 rounding, not bit for
 bit. The loss is continuous in the parameters and agrees to ~1e-7; its gradient is not
 (ReLU kinks, nearest-neighbour and top-k choices in MSF / CLIM / CsMl): now and then a
@@ -72,11 +77,12 @@ _ULPS = 4      # float32 ulps of a value that are rounding whatever the update (
 # =============================================================================================
 # Step level: replica r of a 3-replica step is the single run with seed + r
 # =============================================================================================
-def _config(method: str, replicas: int = 1):
+def _config(method: str, replicas: int = 1, program: str = 'vmap'):
   c = load_config(method, 'cifar10,runlocal')
   c.data.name = 'synthetic'
   c.batch_size = 32   # 16 rows per BatchNorm on 2 devices (8: larger flips, see the top)
   c.replicas = replicas
+  c.replica_program = program
   return c
 
 
@@ -108,7 +114,7 @@ def _host(state) -> dict[str, np.ndarray]:
 class _Runs:
   """The single runs (seeds 0..S-1) and one S-replica run of a method on the same batches."""
 
-  def __init__(self, method: str, n_dev: int):
+  def __init__(self, method: str, n_dev: int, program: str = 'vmap'):
     c = _config(method)
     rs = np.random.RandomState(0)
     self.batches = [[_batch(c, rs) for _ in range(STEPS)] for _ in range(S)]
@@ -124,7 +130,7 @@ class _Runs:
           ms.append(jax.device_get(m))
         self.single.append((init, ms, _host(state)))
     # The replicated run.
-    self.config = _config(method, S)
+    self.config = _config(method, S, program)
     self.parts, self.mesh = method_steps.build(self.config, n_dev)
     assert self.parts.replicas == S
     with jax.set_mesh(self.mesh):
@@ -142,8 +148,8 @@ class _Runs:
 
 
 @functools.cache
-def _runs(method: str, n_dev: int) -> _Runs:
-  return _Runs(method, n_dev)
+def _runs(method: str, n_dev: int, program: str = 'vmap') -> _Runs:
+  return _Runs(method, n_dev, program)
 
 
 def _is_exact(x: np.ndarray) -> bool:
@@ -243,6 +249,43 @@ def test_replica_r_equals_single_run_with_seed_plus_r(method, n_dev):
     assert d['metric'][0] <= METRIC_TOL, (method, n_dev, r, d)
     assert d['median'] <= MEDIAN_TOL, (method, n_dev, r, d)
     assert d['state'][0] <= STATE_TOL, (method, n_dev, r, d)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('method,n_dev', [('moco', 1), ('moco', 2), ('csml', 1)])
+def test_unrolled_replica_r_is_the_single_run_with_seed_plus_r(method, n_dev):
+  """``replica_program='unroll'`` (the CPU default) writes the one-seed step once per replica:
+  XLA compiles each copy as it compiles the single step, so replica r is the single run with
+  seed + r bit for bit -- every state leaf and every metric after every step."""
+  runs = _runs(method, n_dev, 'unroll')
+  for r in range(S):
+    init, metrics, final = runs.single[r]
+    for k in final:
+      np.testing.assert_array_equal(runs.init[k][r], init[k], err_msg=f'replica {r} init {k}')
+      np.testing.assert_array_equal(runs.states[-1][k][r], final[k], err_msg=f'replica {r} {k}')
+    for i, (got_m, want_m) in enumerate(zip(runs.metrics, metrics)):
+      assert got_m.keys() == want_m.keys()
+      for k in want_m:
+        np.testing.assert_array_equal(np.asarray(got_m[k])[r], want_m[k],
+                                      err_msg=f'replica {r} step {i + 1} {k}')
+
+
+def test_replica_program_auto_is_unroll_on_cpu_and_bad_values_are_config_errors():
+  c = _config('moco', S, 'auto')
+  assert jax.default_backend() == 'cpu' and train.replica_program(c) == 'unroll'
+  assert train.replica_program(_config('moco', S, 'vmap')) == 'vmap'
+  legacy = _config('moco', S)   # a config from before the field: auto
+  with legacy.unlocked():
+    del legacy['replica_program']
+  assert train.replica_program(legacy) == 'unroll'
+  many = _config('moco', config_lib.UNROLL_MAX_REPLICAS + 1, 'auto')   # too many copies: vmap
+  assert train.replica_program(many) == 'vmap'
+  bad = _config('moco', S, 'pmap')
+  with pytest.raises(config_lib.ConfigError, match=r"replica_program.*'pmap'.*auto, vmap, unroll"):
+    train.validate_config(bad, num_devices=1)
+  bad = _config('moco', config_lib.UNROLL_MAX_REPLICAS + 1, 'unroll')
+  with pytest.raises(config_lib.ConfigError, match="compiles one copy of the step per replica"):
+    train.validate_config(bad, num_devices=1)
 
 
 def test_one_replica_is_the_plain_step_bit_for_bit():
