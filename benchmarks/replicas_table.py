@@ -14,6 +14,10 @@ time in ``WORKROOT/<method>.wall.json``. On a 2-core CPU each run takes 15-60 mi
 APS is a ViT method: at this budget it uses ``vit_test`` (2 blocks, width 32, patch 2: 256
 tokens, float32), whose FLOPs per image are close to the 1/8-width ResNet-18's; the preset's
 ``vit_small`` (bfloat16) would take hours per epoch on this CPU.
+
+The program column is ``config.replica_program`` as the run resolved it (``results.json``;
+runs from before the field were ``vmap``): ``unroll`` replicas are the single runs bit for bit,
+``vmap`` ones equal them to float rounding (which grows over a run, README).
 """
 from __future__ import annotations
 
@@ -78,8 +82,8 @@ def _untrained(values) -> str:
 
 def table(root: str, methods) -> str:
   lines = ['| method | kNN top-1 (%), seeds 0 / 1 / 2 | untrained | online-probe top-1 (%), '
-           'seeds 0 / 1 / 2 | untrained | wall |',
-           '|---|---|---|---|---|---:|']
+           'seeds 0 / 1 / 2 | untrained | program | wall |',
+           '|---|---|---|---|---|---|---:|']
   missing = []
   for m in methods:
     path = os.path.join(root, m, 'results.json')
@@ -100,7 +104,7 @@ def table(root: str, methods) -> str:
         f'| {NAMES[m]} | {_cell(r["final"][KNN], r["final_std"][KNN], r["final_replicas"][KNN])}'
         f' | {_untrained(untrained.get(KNN))} | '
         f'{_cell(r["final"][PROBE], r["final_std"][PROBE], r["final_replicas"][PROBE])} | '
-        f'{_untrained(untrained.get(PROBE))} | {wall} |')
+        f'{_untrained(untrained.get(PROBE))} | {r.get("replica_program", "vmap")} | {wall} |')
   if missing:
     lines.append(f'\nNot run yet (no results.json): {", ".join(missing)}')
   return '\n'.join(lines)

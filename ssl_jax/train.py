@@ -606,7 +606,7 @@ class _Replicas:
       return ''
     seeds = f'{self.config.seed}..{self.config.seed + self.n - 1}'
     frozen = f', frozen: {sorted(self.frozen)}' if self.frozen else ''
-    return f' | {self.n} replicas (seeds {seeds}{frozen})'
+    return f' | {self.n} replicas (seeds {seeds}, {replica_program(self.config)}{frozen})'
 
   def live(self) -> list[int]:
     return [r for r in range(self.n) if r not in self.frozen]
@@ -708,7 +708,7 @@ class _Replicas:
     if self.n == 1:
       return
     results.update(replicas=self.n, seeds=[self.config.seed + r for r in range(self.n)],
-                   frozen_replicas=dict(self.frozen), live_replicas=self.live())
+                   replica_program=replica_program(self.config), frozen_replicas=dict(self.frozen), live_replicas=self.live())
     if 'final' in results:
       results['final_replicas'] = self.values_at[results['final_step']]
       results['final_std'] = {k: mean_std([v[r] for r in self.live()])[1]
@@ -721,7 +721,7 @@ class _Replicas:
     (ddof=1) over the live replicas and every replica's value, at the start and the end."""
     if self.n == 1 or jax.process_index() != 0:
       return
-    keys = ('replicas', 'seeds', 'frozen_replicas', 'live_replicas', 'final_step', 'final',
+    keys = ('replicas', 'seeds', 'replica_program', 'frozen_replicas', 'live_replicas', 'final_step', 'final',
             'final_std', 'final_replicas', 'untrained', 'untrained_replicas', 'final_line')
     record = {k: results[k] for k in keys if k in results}
     record['frozen_replicas'] = {str(r): s for r, s in self.frozen.items()}

@@ -457,6 +457,9 @@ def test_replicas_trainer_resume_equals_uninterrupted_and_reports_per_replica(st
   assert second['final_replicas'] == ref['final_replicas']
   # Per replica: a value each, the mean and the std (ddof=1) over them, and the final line.
   assert ref['replicas'] == S and ref['seeds'] == [0, 1, 2] and ref['frozen_replicas'] == {}
+  assert ref['replica_program'] == 'unroll'   # auto on the CPU
+  with open(os.path.join(ref_dir, 'results.json')) as f:
+    assert json.load(f)['replica_program'] == 'unroll'
   line = ref['final_line']
   assert line.startswith('Final after 6 steps | ') and '±' in line, line
   for k, values in ref['final_replicas'].items():
