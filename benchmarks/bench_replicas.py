@@ -1,9 +1,10 @@
 r"""Replicas vs separate runs: S seeds trained in one program (``--config.replicas=S``, the step
-vmapped over a leading replica axis) against the same S seeds as S separate runs, one after
+mapped over a leading replica axis by ``--program``) against the same S seeds as S separate runs, one after
 another, on this machine.
 
     TFDS_DATA_DIR=../shared/data/tfds python benchmarks/bench_replicas.py \
-        [--method byol] [--replicas 1,2,4] [--steps 10] [--evals] [--json out.json]
+        [--method byol] [--replicas 1,2,4] [--steps 10] [--program auto|vmap|unroll] \
+        [--evals] [--json out.json]
 
 Every run is a whole ``python -m ssl_jax.main`` process with a fresh workdir, so start-up,
 input set-up, compilation, the steps and the final checkpoint are all counted:
@@ -51,6 +52,8 @@ def parse_args(argv=None):
   p.add_argument('--replicas', default='1,2,4', help='comma list of S (default 1,2,4)')
   p.add_argument('--steps', type=int, default=10,
                  help='train steps per run (the quick preset is 2 epochs = 780 steps)')
+  p.add_argument('--program', default='auto', choices=('auto', 'vmap', 'unroll'),
+                 help="the one-program runs' config.replica_program (default auto: unroll on CPU)")
   p.add_argument('--evals', action='store_true',
                  help="keep the quick preset's evaluators (kNN, online probe at start and end)")
   p.add_argument('--workroot', default=None, help='parent of the fresh workdirs (default: a new '
@@ -65,6 +68,8 @@ def command(a, replicas: int, seed: int, workdir: str, eval_names) -> list[str]:
   cmd = [sys.executable, '-m', 'ssl_jax.main',
          f'--config=configs/{a.method}.py:cifar10,quick,steps={a.steps}',
          f'--config.replicas={replicas}', f'--config.seed={seed}', f'--workdir={workdir}']
+  if replicas > 1:
+    cmd.append(f'--config.replica_program={a.program}')
   if not a.evals:
     cmd += [f'--config.evals.{n}.{w}=False' for n in eval_names for w in ('at_start', 'at_end')]
   return cmd
@@ -147,7 +152,8 @@ def main(argv=None) -> int:
   own_root = a.workroot is None
   root = tempfile.mkdtemp(prefix='bench_replicas_') if own_root else a.workroot
   print(f'# {a.method} {c.model.backbone} x{c.model.width}, batch {c.batch_size} per replica, '
-        f'{a.steps} steps per run, evaluators {"on" if a.evals else "off"}; S = {a.replicas}; '
+        f'{a.steps} steps per run, evaluators {"on" if a.evals else "off"}; S = {a.replicas} '
+        f'(replica_program {a.program}); '
         f'machine: {machine()}; workdirs under {root}', flush=True)
   t = time.perf_counter()
   one, sep = measure(a, root, eval_names, int(c.batch_size))
