@@ -59,12 +59,15 @@ def prepare_train(suite, name: str, make_method=None, *, preset: str | None = No
   ``make_method(config, steps_per_epoch)`` replaces ``methods.get(name)`` (APS full tokens);
   ``preset``: see :func:`method_config`; ``replicas = S > 1``: the trainer's step of S seeds
   (``config.replicas``: every state leaf and the batch with a leading replica axis, the step
-  vmapped over it), replica r initialised and fed as seed r."""
+  vmapped over it: ``replica_program='vmap'`` whatever the backend, the program whose
+  "almost free on an accelerator" claim the row measures), replica r initialised and fed as
+  seed r."""
   jax = suite.jax
   from ssl_jax import methods, train
   t = time.perf_counter()
   c = method_config(suite, name, preset)
   c.replicas = replicas
+  c.replica_program = 'vmap'
   spe = steps_per_epoch(c)
   make_method = make_method or methods.get(c.method.name)
   method = make_method(c, steps_per_epoch=spe)
