@@ -16,7 +16,7 @@ tokens, float32), whose FLOPs per image are close to the 1/8-width ResNet-18's; 
 ``vit_small`` (bfloat16) would take hours per epoch on this CPU.
 
 The program column is ``config.replica_program`` as the run resolved it (``results.json``;
-runs from before the field were ``vmap``): ``unroll`` replicas are the single runs bit for bit,
+runs from before the field were ``vmap``): ``unroll`` replicas are the single runs bit for bit at small sizes (to rounding at these),
 ``vmap`` ones equal them to float rounding (which grows over a run, README).
 """
 from __future__ import annotations

@@ -7,8 +7,9 @@ every metric and the whole state (params, EMA target, BatchNorm statistics, opti
 queues / banks / centroids, the online probe, step, key).
 
 Two programs (``config.replica_program``). ``'unroll'`` (the CPU default) writes the one-seed
-step once per replica: replica r is the single run bit for bit, every leaf and metric (tested
-for MoCo on 2 devices and CsMl on 1; measured on MoCo on 1 device too). ``'vmap'`` (the GPU/TPU default) batches the replicas;
+step once per replica: at these sizes replica r is the single run bit for bit, every leaf and
+metric (tested for MoCo on 2 devices and CsMl on 1; measured on MoCo on 1 device too). At the
+quick preset's sizes it is not (README): there it agrees to rounding, like vmap. ``'vmap'`` (the GPU/TPU default) batches the replicas;
 the per-method tests below run it, with these tolerances:
 
 Tolerance. The vmapped step is another XLA program than the single step (a vmapped
@@ -262,8 +263,8 @@ def test_replica_r_equals_single_run_with_seed_plus_r(method, n_dev):
 @pytest.mark.parametrize('method,n_dev', [('moco', 2), ('csml', 1)])
 def test_unrolled_replica_r_is_the_single_run_with_seed_plus_r(method, n_dev):
   """``replica_program='unroll'`` (the CPU default) writes the one-seed step once per replica:
-  XLA compiles each copy as it compiles the single step, so replica r is the single run with
-  seed + r bit for bit -- every state leaf and every metric after every step."""
+  at these sizes replica r is the single run with seed + r bit for bit -- every state leaf and
+  every metric after every step (not at every size: README)."""
   runs = _runs(method, n_dev, 'unroll')
   for r in range(S):
     init, metrics, final = runs.single[r]
